@@ -1,0 +1,777 @@
+"""voicebridge: phone your own OpenClaw assistant through OpenAI's Realtime API over SIP.
+
+The call path, top to bottom in this file:
+
+    caller --SIP--> OpenAI --signed webhook--> POST /webhook (here)
+      1. verify the Standard Webhooks signature, screen the caller ID
+      2. POST /v1/realtime/calls/{call_id}/accept   (or /reject with 603)
+      3. only after accept answered 200: open the call's control WebSocket, the "sideband",
+         wss://.../v1/realtime?call_id={call_id}   (never ?model=, which is a new empty session)
+      4. the voice model calls ask_openclaw -> POST {OPENCLAW_URL}/v1/chat/completions
+      5. hand the answer back (function_call_output + response.create) and the model speaks it
+    Audio never touches this process; it only steers the call.
+
+Run it:  cp .env.example .env  (fill it in), then  python voicebridge.py
+Routes:  POST /webhook (OpenAI's realtime.call.incoming), GET /healthz.
+
+Environment (a .env file beside this one is read too):
+    OPENAI_API_KEY         required; Bearer for REST call control and the sideband
+    OPENAI_WEBHOOK_SECRET  required; the project's webhook signing secret, "whsec_..."
+    OPENAI_BASE_URL        REST base, default https://api.openai.com/v1 (sideband: http->ws, https->wss)
+    OPENCLAW_URL           OpenClaw gateway, default http://127.0.0.1:18789
+    OPENCLAW_TOKEN         gateway token; no Authorization header when empty
+    OPENCLAW_AGENT         agent id, default "main" (sent as model "openclaw:<agent>")
+    OPENCLAW_TIMEOUT       seconds before ask_openclaw gives up, default 30
+    ALLOWED_CALLERS        comma-separated E.164 numbers; "*" = anyone; empty (default) = reject every call
+    HOST, PORT             listen address, default 127.0.0.1 and 8080 (put a TLS proxy in front)
+    REALTIME_MODEL         default gpt-realtime
+    VOICE                  default marin
+    INSTRUCTIONS           override the session instructions
+    GREETING               override the instruction for the first spoken line
+    MAX_CALL_SECONDS       hang up after this long, default 900
+    LOG_LEVEL              default INFO
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import itertools
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from dotenv import load_dotenv
+
+log = logging.getLogger("voicebridge")
+
+
+# --- Configuration: read once at start, fail fast naming the variable --------------------------
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; the message says which and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting, parsed and checked."""
+
+    openai_api_key: str
+    webhook_key: bytes  # OPENAI_WEBHOOK_SECRET, base64-decoded
+    openai_base_url: str = "https://api.openai.com/v1"
+    openclaw_url: str = "http://127.0.0.1:18789"
+    openclaw_token: str = ""
+    openclaw_agent: str = "main"
+    openclaw_timeout: float = 30.0
+    allowed_callers: frozenset[str] = frozenset()  # E.164 numbers, or {"*"}
+    host: str = "127.0.0.1"
+    port: int = 8080
+    model: str = "gpt-realtime"
+    voice: str = "marin"
+    instructions: str = ""  # empty: INSTRUCTIONS below
+    greeting: str = ""  # empty: GREETING below
+    max_call_seconds: float = 900.0
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Config:
+        """Build the config from environment variables; raise ConfigError naming what is wrong."""
+
+        def get(name: str, default: str = "") -> str:
+            return env.get(name, "").strip() or default
+
+        def number(name: str, default: float, minimum: float) -> float:
+            raw = get(name, str(default))
+            try:
+                value = float(raw)
+            except ValueError:
+                raise ConfigError(f"{name}={raw!r} is not a number") from None
+            if value < minimum:
+                raise ConfigError(f"{name}={raw!r} must be at least {minimum:g}")
+            return value
+
+        key = get("OPENAI_API_KEY")
+        if not key:
+            raise ConfigError("OPENAI_API_KEY is not set: put your OpenAI API key in .env")
+        callers = set()
+        for entry in get("ALLOWED_CALLERS").split(","):
+            if entry.strip() == "*":
+                callers.add("*")
+            elif entry.strip():
+                number_ = normalise_number(entry)
+                if number_ is None:
+                    raise ConfigError(f"ALLOWED_CALLERS: {entry.strip()!r} is not an E.164 number like +15551234567")
+                callers.add(number_)
+        level = get("LOG_LEVEL", "INFO").upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"LOG_LEVEL={level!r}: use DEBUG, INFO, WARNING or ERROR")
+        return cls(
+            openai_api_key=key,
+            webhook_key=parse_webhook_secret(get("OPENAI_WEBHOOK_SECRET")),
+            openai_base_url=get("OPENAI_BASE_URL", cls.openai_base_url).rstrip("/"),
+            openclaw_url=get("OPENCLAW_URL", cls.openclaw_url).rstrip("/"),
+            openclaw_token=get("OPENCLAW_TOKEN"),
+            openclaw_agent=get("OPENCLAW_AGENT", cls.openclaw_agent),
+            openclaw_timeout=number("OPENCLAW_TIMEOUT", cls.openclaw_timeout, 1),
+            allowed_callers=frozenset(callers),
+            host=get("HOST", cls.host),
+            port=int(number("PORT", cls.port, 1)),
+            model=get("REALTIME_MODEL", cls.model),
+            voice=get("VOICE", cls.voice),
+            instructions=get("INSTRUCTIONS"),
+            greeting=get("GREETING"),
+            max_call_seconds=number("MAX_CALL_SECONDS", cls.max_call_seconds, 10),
+            log_level=level,
+        )
+
+
+def parse_webhook_secret(secret: str) -> bytes:
+    """Decode a "whsec_<base64>" webhook secret into the HMAC key."""
+    if not secret:
+        raise ConfigError(
+            "OPENAI_WEBHOOK_SECRET is not set: copy the signing secret (whsec_...) shown when you "
+            "created the webhook in the OpenAI project settings"
+        )
+    if not secret.startswith("whsec_"):
+        raise ConfigError("OPENAI_WEBHOOK_SECRET must start with 'whsec_' (copy it whole from the OpenAI dashboard)")
+    try:
+        key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+    except binascii.Error:
+        raise ConfigError("OPENAI_WEBHOOK_SECRET is not valid base64 after 'whsec_': was it cut short?") from None
+    if not key:
+        raise ConfigError("OPENAI_WEBHOOK_SECRET has no key after 'whsec_'")
+    return key
+
+
+# --- Constants ---------------------------------------------------------------------------------
+
+INSTRUCTIONS = """\
+You are the owner's voice assistant on a phone call. Speak naturally and briefly: one to three short
+sentences at a time, no lists, no markdown, no URLs read out letter by letter. For anything about the
+owner's own world (email, calendar, files, messages, reminders, notes, the web, or taking an action),
+use the ask_openclaw tool, which reaches their personal assistant. Say you are checking before you call
+it, and wait for its answer rather than guessing. Relay its answer in your own spoken words. If it
+fails, say so plainly and offer to try again. When the caller is done, say a short goodbye, then call
+end_call."""
+
+GREETING = "Greet the caller in one short sentence and ask how you can help."
+
+ASK_OPENCLAW_TOOL: dict[str, Any] = {
+    "type": "function",
+    "name": "ask_openclaw",
+    "description": (
+        "Ask the owner's personal assistant, which can read and act on their email, calendar, files, "
+        "messages and the web. Before calling, tell the caller briefly that you are checking; the answer "
+        "can take 5 to 30 seconds."
+    ),
+    "parameters": {
+        "type": "object",
+        "properties": {
+            "request": {
+                "type": "string",
+                "description": "The caller's request, complete and self-contained, as the assistant should read it.",
+            }
+        },
+        "required": ["request"],
+    },
+}
+
+END_CALL_TOOL: dict[str, Any] = {
+    "type": "function",
+    "name": "end_call",
+    "description": "Hang up the phone. Say goodbye first; call this only when the caller is finished.",
+    "parameters": {"type": "object", "properties": {}},
+}
+
+OPENCLAW_SYSTEM_PROMPT = (
+    "This request is relayed from a live phone call and your answer will be read aloud. "
+    "Answer in one to three short, plain spoken sentences: no markdown, lists, links or emoji."
+)
+SAY_UNREACHABLE = "I couldn't reach your assistant just now. Please try again in a moment."
+SAY_TOO_SLOW = "Your assistant is taking too long to answer. Please try again in a moment."
+SAY_NO_ANSWER = "Your assistant didn't have an answer for that."
+
+MAX_WEBHOOK_BYTES = 64 * 1024
+SIGNATURE_TOLERANCE = 300  # seconds either side of now, as in Standard Webhooks
+RECENT_IDS = 4096  # webhook-ids and call_ids remembered for deduplication
+REST_TIMEOUT = aiohttp.ClientTimeout(total=5)
+REST_RETRY_DELAYS = (0.25, 0.5, 1.0, 2.0)  # transient accept/hangup failures; ~4 s in all
+SIDEBAND_RETRY_DELAYS = (0.2, 0.4, 0.6, 0.8)  # a 404 handshake right after accept can be a race
+SIDEBAND_HEARTBEAT = 20.0
+GOODBYE_TIMEOUT = 10.0  # end_call: wait at most this long for the goodbye to finish playing
+MAX_REQUEST_CHARS = 4000  # ask_openclaw arguments accepted
+MAX_ANSWER_CHARS = 4000  # OpenClaw answer passed to the model
+CALL_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+
+
+# --- Small pure helpers --------------------------------------------------------------------------
+
+
+class SignatureError(Exception):
+    """The webhook is not provably from OpenAI."""
+
+
+def verify_signature(key: bytes, headers: Mapping[str, str], body: bytes, now: float | None = None) -> None:
+    """Check a Standard Webhooks signature over the raw body; raise SignatureError saying why not."""
+    msg_id = headers.get("webhook-id", "")
+    timestamp = headers.get("webhook-timestamp", "")
+    signatures = headers.get("webhook-signature", "")
+    if not (msg_id and timestamp and signatures):
+        raise SignatureError("missing webhook-id, webhook-timestamp or webhook-signature header")
+    if not timestamp.isascii() or not timestamp.isdigit():
+        raise SignatureError("webhook-timestamp is not a number")
+    now = time.time() if now is None else now
+    if abs(now - int(timestamp)) > SIGNATURE_TOLERANCE:
+        raise SignatureError("webhook-timestamp is more than 5 minutes away from now (replay, or a wrong clock)")
+    signed = f"{msg_id}.{timestamp}.".encode() + body
+    expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+    for entry in signatures.split():
+        version, _, signature = entry.partition(",")
+        if version == "v1" and hmac.compare_digest(signature.encode(), expected.encode()):
+            return
+    raise SignatureError("no webhook-signature matches (wrong OPENAI_WEBHOOK_SECRET?)")
+
+
+def normalise_number(text: str) -> str | None:
+    """Return "+<digits>" for something that looks like an E.164 number, else None."""
+    text = re.sub(r"[\s().-]", "", text)
+    if text.startswith("00"):
+        text = "+" + text[2:]
+    if re.fullmatch(r"\+[1-9]\d{6,14}", text):
+        return text
+    return None
+
+
+def caller_number(sip_headers: Any) -> str | None:
+    """The caller's E.164 number from the From SIP header, or None if withheld or unreadable."""
+    if not isinstance(sip_headers, list):
+        return None
+    for header in sip_headers:
+        if isinstance(header, dict) and str(header.get("name", "")).lower() in ("from", "f"):
+            # "Name" <sip:+1555...@host>;tag=x  |  <tel:+1555...>  |  sip:+1555...@host;tag=x
+            value = re.sub(r'^\s*"(?:[^"\\]|\\.)*"', "", str(header.get("value", "")))  # a display name may hold "<"
+            uri = re.search(r"<([^<>]*)>", value)
+            uri_text = uri.group(1) if uri else value.split(";")[0]
+            match = re.match(r"\s*(?:sips?|tel):([^@;>]+)", uri_text, re.IGNORECASE)
+            return normalise_number(match.group(1)) if match else None
+    return None
+
+
+def mask(number: str | None) -> str:
+    """Show a phone number as +1******4567 in logs."""
+    if not number:
+        return "withheld"
+    return number[:2] + "*" * (len(number) - 6) + number[-4:]
+
+
+def caller_allowed(config: Config, number: str | None) -> bool:
+    """The caller-ID screen: "*" lets anyone in; a list never matches a withheld number."""
+    return "*" in config.allowed_callers or (number is not None and number in config.allowed_callers)
+
+
+def accept_payload(config: Config) -> dict[str, Any]:
+    """The session config sent with /accept. No audio format: SIP negotiates the codec."""
+    return {
+        "type": "realtime",  # required: without it accept answers 200 and the sideband then 404s
+        "model": config.model,
+        "instructions": config.instructions or INSTRUCTIONS,
+        "audio": {"output": {"voice": config.voice}},
+        "tools": [ASK_OPENCLAW_TOOL, END_CALL_TOOL],
+        "tool_choice": "auto",
+    }
+
+
+def sideband_url(config: Config, call_id: str) -> str:
+    """wss://.../v1/realtime?call_id=... for a REST base of https://.../v1."""
+    return re.sub(r"^http", "ws", config.openai_base_url) + f"/realtime?call_id={call_id}"
+
+
+def openclaw_user(number: str | None, call_id: str) -> str:
+    """A stable OpenClaw session per caller; withheld callers never share one."""
+    return f"voicebridge:{number}" if number else f"voicebridge:call:{call_id}"
+
+
+class RecentSet:
+    """A bounded set remembering the most recent keys (for deduplicating deliveries)."""
+
+    def __init__(self, size: int) -> None:
+        self._keys: OrderedDict[str, None] = OrderedDict()
+        self._size = size
+
+    def add(self, key: str) -> bool:
+        """Remember key; False if it was already remembered."""
+        if key in self._keys:
+            return False
+        self._keys[key] = None
+        if len(self._keys) > self._size:
+            self._keys.popitem(last=False)
+        return True
+
+
+class CallLog(logging.LoggerAdapter):
+    """Prefixes every log line with the call id."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"[{self.extra['call_id']}] {msg}", kwargs
+
+
+async def error_text(resp: aiohttp.ClientResponse) -> str:
+    """The message of an OpenAI/OpenClaw error body, or the start of whatever came back."""
+    raw = await resp.text(errors="replace")
+    try:
+        message = json.loads(raw)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return raw[:200].strip() or resp.reason or ""
+    return str(message)[:300]
+
+
+async def call_control(
+    http: aiohttp.ClientSession, config: Config, call_id: str, action: str, body: dict | None = None
+) -> bool:
+    """POST /realtime/calls/{call_id}/{action}, retrying transient failures; True when it answered 2xx."""
+    clog = CallLog(log, {"call_id": call_id})
+    url = f"{config.openai_base_url}/realtime/calls/{call_id}/{action}"
+    headers = {"Authorization": f"Bearer {config.openai_api_key}"}
+    for delay in (*REST_RETRY_DELAYS, None):
+        try:
+            async with http.post(url, json=body, headers=headers, timeout=REST_TIMEOUT) as resp:
+                if resp.status < 300:
+                    return True
+                why = f"HTTP {resp.status}: {await error_text(resp)}"
+                if resp.status == 404:
+                    clog.info("%s: call is gone, the caller probably hung up (%s)", action, why)
+                    return False
+                if resp.status < 500 and resp.status != 429:
+                    hint = " (check OPENAI_API_KEY)" if resp.status in (401, 403) else ""
+                    clog.error("%s failed: %s%s", action, why, hint)
+                    return False
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if delay is None:
+            clog.error("%s failed, giving up: %s", action, why)
+            return False
+        clog.warning("%s failed, retrying in %.2fs: %s", action, delay, why)
+        await asyncio.sleep(delay)
+    return False  # not reached
+
+
+class OpenClawError(Exception):
+    """ask_openclaw failed: str(self) tells the owner what to fix, .say is for the caller."""
+
+    def __init__(self, why: str, say: str = SAY_UNREACHABLE) -> None:
+        super().__init__(why)
+        self.say = say
+
+
+async def ask_openclaw(http: aiohttp.ClientSession, config: Config, user: str, request: str) -> str:
+    """Ask the OpenClaw agent one question; return its answer or raise OpenClawError."""
+    headers = {"Authorization": f"Bearer {config.openclaw_token}"} if config.openclaw_token else {}
+    body = {
+        "model": f"openclaw:{config.openclaw_agent}",
+        "user": user,
+        "messages": [
+            {"role": "system", "content": OPENCLAW_SYSTEM_PROMPT},
+            {"role": "user", "content": request},
+        ],
+    }
+    url = f"{config.openclaw_url}/v1/chat/completions"
+    try:
+        async with http.post(
+            url, json=body, headers=headers, timeout=aiohttp.ClientTimeout(total=config.openclaw_timeout)
+        ) as resp:
+            if resp.status != 200:
+                why = f"HTTP {resp.status}: {await error_text(resp)}"
+                hints = {
+                    401: "check OPENCLAW_TOKEN",
+                    403: "check OPENCLAW_TOKEN",
+                    404: "enable gateway.http.endpoints.chatCompletions in the OpenClaw config, check OPENCLAW_URL",
+                    400: "check OPENCLAW_AGENT",
+                    429: "the gateway is rate limiting",
+                }
+                hint = hints.get(resp.status, "the gateway or its model provider failed")
+                raise OpenClawError(f"{why} ({hint})")
+            try:
+                answer = (await resp.json(content_type=None))["choices"][0]["message"]["content"]
+            except (ValueError, KeyError, IndexError, TypeError):
+                raise OpenClawError("the answer was not a chat completion (is OPENCLAW_URL the gateway?)") from None
+    except asyncio.TimeoutError:
+        raise OpenClawError(f"no answer within OPENCLAW_TIMEOUT={config.openclaw_timeout:g}s", SAY_TOO_SLOW) from None
+    except aiohttp.ClientError as exc:
+        raise OpenClawError(f"cannot reach {config.openclaw_url} ({type(exc).__name__}: {exc}); is the gateway running?") from None
+    if not isinstance(answer, str):
+        raise OpenClawError("the answer was not a chat completion (is OPENCLAW_URL the gateway?)")
+    if not answer.strip() or answer.strip() == "No response from OpenClaw.":
+        raise OpenClawError("the agent returned an empty answer", SAY_NO_ANSWER)
+    answer = answer.strip()
+    if len(answer) > MAX_ANSWER_CHARS:
+        answer = answer[:MAX_ANSWER_CHARS] + " ... (the rest was cut off)"
+    return answer
+
+
+# --- One live call --------------------------------------------------------------------------------
+
+
+class Call:
+    """One live call: accepts it, owns its sideband, its tool tasks and its timer."""
+
+    def __init__(self, app: web.Application, call_id: str, caller: str | None, received: float) -> None:
+        self.app = app
+        self.config = app[CONFIG]
+        self.http = app[HTTP]
+        self.id = call_id
+        self.caller = caller
+        self.received = received  # loop time the webhook arrived
+        self.log = CallLog(log, {"call_id": call_id})
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.tools: set[asyncio.Task[None]] = set()
+        self.outbox: list[dict[str, Any]] = []  # tool results waiting for no active response
+        self.response_active = False
+        self.owe_response = False  # a response.create was refused as "active"; send it after response.done
+        self.response_event_id = ""
+        self.playing = False  # output_audio_buffer.started .. stopped
+        self.playback_stopped = asyncio.Event()
+        self.end_reason = ""
+        self._event_ids = itertools.count(1)
+
+    async def run(self) -> None:
+        """The whole life of the call: accept, attach, handle events until the sideband closes."""
+        timer = asyncio.create_task(self._hang_up_after(self.config.max_call_seconds))
+        try:
+            if not await call_control(self.http, self.config, self.id, "accept", accept_payload(self.config)):
+                self.end_reason = "accept failed"
+                return
+            self.log.info("call accepted in %.0f ms", (asyncio.get_running_loop().time() - self.received) * 1000)
+            self.ws = await self._connect_sideband()
+            if self.ws is None:
+                self.end_reason = self.end_reason or "sideband unavailable"
+                return
+            self.log.info("sideband connected")
+            await self._request_response({"instructions": self.config.greeting or GREETING})
+            async for msg in self.ws:
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    await self._on_message(msg.data)
+            self.end_reason = self.end_reason or f"caller hung up (sideband closed, code {self.ws.close_code})"
+        finally:
+            timer.cancel()
+            for task in self.tools:
+                task.cancel()
+            await asyncio.gather(timer, *self.tools, return_exceptions=True)
+            if self.ws is not None:
+                await self.ws.close()
+            self.app[CALLS].pop(self.id, None)
+            duration = asyncio.get_running_loop().time() - self.received
+            self.log.info("call ended after %.1fs: %s", duration, self.end_reason or "cancelled")
+
+    async def _connect_sideband(self) -> aiohttp.ClientWebSocketResponse | None:
+        """Open ?call_id= (Bearer only, no OpenAI-Beta), retrying a 404 that races the accept."""
+        url = sideband_url(self.config, self.id)
+        headers = {"Authorization": f"Bearer {self.config.openai_api_key}"}
+        for delay in (*SIDEBAND_RETRY_DELAYS, None):
+            try:
+                return await self.http.ws_connect(
+                    url, headers=headers, heartbeat=SIDEBAND_HEARTBEAT, timeout=aiohttp.ClientWSTimeout(ws_close=5)
+                )
+            except aiohttp.WSServerHandshakeError as exc:
+                if exc.status != 404:
+                    self.log.error("sideband refused: HTTP %s %s", exc.status, exc.message)
+                    return None
+                why = "HTTP 404 call_id_not_found"
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                why = f"{type(exc).__name__}: {exc}"
+            if delay is None:
+                self.log.error("sideband unavailable, giving up: %s", why)
+                return None
+            self.log.debug("sideband not ready (%s), retrying in %.1fs", why, delay)
+            await asyncio.sleep(delay)
+        return None  # not reached
+
+    # Events from the model, in the order a tool round produces them.
+
+    async def _on_message(self, data: str) -> None:
+        """Dispatch one sideband event; anything malformed is logged and skipped."""
+        try:
+            event = json.loads(data)
+        except ValueError:
+            self.log.warning("sideband sent non-JSON text, ignored")
+            return
+        if not isinstance(event, dict):
+            return
+        kind = event.get("type")
+        if kind == "response.created":
+            self.response_active = True
+        elif kind == "response.done":
+            await self._on_response_done(event.get("response"))
+        elif kind == "output_audio_buffer.started":
+            self.playing = True
+            self.playback_stopped.clear()
+        elif kind == "output_audio_buffer.stopped":
+            self.playing = False
+            self.playback_stopped.set()
+        elif kind == "response.function_call_arguments.done":
+            self.log.info("function call received: %s", event.get("name"))
+        elif kind == "error":
+            self._on_error(event.get("error"))
+
+    async def _on_response_done(self, response: Any) -> None:
+        """Run the function calls of a completed response; then send anything that waited."""
+        self.response_active = False
+        response = response if isinstance(response, dict) else {}
+        status = response.get("status")
+        output = response.get("output")
+        for item in output if isinstance(output, list) else []:
+            if not isinstance(item, dict) or item.get("type") != "function_call":
+                continue
+            if status != "completed":
+                # The caller interrupted: the model never finished asking, so nothing is run.
+                self.log.info("function call %s not run: its response was %s", item.get("name"), status)
+            elif item.get("name") == "end_call":
+                self._start(self._end_call())
+            else:
+                self._start(self._run_tool(item))
+        await self._flush()
+
+    def _on_error(self, error: Any) -> None:
+        """Log a server error event; recover if it refused our response.create."""
+        error = error if isinstance(error, dict) else {}
+        code = error.get("code")
+        self.log.warning("server error %s: %s", code, error.get("message"))
+        if error.get("event_id") == self.response_event_id and self.response_event_id:
+            # Our response.create lost a race with a response the server just started: retry after it.
+            self.owe_response = code == "conversation_already_has_active_response"
+            self.response_active = self.owe_response
+
+    # Tools.
+
+    def _start(self, coro: Any) -> None:
+        """Run a tool in its own task, so the loop keeps reading events; the call cancels it at the end."""
+        task = asyncio.create_task(coro)
+        self.tools.add(task)
+        task.add_done_callback(self.tools.discard)
+
+    async def _run_tool(self, item: dict[str, Any]) -> None:
+        """Run one function call and queue its output for the model."""
+        call_id = item.get("call_id")
+        if not isinstance(call_id, str) or not call_id:
+            self.log.warning("function call %s has no call_id, ignored", item.get("name"))
+            return
+        output = await self._tool_output(item.get("name"), item.get("arguments"))
+        self.outbox.append({"type": "function_call_output", "call_id": call_id, "output": output})
+        await self._flush()
+
+    async def _tool_output(self, name: Any, arguments: Any) -> str:
+        """The output string for one function call; errors become outputs the model can act on."""
+        if name != "ask_openclaw":
+            self.log.warning("unknown tool %r called", name)
+            return f"Error: there is no tool named {name!r}. Use ask_openclaw or end_call."
+        if not isinstance(arguments, str) or len(arguments) > MAX_REQUEST_CHARS + 100:
+            self.log.warning("ask_openclaw arguments missing or too long, not sent")
+            return "Error: the request was missing or too long. Ask again in one or two sentences."
+        try:
+            request = json.loads(arguments).get("request")
+        except (ValueError, AttributeError):
+            request = None
+        if not isinstance(request, str) or not request.strip():
+            self.log.warning("ask_openclaw arguments invalid, not sent: need {\"request\": \"...\"}")
+            return 'Error: call ask_openclaw with JSON arguments {"request": "<the question>"}.'
+        started = asyncio.get_running_loop().time()
+        try:
+            answer = await ask_openclaw(self.http, self.config, openclaw_user(self.caller, self.id), request.strip())
+        except OpenClawError as exc:
+            self.log.warning("OpenClaw failed: %s", exc)
+            return exc.say
+        self.log.info("OpenClaw answered in %.1fs", asyncio.get_running_loop().time() - started)
+        return answer
+
+    async def _end_call(self) -> None:
+        """Let the goodbye finish playing (bounded), then hang up."""
+        self.log.info("end_call: hanging up after the goodbye")
+        if self.playing:
+            try:
+                await asyncio.wait_for(self.playback_stopped.wait(), GOODBYE_TIMEOUT)
+            except asyncio.TimeoutError:
+                self.log.info("goodbye still playing after %.0fs, hanging up anyway", GOODBYE_TIMEOUT)
+        await self.hang_up("end_call")
+
+    async def _hang_up_after(self, seconds: float) -> None:
+        """Enforce MAX_CALL_SECONDS."""
+        await asyncio.sleep(seconds)
+        self.log.info("call reached MAX_CALL_SECONDS=%g", seconds)
+        await self.hang_up("max duration")
+
+    async def hang_up(self, reason: str) -> None:
+        """End the call via REST; the sideband then closes and run() cleans up."""
+        if self.end_reason:
+            return
+        self.end_reason = reason
+        await call_control(self.http, self.config, self.id, "hangup")
+        if self.ws is not None:
+            await self.ws.close()
+
+    # Sending, under the one-active-response rule.
+
+    async def _flush(self) -> None:
+        """Send queued tool outputs and one response.create, but only while no response is active."""
+        if self.response_active or not (self.outbox or self.owe_response):
+            return
+        items, self.outbox, self.owe_response = self.outbox, [], False
+        self.response_active = True  # claimed before the first await, so a concurrent flush waits
+        for item in items:
+            await self._send(self._event("conversation.item.create", item=item))
+        await self._request_response()
+        for item in items:
+            self.log.info("result sent for %s", item["call_id"])
+
+    async def _request_response(self, response: dict[str, Any] | None = None) -> None:
+        """Send response.create and count the response as active until response.done."""
+        event = self._event("response.create", **({"response": response} if response else {}))
+        self.response_active, self.response_event_id = True, event["event_id"]
+        await self._send(event)
+
+    def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
+        """A client event with an event_id, so an error event can point back at it."""
+        return {"type": kind, "event_id": f"vb_{next(self._event_ids)}", **fields}
+
+    async def _send(self, event: dict[str, Any]) -> None:
+        """Send one client event; a sideband that is closing is not an error."""
+        if self.ws is None or self.ws.closed:
+            self.log.debug("sideband closed, %s not sent", event["type"])
+            return
+        try:
+            await self.ws.send_json(event)
+        except ConnectionError as exc:
+            self.log.debug("sideband closing, %s not sent (%s)", event["type"], exc)
+
+
+# --- HTTP handlers ---------------------------------------------------------------------------------
+
+
+async def webhook(request: web.Request) -> web.Response:
+    """OpenAI's webhook: verify, deduplicate, then accept or reject the call in the background."""
+    app, received = request.app, asyncio.get_running_loop().time()
+    if (request.content_length or 0) > MAX_WEBHOOK_BYTES:
+        raise web.HTTPRequestEntityTooLarge(max_size=MAX_WEBHOOK_BYTES, actual_size=request.content_length)
+    body = await request.read()  # client_max_size stops a chunked body at MAX_WEBHOOK_BYTES
+    try:
+        verify_signature(app[CONFIG].webhook_key, request.headers, body)
+        event = json.loads(body)
+        call_id = event["data"]["call_id"] if event.get("type") == "realtime.call.incoming" else None
+    except SignatureError as exc:
+        log.warning("webhook rejected: %s", exc)
+        return web.Response(status=400, text=f"invalid webhook signature: {exc}\n")
+    except (ValueError, AttributeError, KeyError, TypeError):
+        log.warning("webhook rejected: signed, but not a JSON event with data.call_id")
+        return web.Response(status=400, text="body is not a realtime.call.incoming event\n")
+
+    if not app[SEEN_WEBHOOKS].add(request.headers["webhook-id"]):
+        log.info("webhook %s already handled, ignored", request.headers["webhook-id"])
+        return web.Response(text="duplicate\n")
+    if call_id is None:
+        log.info("webhook verified: %s, ignored", event.get("type"))
+        return web.Response(text="ignored\n")
+    if not isinstance(call_id, str) or not CALL_ID.match(call_id):
+        log.warning("webhook verified, but its call_id is malformed, ignored")
+        return web.Response(text="ignored\n")
+    if not app[SEEN_CALLS].add(call_id):
+        log.info("[%s] call already handled, duplicate delivery ignored", call_id)
+        return web.Response(text="duplicate\n")
+
+    caller = caller_number(event["data"].get("sip_headers"))
+    if caller_allowed(app[CONFIG], caller):
+        log.info("[%s] webhook verified, caller %s allowed", call_id, mask(caller))
+        call = app[CALLS][call_id] = Call(app, call_id, caller, received)
+        spawn(app, call.run())
+    else:
+        log.warning("[%s] webhook verified, caller %s not in ALLOWED_CALLERS: rejecting", call_id, mask(caller))
+        spawn(app, call_control(app[HTTP], app[CONFIG], call_id, "reject", {"status_code": 603}))
+    return web.Response(text="ok\n")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness and the number of calls in progress."""
+    return web.json_response({"status": "ok", "active_calls": len(request.app[CALLS])})
+
+
+# --- The application -------------------------------------------------------------------------------
+
+CONFIG = web.AppKey("config", Config)
+HTTP = web.AppKey("http", aiohttp.ClientSession)
+CALLS = web.AppKey("calls", dict[str, Call])
+TASKS = web.AppKey("tasks", set[asyncio.Task[Any]])
+SEEN_WEBHOOKS = web.AppKey("seen_webhooks", RecentSet)
+SEEN_CALLS = web.AppKey("seen_calls", RecentSet)
+
+
+def spawn(app: web.Application, coro: Any) -> None:
+    """Run a call's work in the background, tracked so shutdown can cancel it."""
+    task = asyncio.create_task(coro)
+    app[TASKS].add(task)
+    task.add_done_callback(app[TASKS].discard)
+
+
+async def http_session(app: web.Application) -> AsyncIterator[None]:
+    """One client session for OpenAI and OpenClaw, for the life of the app."""
+    # limit=0: every live call holds a sideband connection; the default pool of 100 would stall call 101.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        app[HTTP] = session
+        yield
+
+
+async def end_calls(app: web.Application) -> None:
+    """On shutdown: hang up live calls so no caller is left talking to a model without tools."""
+    await asyncio.gather(*(call.hang_up("shutdown") for call in list(app[CALLS].values())))
+    for task in app[TASKS]:
+        task.cancel()
+    await asyncio.gather(*app[TASKS], return_exceptions=True)
+
+
+def make_app(config: Config) -> web.Application:
+    """The aiohttp application; tests build it with their own Config."""
+    app = web.Application(client_max_size=MAX_WEBHOOK_BYTES)
+    app[CONFIG] = config
+    app[CALLS] = {}
+    app[TASKS] = set()
+    app[SEEN_WEBHOOKS] = RecentSet(RECENT_IDS)
+    app[SEEN_CALLS] = RecentSet(RECENT_IDS)
+    app.cleanup_ctx.append(http_session)
+    app.on_shutdown.append(end_calls)
+    app.router.add_post("/webhook", webhook)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+def main() -> None:
+    """Read the config, say what we will do, and serve."""
+    load_dotenv()
+    try:
+        config = Config.from_env(os.environ)
+    except ConfigError as exc:
+        sys.exit(f"voicebridge: configuration error: {exc}")
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    if not config.allowed_callers:
+        log.warning("ALLOWED_CALLERS is empty: every call will be rejected. List your own number(s) in .env.")
+    elif "*" in config.allowed_callers:
+        log.warning("ALLOWED_CALLERS=*: anyone who dials the number can drive your OpenClaw agent.")
+    log.info(
+        "voicebridge on http://%s:%d  model=%s voice=%s openclaw=%s agent=%s callers=%s",
+        config.host, config.port, config.model, config.voice, config.openclaw_url, config.openclaw_agent,
+        ",".join(sorted(mask(n) if n != "*" else n for n in config.allowed_callers)) or "none",
+    )
+    web.run_app(make_app(config), host=config.host, port=config.port, print=None)
+
+
+if __name__ == "__main__":
+    main()
