@@ -1,0 +1,984 @@
+"""Tests for voicebridge.py, over real loopback sockets against fake OpenAI and fake OpenClaw servers.
+
+The fakes follow ../shared/PROTOCOL.md: the OpenAI fake refuses a sideband for a call that is not
+accepted (404 call_id_not_found), refuses ?model= and OpenAI-Beta, sends the full function-call event
+sequence, and answers a response.create sent while a response is active with the
+conversation_already_has_active_response error. The OpenClaw fake checks the token, the model name and
+the messages like the real gateway, and notices when a client gives up on a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import hashlib
+import hmac
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+import voicebridge
+from voicebridge import Config, ConfigError, caller_number, make_app, verify_signature
+
+SECRET = "whsec_" + base64.b64encode(b"voicebridge-test-signing-key-32b").decode()
+API_KEY = "sk-test-openai-key-never-logged"
+CLAW_TOKEN = "claw-token-never-logged"
+ALICE = "+15551234567"
+HERE = Path(__file__).parent
+
+
+# --- Helpers ------------------------------------------------------------------------------------
+
+
+async def eventually(predicate: Callable[[], Any], timeout: float = 5.0) -> Any:
+    """Wait until predicate() is truthy and return it; fail the test after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {getattr(predicate, '__name__', predicate)}")
+        await asyncio.sleep(0.005)
+
+
+def sign(body: bytes, *, secret: str = SECRET, msg_id: str | None = None, timestamp: int | None = None) -> dict[str, str]:
+    """Standard Webhooks headers for body, as OpenAI sends them."""
+    msg_id = msg_id or f"wh_{os.urandom(8).hex()}"
+    timestamp = int(time.time()) if timestamp is None else timestamp
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    digest = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return {
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": "v1," + base64.b64encode(digest).decode(),
+        "content-type": "application/json",
+    }
+
+
+def incoming_event(call_id: str, from_value: str = f'"Alice" <sip:{ALICE}@sip.example.com>;tag=9fxced76sl') -> bytes:
+    """A realtime.call.incoming webhook body."""
+    return json.dumps(
+        {
+            "object": "event",
+            "id": f"evt_{os.urandom(8).hex()}",
+            "type": "realtime.call.incoming",
+            "created_at": int(time.time()),
+            "data": {
+                "call_id": call_id,
+                "sip_headers": [
+                    {"name": "From", "value": from_value},
+                    {"name": "To", "value": "sip:+18005550100@sip.api.openai.com"},
+                    {"name": "Call-ID", "value": "03782086-4ce9-44bf-8b0d-4e303d2cc590"},
+                ],
+            },
+        }
+    ).encode()
+
+
+def error_body(message: str, type_: str, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "code": code, "param": None}}
+
+
+# --- Fake OpenAI: REST call control + the sideband -------------------------------------------------
+
+
+class FakeCall:
+    """One SIP call as OpenAI holds it."""
+
+    def __init__(self, call_id: str) -> None:
+        self.id = call_id
+        self.state = "ringing"  # ringing -> accepted | rejected -> ended
+        self.accept_script: list[int] = []  # statuses to answer the next accepts with, before success
+        self.sideband_404s = 0  # refuse this many handshakes after accept (the documented race)
+        self.accepted_at: float | None = None
+        self.accept_body: dict[str, Any] | None = None
+        self.reject_body: Any = None
+        self.hangup_at: float | None = None
+        self.sideband_attempts: list[tuple[float, str, dict[str, str]]] = []  # (time, query, headers)
+        self.ws: web.WebSocketResponse | None = None
+        self.received: list[dict[str, Any]] = []  # client events, in order
+        self.sent: list[dict[str, Any]] = []  # server events, in order
+        self.errors: list[dict[str, Any]] = []  # error events the fake had to send
+        self.response_active = False
+        self.function_calls: set[str] = set()  # call_ids the conversation knows
+        self.speak_seconds = 0.02  # how long a response asked for with response.create lasts
+        self._ids = itertools.count(1)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def next_id(self, prefix: str) -> str:
+        return f"{prefix}_{next(self._ids):04d}"
+
+    async def send(self, event: dict[str, Any]) -> None:
+        event = {"event_id": self.next_id("event"), **event}
+        self.sent.append({**event, "_at": time.monotonic()})
+        assert self.ws is not None
+        await self.ws.send_json(event)
+
+    def outputs(self) -> list[dict[str, Any]]:
+        """function_call_output items the client created."""
+        return [
+            e["item"] for e in self.received
+            if e.get("type") == "conversation.item.create" and e.get("item", {}).get("type") == "function_call_output"
+        ]
+
+    def response_creates(self) -> list[dict[str, Any]]:
+        return [e for e in self.received if e.get("type") == "response.create"]
+
+    async def wait_idle(self) -> None:
+        await eventually(lambda: not self.response_active)
+
+    async def model_response(
+        self,
+        function_calls: list[tuple[str, str]] = (),  # type: ignore[assignment]
+        status: str = "completed",
+        audio_seconds: float = 0.0,
+    ) -> list[str]:
+        """A response the model starts on its own (server VAD), optionally with function calls.
+
+        Sends the full event sequence of PROTOCOL.md section 5 and returns the function call_ids.
+        """
+        await self.wait_idle()
+        self.response_active = True
+        response_id = self.next_id("resp")
+        await self.send({"type": "response.created", "response": {"id": response_id, "status": "in_progress", "output": []}})
+        if audio_seconds:
+            await self.send({"type": "output_audio_buffer.started", "response_id": response_id})
+        items, call_ids = [], []
+        for index, (name, arguments) in enumerate(function_calls):
+            item_id, call_id = self.next_id("item"), self.next_id("call")
+            item = {"id": item_id, "type": "function_call", "status": "in_progress", "name": name, "call_id": call_id, "arguments": ""}
+            common = {"response_id": response_id, "item_id": item_id, "output_index": index}
+            await self.send({"type": "response.output_item.added", "response_id": response_id, "output_index": index, "item": item})
+            for start in range(0, len(arguments), 7):
+                await self.send({"type": "response.function_call_arguments.delta", **common, "call_id": call_id, "delta": arguments[start:start + 7]})
+            await self.send({"type": "response.function_call_arguments.done", **common, "call_id": call_id, "name": name, "arguments": arguments})
+            item = {**item, "arguments": arguments, "status": "completed" if status == "completed" else "incomplete"}
+            await self.send({"type": "response.output_item.done", "response_id": response_id, "output_index": index, "item": item})
+            items.append(item)
+            call_ids.append(call_id)
+        if audio_seconds:
+            await asyncio.sleep(audio_seconds / 2)
+        self.response_active = False
+        if status == "completed":
+            self.function_calls.update(call_ids)
+        await self.send({"type": "response.done", "response": {"id": response_id, "status": status, "output": items}})
+        if audio_seconds:
+            await asyncio.sleep(audio_seconds / 2)  # the caller still hears the rest of the audio
+            await self.send({"type": "output_audio_buffer.stopped", "response_id": response_id})
+        return call_ids
+
+    async def on_client_event(self, event: dict[str, Any]) -> None:
+        """What the Realtime server does with a client event."""
+        kind = event.get("type")
+        if kind == "response.create":
+            if self.response_active:
+                await self.error(event, "conversation_already_has_active_response",
+                                 "Conversation already has an active response in progress")
+                return
+            self.response_active = True  # synchronously, as the server does, before any other event
+            task = asyncio.create_task(self.answer_response_create())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        elif kind == "conversation.item.create":
+            item = event.get("item") or {}
+            if item.get("type") == "function_call_output":
+                if item.get("call_id") not in self.function_calls:
+                    await self.error(event, "invalid_value", "Tool call ID not found in conversation")
+                elif not isinstance(item.get("output"), str):
+                    await self.error(event, "invalid_type", "Invalid type for 'item.output': expected a string")
+                else:
+                    await self.send({"type": "conversation.item.created", "item": {**item, "id": self.next_id("item")}})
+
+    async def answer_response_create(self) -> None:
+        response_id = self.next_id("resp")
+        await self.send({"type": "response.created", "response": {"id": response_id, "status": "in_progress", "output": []}})
+        await self.send({"type": "output_audio_buffer.started", "response_id": response_id})
+        await asyncio.sleep(self.speak_seconds)
+        self.response_active = False
+        message = {"id": self.next_id("item"), "type": "message", "role": "assistant", "status": "completed", "content": []}
+        await self.send({"type": "response.done", "response": {"id": response_id, "status": "completed", "output": [message]}})
+        await self.send({"type": "output_audio_buffer.stopped", "response_id": response_id})
+
+    async def error(self, event: dict[str, Any], code: str, message: str) -> None:
+        error = {"type": "error", "error": {"type": "invalid_request_error", "code": code, "message": message,
+                                              "param": None, "event_id": event.get("event_id")}}
+        self.errors.append(error)
+        await self.send(error)
+
+    async def caller_hangs_up(self) -> None:
+        """The caller puts the phone down: the sideband just closes."""
+        self.state = "ended"
+        if self.ws is not None:
+            await self.ws.close(code=aiohttp.WSCloseCode.OK)
+
+
+class FakeOpenAI:
+    """OpenAI's /v1/realtime/calls/{id}/accept|reject|hangup and the ?call_id= sideband."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, FakeCall] = {}
+        self.rest: list[tuple[str, str]] = []  # (action, call_id) of every authorised REST request
+        self.app = web.Application()
+        self.app.router.add_post("/v1/realtime/calls/{call_id}/{action}", self.call_control)
+        self.app.router.add_get("/v1/realtime", self.sideband)
+        self.app.on_shutdown.append(self.close_sidebands)
+        self.url = ""
+        self.closing = False
+
+    async def close_sidebands(self, app: web.Application) -> None:
+        self.closing = True
+        for call in self.calls.values():
+            if call.ws is not None:
+                await call.ws.close(code=aiohttp.WSCloseCode.GOING_AWAY)
+
+    def ring(self, call_id: str) -> FakeCall:
+        """A SIP INVITE arrived: the call exists and waits for accept or reject."""
+        self.calls[call_id] = FakeCall(call_id)
+        return self.calls[call_id]
+
+    def authorised(self, request: web.Request) -> bool:
+        return request.headers.get("Authorization") == f"Bearer {API_KEY}"
+
+    async def call_control(self, request: web.Request) -> web.Response:
+        if not self.authorised(request):
+            return web.json_response(error_body("Incorrect API key provided.", "invalid_request_error", "invalid_api_key"), status=401)
+        call_id, action = request.match_info["call_id"], request.match_info["action"]
+        self.rest.append((action, call_id))
+        call = self.calls.get(call_id)
+        not_found = web.json_response(
+            error_body("No session found for the provided call_id", "invalid_request_error", "call_id_not_found"), status=404
+        )
+        if call is None or action not in ("accept", "reject", "hangup"):
+            return not_found
+        if action == "accept":
+            if call.accept_script:
+                status = call.accept_script.pop(0)
+                return web.json_response(error_body("The server had an error", "server_error"), status=status)
+            if call.state != "ringing":
+                return not_found
+            body = await request.json()
+            audio = body.get("audio") or {}
+            if any("format" in (audio.get(side) or {}) for side in ("input", "output")):
+                return web.json_response(error_body("Do not set audio format for SIP calls", "invalid_request_error"), status=400)
+            call.accept_body, call.state, call.accepted_at = body, "accepted", time.monotonic()
+        elif action == "reject":
+            if call.state != "ringing":
+                return not_found
+            call.reject_body, call.state = await request.json(), "rejected"
+        else:  # hangup
+            if call.state != "accepted":
+                return not_found
+            call.state, call.hangup_at = "ended", time.monotonic()
+            if call.ws is not None:
+                await call.ws.close(code=aiohttp.WSCloseCode.OK)
+        return web.Response(status=200)
+
+    async def sideband(self, request: web.Request) -> web.StreamResponse:
+        call = self.calls.get(request.query.get("call_id", ""))
+        if call is not None:
+            call.sideband_attempts.append((time.monotonic(), request.query_string, dict(request.headers)))
+        if not self.authorised(request):
+            return web.json_response(error_body("Incorrect API key provided.", "invalid_request_error", "invalid_api_key"), status=401)
+        if "model" in request.query:
+            # The seed bug: ?model= opens a brand-new session that never sees the call. Make it loud.
+            return web.json_response(error_body("this fake only serves call sidebands", "invalid_request_error"), status=400)
+        not_found = web.json_response(
+            error_body("No session found for the provided call_id", "invalid_request_error", "call_id_not_found"), status=404
+        )
+        if call is None or call.state != "accepted" or call.accept_body is None or call.accept_body.get("type") != "realtime":
+            return not_found
+        if call.sideband_404s > 0:
+            call.sideband_404s -= 1
+            return not_found
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        if "OpenAI-Beta" in request.headers:
+            await ws.close(code=4000, message=b"beta_api_shape_disabled")
+            return ws
+        if self.closing:
+            await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY)
+            return ws
+        call.ws = ws
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                event = json.loads(msg.data)
+                call.received.append({**event, "_at": time.monotonic()})
+                await call.on_client_event(event)
+        for task in call._tasks:
+            task.cancel()
+        return ws
+
+
+# --- Fake OpenClaw gateway ------------------------------------------------------------------------------
+
+
+class FakeOpenClaw:
+    """The gateway's OpenAI-compatible /v1/chat/completions, with switchable failure modes."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []  # bodies of authorised requests
+        self.cancelled: list[dict[str, Any]] = []  # requests the client abandoned mid-answer
+        self.delay = 0.0
+        self.mode = "ok"  # ok | empty | garbage | 500 | disabled
+        self.answer: Callable[[str], str] = lambda question: f"Answer to: {question}"
+        self.app = web.Application()
+        self.app.router.add_post("/v1/chat/completions", self.chat)
+        self.url = ""
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        if self.mode == "disabled":
+            return web.Response(status=404, text="Not Found", content_type="text/plain")
+        if request.headers.get("Authorization") != f"Bearer {CLAW_TOKEN}":
+            return web.json_response({"error": {"message": "Unauthorized", "type": "unauthorized"}}, status=401)
+        body = await request.json()
+        model = body.get("model", "")
+        if not (model in ("openclaw", "openclaw:main", "openclaw/main")):
+            return web.json_response({"error": {"message": f"Unknown agent '{model.split(':')[-1]}'.", "type": "invalid_request_error"}}, status=400)
+        questions = [m["content"] for m in body.get("messages", []) if m.get("role") == "user"]
+        if not questions:
+            return web.json_response({"error": {"message": "Missing user message in `messages`.", "type": "invalid_request_error"}}, status=400)
+        self.requests.append(body)
+        try:
+            await asyncio.sleep(self.delay)
+        except asyncio.CancelledError:  # aiohttp cancels the handler when the client disconnects
+            self.cancelled.append(body)
+            raise
+        if self.mode == "500":
+            return web.json_response({"error": {"message": "upstream model failed", "type": "api_error"}}, status=500)
+        if self.mode == "garbage":
+            return web.Response(text="<html>proxy error</html>", content_type="text/html")
+        content = "No response from OpenClaw." if self.mode == "empty" else self.answer(questions[-1])
+        return web.json_response({
+            "id": "chatcmpl_1", "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        })
+
+
+# --- Fixtures -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def openai(aiohttp_server: Any) -> FakeOpenAI:
+    fake = FakeOpenAI()
+    server = await aiohttp_server(fake.app)
+    fake.url = str(server.make_url("/v1"))
+    return fake
+
+
+@pytest.fixture
+async def openclaw(aiohttp_server: Any) -> FakeOpenClaw:
+    fake = FakeOpenClaw()
+    server = await aiohttp_server(fake.app)
+    fake.url = str(server.make_url("")).rstrip("/")
+    return fake
+
+
+def make_env(openai: FakeOpenAI, openclaw: FakeOpenClaw, **overrides: str) -> dict[str, str]:
+    return {
+        "OPENAI_API_KEY": API_KEY,
+        "OPENAI_WEBHOOK_SECRET": SECRET,
+        "OPENAI_BASE_URL": openai.url,
+        "OPENCLAW_URL": openclaw.url,
+        "OPENCLAW_TOKEN": CLAW_TOKEN,
+        "ALLOWED_CALLERS": ALICE,
+        **overrides,
+    }
+
+
+Bridge = Callable[..., Awaitable[Any]]
+
+
+@pytest.fixture
+async def start_bridge(aiohttp_client: Any, openai: FakeOpenAI, openclaw: FakeOpenClaw) -> Bridge:
+    """Start voicebridge's app on a real socket: start_bridge(ENV_VAR="...", config_field=value)."""
+
+    async def start(**overrides: Any) -> Any:
+        env = {k: v for k, v in overrides.items() if k.isupper()}
+        fields = {k: v for k, v in overrides.items() if not k.isupper()}
+        config = dataclasses.replace(Config.from_env(make_env(openai, openclaw, **env)), **fields)
+        return await aiohttp_client(make_app(config))
+
+    return start
+
+
+@pytest.fixture
+async def bridge(start_bridge: Bridge) -> Any:
+    return await start_bridge()
+
+
+async def post_webhook(bridge: Any, body: bytes, headers: dict[str, str] | None = None) -> aiohttp.ClientResponse:
+    resp = await bridge.post("/webhook", data=body, headers=sign(body) if headers is None else headers)
+    await resp.read()
+    return resp
+
+
+async def active_calls(bridge: Any) -> int:
+    resp = await bridge.get("/healthz")
+    return (await resp.json())["active_calls"]
+
+
+async def connected_call(bridge: Any, openai: FakeOpenAI, call_id: str = "rtc_happy") -> FakeCall:
+    """Ring, deliver the webhook, and wait until the sideband is up and the greeting has been spoken."""
+    call = openai.ring(call_id)
+    resp = await post_webhook(bridge, incoming_event(call_id))
+    assert resp.status == 200
+    await eventually(lambda: call.ws is not None and call.response_creates())
+    await call.wait_idle()
+    return call
+
+
+# --- Webhook signatures ---------------------------------------------------------------------------------
+
+
+def test_known_good_vector_from_openai_python() -> None:
+    secret = "whsec_RdvaYFYUXuIFuEbvZHwMfYFhUf7aMYjYcmM24+Aj40c="
+    body = (b'{"id": "evt_685c059ae3a481909bdc86819b066fb6", "object": "event", "created_at": 1750861210, '
+            b'"type": "response.completed", "data": {"id": "resp_123"}}')
+    headers = {
+        "webhook-id": "wh_685c059ae39c8190af8c71ed1022a24d",
+        "webhook-timestamp": "1750861210",
+        "webhook-signature": "v1,gUAg4R2hWouRZqRQG4uJypNS8YK885G838+EHb4nKBY=",
+    }
+    key = voicebridge.parse_webhook_secret(secret)
+    verify_signature(key, headers, body, now=1750861210)
+    verify_signature(key, headers, body, now=1750861210 + 299)
+    with pytest.raises(voicebridge.SignatureError, match="5 minutes"):
+        verify_signature(key, headers, body, now=1750861210 + 301)
+    with pytest.raises(voicebridge.SignatureError, match="no webhook-signature matches"):
+        verify_signature(key, headers, body.replace(b"resp_123", b"resp_124"), now=1750861210)
+    # Several signatures (secret rotation): any one matching is enough.
+    rotated = {**headers, "webhook-signature": "v1,AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA= " + headers["webhook-signature"]}
+    verify_signature(key, rotated, body, now=1750861210)
+    with pytest.raises(voicebridge.SignatureError):
+        verify_signature(key, {**headers, "webhook-signature": headers["webhook-signature"].replace("v1,", "v2,")}, body, now=1750861210)
+
+
+def _bad_headers(body: bytes) -> dict[str, dict[str, str]]:
+    good = sign(body)
+    other_secret = "whsec_" + base64.b64encode(b"some-other-projects-secret-00000").decode()
+    return {
+        "forged": {**good, "webhook-signature": "v1," + base64.b64encode(b"x" * 32).decode()},
+        "wrong secret": sign(body, secret=other_secret),
+        "stale": sign(body, timestamp=int(time.time()) - 301),
+        "future": sign(body, timestamp=int(time.time()) + 301),
+        "no id": {k: v for k, v in good.items() if k != "webhook-id"},
+        "no timestamp": {k: v for k, v in good.items() if k != "webhook-timestamp"},
+        "no signature": {k: v for k, v in good.items() if k != "webhook-signature"},
+        "timestamp not a number": {**good, "webhook-timestamp": "yesterday"},
+        "signed other id": {**good, "webhook-id": "wh_replayed_under_new_id"},
+        "only v2": {**good, "webhook-signature": good["webhook-signature"].replace("v1,", "v2,")},
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_headers(b"{}")))
+async def test_unverified_webhook_is_400_and_nothing_happens(
+    bridge: Any, openai: FakeOpenAI, case: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    call = openai.ring("rtc_forged")
+    body = incoming_event("rtc_forged")
+    resp = await post_webhook(bridge, body, _bad_headers(body)[case])
+    assert resp.status == 400
+    assert "invalid webhook signature" in await resp.text()
+    await asyncio.sleep(0.1)
+    assert openai.rest == [] and call.state == "ringing"
+    assert "webhook rejected" in caplog.text and "Traceback" not in caplog.text
+
+
+async def test_several_signatures_one_valid(bridge: Any, openai: FakeOpenAI) -> None:
+    openai.ring("rtc_rotated")
+    body = incoming_event("rtc_rotated")
+    headers = sign(body)
+    headers["webhook-signature"] = "v1,bm90IGl0 " + headers["webhook-signature"] + " v1,YWxzbyBub3Q="
+    assert (await post_webhook(bridge, body, headers)).status == 200
+    await eventually(lambda: ("accept", "rtc_rotated") in openai.rest)
+
+
+async def test_other_event_types_get_2xx_and_are_ignored(bridge: Any, openai: FakeOpenAI) -> None:
+    body = json.dumps({"object": "event", "id": "evt_1", "type": "response.completed", "created_at": 1, "data": {"id": "resp_1"}}).encode()
+    resp = await post_webhook(bridge, body)
+    assert resp.status == 200 and "ignored" in await resp.text()
+    await asyncio.sleep(0.05)
+    assert openai.rest == []
+
+
+async def test_oversized_body_is_413(bridge: Any, openai: FakeOpenAI) -> None:
+    body = incoming_event("rtc_big").replace(b'"object"', b'"padding": "' + b"x" * 70_000 + b'", "object"')
+    resp = await post_webhook(bridge, body)
+    assert resp.status == 413
+
+    async def chunked() -> Any:  # no Content-Length: must still stop at the limit
+        for _ in range(100):
+            yield b"x" * 1024
+
+    resp = await bridge.post("/webhook", data=chunked(), headers=sign(b"irrelevant"))
+    assert resp.status == 413
+    assert openai.rest == []
+
+
+async def test_signed_garbage_is_400(bridge: Any, openai: FakeOpenAI) -> None:
+    for body in (b"not json", b"[1, 2]", json.dumps({"type": "realtime.call.incoming", "data": {}}).encode()):
+        resp = await post_webhook(bridge, body)
+        assert resp.status == 400, body
+    assert openai.rest == []
+
+
+# --- Deduplication ---------------------------------------------------------------------------------------
+
+
+async def test_retried_and_duplicated_deliveries_accept_once(bridge: Any, openai: FakeOpenAI) -> None:
+    call = openai.ring("rtc_dup")
+    body = incoming_event("rtc_dup")
+    headers = sign(body)
+    # The same delivery five times at once, then OpenAI's retry with a new webhook-id.
+    responses = await asyncio.gather(*(post_webhook(bridge, body, headers) for _ in range(5)))
+    assert [r.status for r in responses] == [200] * 5
+    assert (await post_webhook(bridge, body)).status == 200
+    await eventually(lambda: call.ws is not None)
+    await asyncio.sleep(0.2)
+    assert openai.rest.count(("accept", "rtc_dup")) == 1
+    assert len(call.sideband_attempts) == 1
+
+
+async def test_dedup_memory_is_bounded() -> None:
+    recent = voicebridge.RecentSet(3)
+    assert all(recent.add(k) for k in "abcd")
+    assert not recent.add("d") and not recent.add("c")
+    assert recent.add("a")  # forgotten: the set holds at most 3
+    assert len(recent._keys) == 3
+
+
+# --- Caller screen ----------------------------------------------------------------------------------------
+
+FROM_FORMS = {
+    "name and sip uri": f'"Alice" <sip:{ALICE}@sip.example.com>;tag=9fxced76sl',
+    "tel uri": f"<tel:{ALICE}>",
+    "bare sip uri": f"sip:{ALICE}@203.0.113.5;tag=abc",
+    "sips, user=phone": f"<sips:{ALICE};user=phone@carrier.example>;tag=1",
+    "display name with <": f'"A <b> c" <sip:{ALICE}@host>',
+    "00 prefix": "<sip:0015551234567@host>",
+}
+
+
+@pytest.mark.parametrize("form", list(FROM_FORMS))
+async def test_allowed_caller_in_every_from_form_is_accepted(bridge: Any, openai: FakeOpenAI, form: str) -> None:
+    assert caller_number([{"name": "From", "value": FROM_FORMS[form]}]) == ALICE
+    call = openai.ring("rtc_form")
+    assert (await post_webhook(bridge, incoming_event("rtc_form", FROM_FORMS[form]))).status == 200
+    await eventually(lambda: call.ws is not None)
+
+
+@pytest.mark.parametrize(
+    "from_value,allowed",
+    [
+        ('"Bob" <sip:+15559999999@sip.example.com>;tag=1', ALICE),
+        ('"Anonymous" <sip:anonymous@anonymous.invalid>;tag=1', ALICE),
+        ("<sip:restricted@host>", ALICE),
+        ("", ALICE),
+        (f"<tel:{ALICE}>", ""),  # empty list: nobody gets in
+    ],
+)
+async def test_screened_out_callers_are_rejected_with_603(
+    start_bridge: Bridge, openai: FakeOpenAI, openclaw: FakeOpenClaw, caplog: pytest.LogCaptureFixture,
+    from_value: str, allowed: str,
+) -> None:
+    bridge = await start_bridge(ALLOWED_CALLERS=allowed)
+    call = openai.ring("rtc_stranger")
+    assert (await post_webhook(bridge, incoming_event("rtc_stranger", from_value))).status == 200
+    await eventually(lambda: call.state == "rejected")
+    assert call.reject_body == {"status_code": 603}
+    assert ("accept", "rtc_stranger") not in openai.rest and call.sideband_attempts == []
+    assert "+15559999999" not in caplog.text and ALICE not in caplog.text
+    assert "not in ALLOWED_CALLERS" in caplog.text
+
+
+async def test_star_lets_withheld_numbers_in(start_bridge: Bridge, openai: FakeOpenAI, openclaw: FakeOpenClaw) -> None:
+    bridge = await start_bridge(ALLOWED_CALLERS="*")
+    call = openai.ring("rtc_anon")
+    await post_webhook(bridge, incoming_event("rtc_anon", '"Anonymous" <sip:anonymous@anonymous.invalid>'))
+    await eventually(lambda: call.ws is not None)
+    await call.wait_idle()
+    await call.model_response([("ask_openclaw", '{"request": "hi"}')])
+    await eventually(lambda: openclaw.requests)
+    assert openclaw.requests[0]["user"] == "voicebridge:call:rtc_anon"  # withheld callers never share a session
+
+
+def test_from_header_parser_edge_cases() -> None:
+    assert caller_number([{"name": "f", "value": f"<tel:{ALICE}>"}]) == ALICE  # compact form
+    assert caller_number([{"name": "To", "value": f"<tel:{ALICE}>"}]) is None
+    assert caller_number("not a list") is None
+    assert caller_number([None, 3, {"name": "From"}]) is None
+    assert caller_number([{"name": "From", "value": "<tel:+1-555-123-4567>"}]) == ALICE  # RFC 3966 visual separators
+    assert caller_number([{"name": "From", "value": "<sip:+123@host>"}]) is None  # too short for E.164
+    assert voicebridge.mask(ALICE) == "+1******4567" and voicebridge.mask(None) == "withheld"
+
+
+# --- The happy path, end to end ---------------------------------------------------------------------------------
+
+
+async def test_a_call_from_webhook_to_spoken_answer(
+    bridge: Any, openai: FakeOpenAI, openclaw: FakeOpenClaw, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="voicebridge")
+    call = await connected_call(bridge, openai, "rtc_479a275623b54bdb9b6fbae2f7cbd408")
+    assert await active_calls(bridge) == 1
+
+    # Accept carried a phone session with both tools and no audio format.
+    body = call.accept_body
+    assert body is not None
+    assert body["type"] == "realtime" and body["model"] == "gpt-realtime"
+    assert body["audio"] == {"output": {"voice": "marin"}}
+    assert [t["name"] for t in body["tools"]] == ["ask_openclaw", "end_call"]
+    assert body["tools"][0]["parameters"]["required"] == ["request"]
+    assert "checking" in body["tools"][0]["description"]
+    assert body["tool_choice"] == "auto" and "phone" in body["instructions"]
+
+    # The sideband: ?call_id= only, Bearer, no OpenAI-Beta, opened after accept; greeting first.
+    at, query, headers = call.sideband_attempts[0]
+    assert query == "call_id=rtc_479a275623b54bdb9b6fbae2f7cbd408"
+    assert headers["Authorization"] == f"Bearer {API_KEY}" and "OpenAI-Beta" not in headers
+    assert call.accepted_at is not None and at > call.accepted_at
+    assert call.received[0]["type"] == "response.create" and "Greet" in call.received[0]["response"]["instructions"]
+
+    # The model asks; OpenClaw answers; the answer goes back as a function_call_output + response.create.
+    [fc_id] = await call.model_response([("ask_openclaw", '{ "request" : "What is on my calendar tomorrow?" }')])
+    await eventually(lambda: call.outputs())
+    assert call.outputs() == [{"type": "function_call_output", "call_id": fc_id, "output": "Answer to: What is on my calendar tomorrow?"}]
+    output_event = next(e for e in call.received if e["type"] == "conversation.item.create")
+    assert call.received[-1]["type"] == "response.create" and call.received[-1]["_at"] >= output_event["_at"]
+    assert "response" not in call.received[-1]  # the output lives in the conversation, not in response.input
+    assert all(e.get("event_id") for e in call.received)
+
+    [request] = openclaw.requests
+    assert request["model"] == "openclaw:main" and request["user"] == f"voicebridge:{ALICE}"
+    assert request["messages"][0]["role"] == "system" and "phone" in request["messages"][0]["content"]
+    assert request["messages"][1] == {"role": "user", "content": "What is on my calendar tomorrow?"}
+    await call.wait_idle()
+    assert call.errors == []
+
+    await call.caller_hangs_up()
+    await eventually(lambda: openai.calls and bridge.app[voicebridge.CALLS] == {})
+    assert await active_calls(bridge) == 0
+
+    # The log tells the story, with the call id on every line, and no secrets or full numbers.
+    story = [r.getMessage() for r in caplog.records if r.name == "voicebridge"]
+    for expected in ("webhook verified, caller +1******4567 allowed", "call accepted in", "sideband connected",
+                     "function call received: ask_openclaw", "OpenClaw answered in", "result sent for",
+                     "call ended after", "caller hung up"):
+        assert any(expected in line for line in story), expected
+    assert all(line.startswith("[rtc_479a275623b54bdb9b6fbae2f7cbd408]") for line in story)
+    assert ALICE not in caplog.text and API_KEY not in caplog.text and CLAW_TOKEN not in caplog.text
+    assert "Traceback" not in caplog.text
+
+
+async def test_two_questions_in_a_row_keep_the_caller_session(bridge: Any, openai: FakeOpenAI, openclaw: FakeOpenClaw) -> None:
+    call = await connected_call(bridge, openai)
+    for n, question in enumerate(("first?", "second?"), 1):
+        await call.model_response([("ask_openclaw", json.dumps({"request": question}))])
+        await eventually(lambda: len(call.outputs()) == n)
+        await call.wait_idle()
+    assert [o["output"] for o in call.outputs()] == ["Answer to: first?", "Answer to: second?"]
+    assert {r["user"] for r in openclaw.requests} == {f"voicebridge:{ALICE}"}
+    assert call.errors == []
+
+
+# --- Accept and sideband timing --------------------------------------------------------------------------------
+
+
+async def test_accept_5xx_is_retried_then_the_call_proceeds(bridge: Any, openai: FakeOpenAI) -> None:
+    call = openai.ring("rtc_flaky")
+    call.accept_script = [500, 503]
+    await post_webhook(bridge, incoming_event("rtc_flaky"))
+    await eventually(lambda: call.ws is not None)
+    assert openai.rest.count(("accept", "rtc_flaky")) == 3
+    assert call.accepted_at is not None and all(at > call.accepted_at for at, _, _ in call.sideband_attempts)
+
+
+async def test_accept_404_means_the_caller_hung_up(bridge: Any, openai: FakeOpenAI, caplog: pytest.LogCaptureFixture) -> None:
+    # Never rung: OpenAI no longer knows the call.
+    await post_webhook(bridge, incoming_event("rtc_gone"))
+    await eventually(lambda: "call is gone" in caplog.text)
+    await asyncio.sleep(0.1)
+    assert openai.rest == [("accept", "rtc_gone")]  # no retry, no sideband
+    assert await active_calls(bridge) == 0
+    assert "Traceback" not in caplog.text
+
+
+async def test_accept_that_keeps_failing_gives_up_within_seconds(bridge: Any, openai: FakeOpenAI, caplog: pytest.LogCaptureFixture) -> None:
+    call = openai.ring("rtc_down")
+    call.accept_script = [503] * 10
+    started = time.monotonic()
+    await post_webhook(bridge, incoming_event("rtc_down"))
+    await eventually(lambda: "giving up" in caplog.text, timeout=10)
+    assert time.monotonic() - started < 6
+    assert 2 <= openai.rest.count(("accept", "rtc_down")) <= 6
+    assert call.sideband_attempts == [] and await active_calls(bridge) == 0
+
+
+async def test_accept_401_says_check_the_key(start_bridge: Bridge, openai: FakeOpenAI, caplog: pytest.LogCaptureFixture) -> None:
+    bridge = await start_bridge(OPENAI_API_KEY="sk-wrong")
+    openai.ring("rtc_badkey")
+    await post_webhook(bridge, incoming_event("rtc_badkey"))
+    await eventually(lambda: "check OPENAI_API_KEY" in caplog.text)
+    assert "Incorrect API key provided" in caplog.text and "sk-wrong" not in caplog.text
+
+
+async def test_sideband_404_right_after_accept_is_retried(bridge: Any, openai: FakeOpenAI) -> None:
+    call = openai.ring("rtc_race")
+    call.sideband_404s = 2
+    await post_webhook(bridge, incoming_event("rtc_race"))
+    await eventually(lambda: call.ws is not None)
+    assert len(call.sideband_attempts) == 3
+
+
+async def test_sideband_that_stays_404_is_given_up(bridge: Any, openai: FakeOpenAI, caplog: pytest.LogCaptureFixture) -> None:
+    call = openai.ring("rtc_never")
+    call.sideband_404s = 100
+    await post_webhook(bridge, incoming_event("rtc_never"))
+    await eventually(lambda: "sideband unavailable, giving up" in caplog.text)
+    assert 3 <= len(call.sideband_attempts) <= 6 and await active_calls(bridge) == 0
+
+
+async def test_the_fake_refuses_what_the_real_server_refuses(openai: FakeOpenAI) -> None:
+    """The fake can fail: ?model=, a call not yet accepted, and OpenAI-Beta are all refused."""
+    call = openai.ring("rtc_strict")
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    ws_base = openai.url.replace("http", "ws") + "/realtime"
+    async with aiohttp.ClientSession() as http:
+        for url in (f"{ws_base}?model=gpt-realtime", f"{ws_base}?call_id=rtc_strict"):
+            with pytest.raises(aiohttp.WSServerHandshakeError) as exc:
+                await http.ws_connect(url, headers=auth)
+            assert exc.value.status in (400, 404)
+        call.state, call.accept_body = "accepted", {"type": "realtime"}
+        async with http.ws_connect(f"{ws_base}?call_id=rtc_strict", headers={**auth, "OpenAI-Beta": "realtime=v1"}) as ws:
+            await ws.receive()
+            assert ws.close_code == 4000
+
+
+# --- Tool calls -------------------------------------------------------------------------------------------------
+
+
+async def test_function_call_in_an_interrupted_response_is_not_run(bridge: Any, openai: FakeOpenAI, openclaw: FakeOpenClaw) -> None:
+    call = await connected_call(bridge, openai)
+    await call.model_response([("ask_openclaw", '{"request": "delete all my email"}')], status="cancelled")
+    await asyncio.sleep(0.2)
+    assert openclaw.requests == [] and call.outputs() == []
+    # The call goes on: the next, completed, call is run.
+    await call.model_response([("ask_openclaw", '{"request": "read my email"}')])
+    await eventually(lambda: call.outputs())
+    assert [r["messages"][-1]["content"] for r in openclaw.requests] == ["read my email"]
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    ["not json", '{"request": 42}', '{"question": "hi"}', '{"request": "   "}', "[]", '"a string"', "x" * 50_000],
+)
+async def test_bad_arguments_get_an_error_output_and_the_call_continues(
+    bridge: Any, openai: FakeOpenAI, openclaw: FakeOpenClaw, arguments: str
+) -> None:
+    call = await connected_call(bridge, openai)
+    [fc_id] = await call.model_response([("ask_openclaw", arguments)])
+    await eventually(lambda: call.outputs())
+    assert call.outputs()[0]["call_id"] == fc_id and call.outputs()[0]["output"].startswith("Error:")
+    assert openclaw.requests == []
+    await call.wait_idle()
+    await call.model_response([("ask_openclaw", '{"request": "and now?"}')])
+    await eventually(lambda: len(call.outputs()) == 2)
+    assert call.errors == []
+
+
+async def test_unknown_tool_gets_an_error_output(bridge: Any, openai: FakeOpenAI, openclaw: FakeOpenClaw) -> None:
+    call = await connected_call(bridge, openai)
+    [fc_id] = await call.model_response([("transfer_money", '{"to": "mallory"}')])
+    await eventually(lambda: call.outputs())
+    assert call.outputs() == [{"type": "function_call_output", "call_id": fc_id,
+                               "output": "Error: there is no tool named 'transfer_money'. Use ask_openclaw or end_call."}]
+    assert openclaw.requests == [] and call.errors == []
+
+
+@pytest.mark.parametrize(
+    "setup,say,hint",
+    [
+        ({"mode": "500"}, "couldn't reach", "HTTP 500: upstream model failed"),
+        ({"mode": "empty"}, "didn't have an answer", "empty answer"),
+        ({"mode": "garbage"}, "couldn't reach", "not a chat completion"),
+        ({"mode": "disabled"}, "couldn't reach", "enable gateway.http.endpoints.chatCompletions"),
+        ({"token": "wrong"}, "couldn't reach", "HTTP 401: Unauthorized (check OPENCLAW_TOKEN)"),
+        ({"agent": "nobody"}, "couldn't reach", "Unknown agent 'nobody'. (check OPENCLAW_AGENT)"),
+        ({"delay": 2.0}, "taking too long", "no answer within OPENCLAW_TIMEOUT=0.3s"),
+        ({"url": "http://127.0.0.1:9"}, "couldn't reach", "is the gateway running?"),
+    ],
+)
+async def test_openclaw_failures_become_something_to_say_and_a_hint_for_the_owner(
+    start_bridge: Bridge, openai: FakeOpenAI, openclaw: FakeOpenClaw, caplog: pytest.LogCaptureFixture,
+    setup: dict[str, Any], say: str, hint: str,
+) -> None:
+    openclaw.mode = setup.get("mode", "ok")
+    openclaw.delay = setup.get("delay", 0.0)
+    bridge = await start_bridge(
+        OPENCLAW_TOKEN=setup.get("token", CLAW_TOKEN), OPENCLAW_AGENT=setup.get("agent", "main"),
+        OPENCLAW_URL=setup.get("url", openclaw.url), openclaw_timeout=0.3,
+    )
+    call = await connected_call(bridge, openai)
+    await call.model_response([("ask_openclaw", '{"request": "what is new?"}')])
+    await eventually(lambda: call.outputs())
+    assert say in call.outputs()[0]["output"]
+    assert hint in caplog.text
+    assert "Traceback" not in caplog.text and CLAW_TOKEN not in caplog.text
+    await call.wait_idle()
+    assert call.errors == [] and await active_calls(bridge) == 1
+
+
+async def test_long_openclaw_answers_are_cut(bridge: Any, openai: FakeOpenAI, openclaw: FakeOpenClaw) -> None:
+    openclaw.answer = lambda question: "blah " * 10_000
+    call = await connected_call(bridge, openai)
+    await call.model_response([("ask_openclaw", '{"request": "read me everything"}')])
+    await eventually(lambda: call.outputs())
+    assert len(call.outputs()[0]["output"]) <= voicebridge.MAX_ANSWER_CHARS + 40
+
+
+# --- The one-active-response rule --------------------------------------------------------------------------------
+
+
+async def test_results_wait_for_the_active_response_to_finish(bridge: Any, openai: FakeOpenAI, openclaw: FakeOpenClaw) -> None:
+    call = await connected_call(bridge, openai)
+    call.speak_seconds = 0.3
+    [fc_id] = await call.model_response([("ask_openclaw", '{"request": "weather?"}')])
+    # The caller keeps talking: the model starts another response at once, and OpenClaw answers
+    # while it is still going.
+    talk = asyncio.create_task(call.model_response(audio_seconds=0.6))
+    await talk
+    await eventually(lambda: call.outputs())
+    await call.wait_idle()
+    assert call.errors == [], call.errors
+    done_times = [e["_at"] for e in call.sent if e["type"] == "response.done"]
+    creates = call.response_creates()
+    assert creates[-1]["_at"] > done_times[2]  # after the chatter's response.done (greeting, tool round, chatter)
+    assert call.outputs()[0]["call_id"] == fc_id
+
+
+async def test_parallel_tool_results_never_overlap_responses(bridge: Any, openai: FakeOpenAI, openclaw: FakeOpenClaw) -> None:
+    call = await connected_call(bridge, openai)
+    call.speak_seconds = 0.1
+    openclaw.delay = 0.05
+    await call.model_response([("ask_openclaw", '{"request": "one"}'), ("ask_openclaw", '{"request": "two"}'),
+                               ("ask_openclaw", '{"request": "three"}')])
+    await eventually(lambda: len(call.outputs()) == 3)
+    await asyncio.sleep(0.3)
+    await call.wait_idle()
+    assert call.errors == []
+    assert sorted(o["output"] for o in call.outputs()) == ["Answer to: one", "Answer to: three", "Answer to: two"]
+
+
+async def test_a_refused_response_create_is_sent_again(bridge: Any, openai: FakeOpenAI, openclaw: FakeOpenClaw) -> None:
+    """If the server starts a response just as we ask for one, the refused request is repeated after it."""
+    call = await connected_call(bridge, openai)
+    call_obj = bridge.app[voicebridge.CALLS]["rtc_happy"]
+    call.response_active = True  # the server has started one, but its response.created is still in flight
+    await call_obj._request_response()
+    await eventually(lambda: call.errors)
+    call.response_active = False
+    await call.model_response()  # that in-flight response now shows up and finishes
+    await eventually(lambda: len(call.response_creates()) == 3)
+    await call.wait_idle()
+    assert len(call.errors) == 1
+
+
+# --- Ending calls ---------------------------------------------------------------------------------------------------
+
+
+async def test_end_call_hangs_up_after_the_goodbye_has_played(bridge: Any, openai: FakeOpenAI, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="voicebridge")
+    call = await connected_call(bridge, openai)
+    await call.model_response([("end_call", "{}")], audio_seconds=0.4)
+    await eventually(lambda: call.hangup_at)
+    stopped = [e["_at"] for e in call.sent if e["type"] == "output_audio_buffer.stopped"][-1]
+    assert call.hangup_at is not None and call.hangup_at >= stopped
+    await eventually(lambda: bridge.app[voicebridge.CALLS] == {})
+    assert "end_call" in caplog.text and "call ended after" in caplog.text
+
+
+async def test_caller_hanging_up_mid_question_aborts_the_openclaw_request(
+    bridge: Any, openai: FakeOpenAI, openclaw: FakeOpenClaw, caplog: pytest.LogCaptureFixture
+) -> None:
+    openclaw.delay = 10
+    call = await connected_call(bridge, openai)
+    await call.model_response([("ask_openclaw", '{"request": "summarise my inbox"}')])
+    await eventually(lambda: openclaw.requests)
+    await call.caller_hangs_up()
+    await eventually(lambda: openclaw.cancelled, timeout=2)
+    await eventually(lambda: bridge.app[voicebridge.CALLS] == {})
+    assert await active_calls(bridge) == 0 and not bridge.app[voicebridge.TASKS]
+    assert "Traceback" not in caplog.text
+
+
+async def test_max_call_seconds_hangs_up(start_bridge: Bridge, openai: FakeOpenAI, caplog: pytest.LogCaptureFixture) -> None:
+    bridge = await start_bridge(max_call_seconds=0.5)
+    call = await connected_call(bridge, openai)
+    await eventually(lambda: call.state == "ended")
+    assert ("hangup", "rtc_happy") in openai.rest
+    await eventually(lambda: bridge.app[voicebridge.CALLS] == {})
+    assert "MAX_CALL_SECONDS" in caplog.text
+
+
+async def test_sideband_survives_junk_from_the_server(bridge: Any, openai: FakeOpenAI, openclaw: FakeOpenClaw) -> None:
+    call = await connected_call(bridge, openai)
+    assert call.ws is not None
+    await call.ws.send_str("this is not json")
+    await call.ws.send_bytes(b"\x00\x01binary")
+    for junk in ([1, 2], {"type": "response.done"}, {"type": "response.done", "response": "x"},
+                 {"type": "response.done", "response": {"status": "completed", "output": [None, {"type": "function_call"}]}},
+                 {"type": "error"}, {"type": "error", "error": None}, {"type": "something.new", "x": 1}):
+        await call.ws.send_json(junk)
+    await call.model_response([("ask_openclaw", '{"request": "still there?"}')])
+    await eventually(lambda: call.outputs())
+    assert call.outputs()[0]["output"] == "Answer to: still there?"
+
+
+# --- Health, configuration, the process --------------------------------------------------------------------------------
+
+
+async def test_healthz(bridge: Any) -> None:
+    resp = await bridge.get("/healthz")
+    assert resp.status == 200 and await resp.json() == {"status": "ok", "active_calls": 0}
+
+
+def test_config_errors_name_the_variable() -> None:
+    good = {"OPENAI_API_KEY": "sk-x", "OPENAI_WEBHOOK_SECRET": SECRET}
+    assert Config.from_env(good).allowed_callers == frozenset()
+    cases = {
+        "OPENAI_API_KEY": {"OPENAI_WEBHOOK_SECRET": SECRET},
+        "OPENAI_WEBHOOK_SECRET is not set": {"OPENAI_API_KEY": "sk-x"},
+        "must start with 'whsec_'": {**good, "OPENAI_WEBHOOK_SECRET": "abc"},
+        "not valid base64": {**good, "OPENAI_WEBHOOK_SECRET": "whsec_%%%"},
+        "ALLOWED_CALLERS": {**good, "ALLOWED_CALLERS": "+15551234567, 555-1234"},
+        "OPENCLAW_TIMEOUT": {**good, "OPENCLAW_TIMEOUT": "soon"},
+        "PORT": {**good, "PORT": "http"},
+        "LOG_LEVEL": {**good, "LOG_LEVEL": "loud"},
+    }
+    for message, env in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            Config.from_env(env)
+    config = Config.from_env({**good, "ALLOWED_CALLERS": " +1 555 123 4567 ,*", "OPENAI_BASE_URL": "http://127.0.0.1:1/v1/"})
+    assert config.allowed_callers == {"+15551234567", "*"}
+    assert voicebridge.sideband_url(config, "rtc_1") == "ws://127.0.0.1:1/v1/realtime?call_id=rtc_1"
+    assert voicebridge.sideband_url(Config.from_env(good), "rtc_1") == "wss://api.openai.com/v1/realtime?call_id=rtc_1"
+
+
+def test_startup_fails_fast_naming_the_missing_variable(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "OPENCLAW_"))}
+    result = subprocess.run([sys.executable, str(HERE / "voicebridge.py")], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
+    assert "OPENAI_API_KEY is not set" in result.stderr and "Traceback" not in result.stderr
