@@ -731,6 +731,7 @@ async def http_session(app: web.Application) -> AsyncIterator[None]:
 
 async def end_calls(app: web.Application) -> None:
     """On shutdown: hang up live calls so no caller is left talking to a model without tools."""
+    log.info("shutting down: hanging up %d live call(s)", len(app[CALLS]))
     await asyncio.gather(*(call.hang_up("shutdown") for call in list(app[CALLS].values())))
     for task in app[TASKS]:
         task.cancel()
