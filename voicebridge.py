@@ -12,6 +12,8 @@ The call path, top to bottom in this file:
     Audio never touches this process; it only steers the call.
 
 Run it:  cp .env.example .env  (fill it in), then  python voicebridge.py
+         python voicebridge.py --check         probe the configuration, OpenAI and OpenClaw; no call made
+         python voicebridge.py --ask "..."     ask OpenClaw exactly as a call would, print what the caller hears
 Routes:  POST /webhook (OpenAI's realtime.call.incoming), GET /healthz.
 
 Environment (a .env file beside this one is read too):
@@ -29,11 +31,13 @@ Environment (a .env file beside this one is read too):
     INSTRUCTIONS           override the session instructions
     GREETING               override the instruction for the first spoken line
     MAX_CALL_SECONDS       hang up after this long, default 900
+    SHUTDOWN_GRACE         on SIGTERM/Ctrl-C, let live calls go on this long before hanging up, default 30
     LOG_LEVEL              default INFO
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import binascii
@@ -44,6 +48,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import time
 from collections import OrderedDict
@@ -84,10 +89,11 @@ class Config:
     instructions: str = ""  # empty: INSTRUCTIONS below
     greeting: str = ""  # empty: GREETING below
     max_call_seconds: float = 900.0
+    shutdown_grace: float = 30.0
     log_level: str = "INFO"
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> Config:
+    def from_env(cls, env: Mapping[str, str], need_openai: bool = True) -> Config:
         """Build the config from environment variables; raise ConfigError naming what is wrong."""
 
         def get(name: str, default: str = "") -> str:
@@ -104,7 +110,7 @@ class Config:
             return value
 
         key = get("OPENAI_API_KEY")
-        if not key:
+        if not key and need_openai:
             raise ConfigError("OPENAI_API_KEY is not set: put your OpenAI API key in .env")
         callers = set()
         for entry in get("ALLOWED_CALLERS").split(","):
@@ -120,7 +126,7 @@ class Config:
             raise ConfigError(f"LOG_LEVEL={level!r}: use DEBUG, INFO, WARNING or ERROR")
         return cls(
             openai_api_key=key,
-            webhook_key=parse_webhook_secret(get("OPENAI_WEBHOOK_SECRET")),
+            webhook_key=parse_webhook_secret(get("OPENAI_WEBHOOK_SECRET")) if need_openai else b"",
             openai_base_url=get("OPENAI_BASE_URL", cls.openai_base_url).rstrip("/"),
             openclaw_url=get("OPENCLAW_URL", cls.openclaw_url).rstrip("/"),
             openclaw_token=get("OPENCLAW_TOKEN"),
@@ -134,6 +140,7 @@ class Config:
             instructions=get("INSTRUCTIONS"),
             greeting=get("GREETING"),
             max_call_seconds=number("MAX_CALL_SECONDS", cls.max_call_seconds, 10),
+            shutdown_grace=number("SHUTDOWN_GRACE", cls.shutdown_grace, 0),
             log_level=level,
         )
 
@@ -203,6 +210,11 @@ OPENCLAW_SYSTEM_PROMPT = (
 SAY_UNREACHABLE = "I couldn't reach your assistant just now. Please try again in a moment."
 SAY_TOO_SLOW = "Your assistant is taking too long to answer. Please try again in a moment."
 SAY_NO_ANSWER = "Your assistant didn't have an answer for that."
+FILLER_INSTRUCTIONS = (
+    "The owner's assistant is still working on the caller's question. In a few words, tell the caller "
+    "you are still checking and it will be a moment. Do not guess the answer."
+)
+SHUTDOWN_GOODBYE = "The line has to close now for maintenance. Apologise briefly and say goodbye in one sentence."
 
 MAX_WEBHOOK_BYTES = 64 * 1024
 SIGNATURE_TOLERANCE = 300  # seconds either side of now, as in Standard Webhooks
@@ -210,8 +222,12 @@ RECENT_IDS = 4096  # webhook-ids and call_ids remembered for deduplication
 REST_TIMEOUT = aiohttp.ClientTimeout(total=5)
 REST_RETRY_DELAYS = (0.25, 0.5, 1.0, 2.0)  # transient accept/hangup failures; ~4 s in all
 SIDEBAND_RETRY_DELAYS = (0.2, 0.4, 0.6, 0.8)  # a 404 handshake right after accept can be a race
+RECONNECT_DELAYS = (0.25, 0.5, 1.0, 2.0, 4.0)  # after an abnormal drop; 404/410 stops at once
+NORMAL_CLOSE = (1000, 1001)  # the call is over (1001: the 60-minute session cap); other codes reconnect
 SIDEBAND_HEARTBEAT = 20.0
-GOODBYE_TIMEOUT = 10.0  # end_call: wait at most this long for the goodbye to finish playing
+GOODBYE_TIMEOUT = 10.0  # wait at most this long for a goodbye to finish playing
+FILLER_AFTER = 4.0  # seconds of OpenClaw silence before the model says "still checking"
+FILLER_EVERY = 9.0  # and then at most this often
 MAX_REQUEST_CHARS = 4000  # ask_openclaw arguments accepted
 MAX_ANSWER_CHARS = 4000  # OpenClaw answer passed to the model
 CALL_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
@@ -340,32 +356,33 @@ async def error_text(resp: aiohttp.ClientResponse) -> str:
 
 async def call_control(
     http: aiohttp.ClientSession, config: Config, call_id: str, action: str, body: dict | None = None
-) -> bool:
-    """POST /realtime/calls/{call_id}/{action}, retrying transient failures; True when it answered 2xx."""
+) -> int:
+    """POST /realtime/calls/{call_id}/{action}, retrying transient failures; the final HTTP status, 0 if none."""
     clog = CallLog(log, {"call_id": call_id})
     url = f"{config.openai_base_url}/realtime/calls/{call_id}/{action}"
     headers = {"Authorization": f"Bearer {config.openai_api_key}"}
     for delay in (*REST_RETRY_DELAYS, None):
         try:
             async with http.post(url, json=body, headers=headers, timeout=REST_TIMEOUT) as resp:
-                if resp.status < 300:
-                    return True
-                why = f"HTTP {resp.status}: {await error_text(resp)}"
-                if resp.status == 404:
+                status = resp.status
+                if status < 300:
+                    return status
+                why = f"HTTP {status}: {await error_text(resp)}"
+                if status == 404:
                     clog.info("%s: call is gone, the caller probably hung up (%s)", action, why)
-                    return False
-                if resp.status < 500 and resp.status != 429:
-                    hint = " (check OPENAI_API_KEY)" if resp.status in (401, 403) else ""
+                    return status
+                if status < 500 and status != 429:
+                    hint = " (check OPENAI_API_KEY)" if status in (401, 403) else ""
                     clog.error("%s failed: %s%s", action, why, hint)
-                    return False
+                    return status
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            status, why = 0, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if delay is None:
             clog.error("%s failed, giving up: %s", action, why)
-            return False
+            return status
         clog.warning("%s failed, retrying in %.2fs: %s", action, delay, why)
         await asyncio.sleep(delay)
-    return False  # not reached
+    return 0  # not reached
 
 
 class OpenClawError(Exception):
@@ -435,6 +452,7 @@ class Call:
         self.caller = caller
         self.received = received  # loop time the webhook arrived
         self.log = CallLog(log, {"call_id": call_id})
+        self.task: asyncio.Task[None] | None = None  # run(), set by the webhook handler
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.tools: set[asyncio.Task[None]] = set()
         self.outbox: list[dict[str, Any]] = []  # tool results waiting for no active response
@@ -443,27 +461,22 @@ class Call:
         self.response_event_id = ""
         self.playing = False  # output_audio_buffer.started .. stopped
         self.playback_stopped = asyncio.Event()
-        self.end_reason = ""
+        self.asking = False  # one OpenClaw question in flight per call
+        self.latencies: list[float] = []  # seconds per OpenClaw answer, for the summary
+        self.tool_calls = 0
+        self.end_reason = ""  # caller_hung_up | end_call | max_duration | shutdown | error
         self._event_ids = itertools.count(1)
 
     async def run(self) -> None:
-        """The whole life of the call: accept, attach, handle events until the sideband closes."""
+        """The whole life of the call: accept, attach, handle events until the call is over."""
         timer = asyncio.create_task(self._hang_up_after(self.config.max_call_seconds))
         try:
-            if not await call_control(self.http, self.config, self.id, "accept", accept_payload(self.config)):
-                self.end_reason = "accept failed"
+            status = await call_control(self.http, self.config, self.id, "accept", accept_payload(self.config))
+            if status != 200:
+                self.end_reason = "caller_hung_up" if status == 404 else "error"
                 return
             self.log.info("call accepted in %.0f ms", (asyncio.get_running_loop().time() - self.received) * 1000)
-            self.ws = await self._connect_sideband()
-            if self.ws is None:
-                self.end_reason = self.end_reason or "sideband unavailable"
-                return
-            self.log.info("sideband connected")
-            await self._request_response({"instructions": self.config.greeting or GREETING})
-            async for msg in self.ws:
-                if msg.type == aiohttp.WSMsgType.TEXT:
-                    await self._on_message(msg.data)
-            self.end_reason = self.end_reason or f"caller hung up (sideband closed, code {self.ws.close_code})"
+            await self._attach_and_listen()
         finally:
             timer.cancel()
             for task in self.tools:
@@ -472,29 +485,61 @@ class Call:
             if self.ws is not None:
                 await self.ws.close()
             self.app[CALLS].pop(self.id, None)
-            duration = asyncio.get_running_loop().time() - self.received
-            self.log.info("call ended after %.1fs: %s", duration, self.end_reason or "cancelled")
+            self.log.info(
+                "call summary: caller=%s duration=%.1fs tool_calls=%d openclaw_seconds=%s reason=%s",
+                mask(self.caller), asyncio.get_running_loop().time() - self.received, self.tool_calls,
+                ",".join(f"{s:.1f}" for s in self.latencies) or "-", self.end_reason or "shutdown",
+            )
 
-    async def _connect_sideband(self) -> aiohttp.ClientWebSocketResponse | None:
-        """Open ?call_id= (Bearer only, no OpenAI-Beta), retrying a 404 that races the accept."""
+    async def _attach_and_listen(self) -> None:
+        """Open the sideband, greet, read events; reconnect after an abnormal drop."""
+        first = True
+        while True:
+            self.ws = await self._connect_sideband(SIDEBAND_RETRY_DELAYS if first else RECONNECT_DELAYS, retry_404=first)
+            if self.ws is None:
+                self.end_reason = self.end_reason or ("error" if first else "caller_hung_up")
+                return
+            if first:
+                self.log.info("sideband connected")
+                await self._request_response({"instructions": self.config.greeting or GREETING})
+            else:
+                self.log.info("sideband reconnected")
+                self.response_active = False  # a response cut off by the drop never reports response.done
+                await self._flush()  # results that finished while we were away
+            first = False
+            async for msg in self.ws:
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    await self._on_message(msg.data)
+            if self.end_reason or self.ws.close_code in NORMAL_CLOSE:
+                self.end_reason = self.end_reason or "caller_hung_up"
+                self.log.info("sideband closed (code %s)", self.ws.close_code)
+                return
+            self.log.warning("sideband dropped (code %s), reconnecting", self.ws.close_code)
+
+    async def _connect_sideband(
+        self, delays: tuple[float, ...], retry_404: bool
+    ) -> aiohttp.ClientWebSocketResponse | None:
+        """Open ?call_id= (Bearer only, no OpenAI-Beta), retrying with the given delays."""
         url = sideband_url(self.config, self.id)
         headers = {"Authorization": f"Bearer {self.config.openai_api_key}"}
-        for delay in (*SIDEBAND_RETRY_DELAYS, None):
+        for delay in (*delays, None):
             try:
                 return await self.http.ws_connect(
                     url, headers=headers, heartbeat=SIDEBAND_HEARTBEAT, timeout=aiohttp.ClientWSTimeout(ws_close=5)
                 )
             except aiohttp.WSServerHandshakeError as exc:
-                if exc.status != 404:
-                    self.log.error("sideband refused: HTTP %s %s", exc.status, exc.message)
+                why = f"HTTP {exc.status} {exc.message}"
+                if exc.status != 404 or not retry_404:
+                    # Right after accept a 404 can be a race; later it means the call is over.
+                    level = logging.INFO if exc.status in (404, 410) else logging.ERROR
+                    self.log.log(level, "sideband refused (%s): the call is over", why)
                     return None
-                why = "HTTP 404 call_id_not_found"
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 why = f"{type(exc).__name__}: {exc}"
-            if delay is None:
+            if delay is None or self.end_reason:
                 self.log.error("sideband unavailable, giving up: %s", why)
                 return None
-            self.log.debug("sideband not ready (%s), retrying in %.1fs", why, delay)
+            self.log.debug("sideband not ready (%s), retrying in %.2fs", why, delay)
             await asyncio.sleep(delay)
         return None  # not reached
 
@@ -538,7 +583,8 @@ class Call:
                 # The caller interrupted: the model never finished asking, so nothing is run.
                 self.log.info("function call %s not run: its response was %s", item.get("name"), status)
             elif item.get("name") == "end_call":
-                self._start(self._end_call())
+                self.log.info("end_call: hanging up after the goodbye")
+                self._start(self.hang_up_after_goodbye("end_call"))
             else:
                 self._start(self._run_tool(item))
         await self._flush()
@@ -567,6 +613,7 @@ class Call:
         if not isinstance(call_id, str) or not call_id:
             self.log.warning("function call %s has no call_id, ignored", item.get("name"))
             return
+        self.tool_calls += 1
         output = await self._tool_output(item.get("name"), item.get("arguments"))
         self.outbox.append({"type": "function_call_output", "call_id": call_id, "output": output})
         await self._flush()
@@ -586,30 +633,57 @@ class Call:
         if not isinstance(request, str) or not request.strip():
             self.log.warning("ask_openclaw arguments invalid, not sent: need {\"request\": \"...\"}")
             return 'Error: call ask_openclaw with JSON arguments {"request": "<the question>"}.'
+        if self.asking:
+            self.log.info("ask_openclaw while the previous question is still running: not sent")
+            return "The previous question is still being worked on. Wait for that answer before asking again."
+        self.asking = True
+        filler = asyncio.create_task(self._filler())
         started = asyncio.get_running_loop().time()
         try:
             answer = await ask_openclaw(self.http, self.config, openclaw_user(self.caller, self.id), request.strip())
         except OpenClawError as exc:
             self.log.warning("OpenClaw failed: %s", exc)
             return exc.say
-        self.log.info("OpenClaw answered in %.1fs", asyncio.get_running_loop().time() - started)
+        finally:
+            self.asking = False
+            filler.cancel()
+        self.latencies.append(asyncio.get_running_loop().time() - started)
+        self.log.info("OpenClaw answered in %.1fs", self.latencies[-1])
         return answer
 
-    async def _end_call(self) -> None:
-        """Let the goodbye finish playing (bounded), then hang up."""
-        self.log.info("end_call: hanging up after the goodbye")
-        if self.playing:
-            try:
-                await asyncio.wait_for(self.playback_stopped.wait(), GOODBYE_TIMEOUT)
-            except asyncio.TimeoutError:
-                self.log.info("goodbye still playing after %.0fs, hanging up anyway", GOODBYE_TIMEOUT)
-        await self.hang_up("end_call")
+    async def _filler(self) -> None:
+        """While OpenClaw is slow, have the model tell the caller it is still checking, now and then."""
+        await asyncio.sleep(FILLER_AFTER)
+        while True:
+            if self.response_active or self.ws is None or self.ws.closed:
+                await asyncio.sleep(0.2)
+                continue
+            self.log.info("OpenClaw is slow: asking the model to say it is still checking")
+            await self._request_response({"instructions": FILLER_INSTRUCTIONS, "tool_choice": "none"})
+            await asyncio.sleep(FILLER_EVERY)
+
+    # Hanging up.
+
+    async def hang_up_after_goodbye(self, reason: str, say_goodbye: bool = False) -> None:
+        """Let the goodbye play out (bounded), then hang up; on shutdown, ask for the goodbye first."""
+        try:
+            async with asyncio.timeout(GOODBYE_TIMEOUT):
+                if say_goodbye:
+                    while self.response_active:
+                        await asyncio.sleep(0.05)
+                    self.playback_stopped.clear()
+                    await self._request_response({"instructions": SHUTDOWN_GOODBYE, "tool_choice": "none"})
+                if say_goodbye or self.playing:
+                    await self.playback_stopped.wait()
+        except TimeoutError:
+            self.log.info("goodbye still playing after %.0fs, hanging up anyway", GOODBYE_TIMEOUT)
+        await self.hang_up(reason)
 
     async def _hang_up_after(self, seconds: float) -> None:
         """Enforce MAX_CALL_SECONDS."""
         await asyncio.sleep(seconds)
         self.log.info("call reached MAX_CALL_SECONDS=%g", seconds)
-        await self.hang_up("max duration")
+        await self.hang_up("max_duration")
 
     async def hang_up(self, reason: str) -> None:
         """End the call via REST; the sideband then closes and run() cleans up."""
@@ -624,8 +698,8 @@ class Call:
 
     async def _flush(self) -> None:
         """Send queued tool outputs and one response.create, but only while no response is active."""
-        if self.response_active or not (self.outbox or self.owe_response):
-            return
+        if self.response_active or not (self.outbox or self.owe_response) or self.ws is None or self.ws.closed:
+            return  # a result that finished during a reconnect waits here for the new sideband
         items, self.outbox, self.owe_response = self.outbox, [], False
         self.response_active = True  # claimed before the first await, so a concurrent flush waits
         for item in items:
@@ -689,10 +763,13 @@ async def webhook(request: web.Request) -> web.Response:
         return web.Response(text="duplicate\n")
 
     caller = caller_number(event["data"].get("sip_headers"))
-    if caller_allowed(app[CONFIG], caller):
+    if app[DRAINING].is_set():
+        log.warning("[%s] shutting down: rejecting new call from %s (486 busy)", call_id, mask(caller))
+        spawn(app, call_control(app[HTTP], app[CONFIG], call_id, "reject", {"status_code": 486}))
+    elif caller_allowed(app[CONFIG], caller):
         log.info("[%s] webhook verified, caller %s allowed", call_id, mask(caller))
         call = app[CALLS][call_id] = Call(app, call_id, caller, received)
-        spawn(app, call.run())
+        call.task = spawn(app, call.run())
     else:
         log.warning("[%s] webhook verified, caller %s not in ALLOWED_CALLERS: rejecting", call_id, mask(caller))
         spawn(app, call_control(app[HTTP], app[CONFIG], call_id, "reject", {"status_code": 603}))
@@ -700,8 +777,12 @@ async def webhook(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """Liveness and the number of calls in progress."""
-    return web.json_response({"status": "ok", "active_calls": len(request.app[CALLS])})
+    """Liveness and the number of calls in progress; 503 while shutting down."""
+    draining = request.app[DRAINING].is_set()
+    return web.json_response(
+        {"status": "draining" if draining else "ok", "active_calls": len(request.app[CALLS])},
+        status=503 if draining else 200,
+    )
 
 
 # --- The application -------------------------------------------------------------------------------
@@ -712,13 +793,15 @@ CALLS = web.AppKey("calls", dict[str, Call])
 TASKS = web.AppKey("tasks", set[asyncio.Task[Any]])
 SEEN_WEBHOOKS = web.AppKey("seen_webhooks", RecentSet)
 SEEN_CALLS = web.AppKey("seen_calls", RecentSet)
+DRAINING = web.AppKey("draining", asyncio.Event)
 
 
-def spawn(app: web.Application, coro: Any) -> None:
+def spawn(app: web.Application, coro: Any) -> asyncio.Task[Any]:
     """Run a call's work in the background, tracked so shutdown can cancel it."""
     task = asyncio.create_task(coro)
     app[TASKS].add(task)
     task.add_done_callback(app[TASKS].discard)
+    return task
 
 
 async def http_session(app: web.Application) -> AsyncIterator[None]:
@@ -729,13 +812,24 @@ async def http_session(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
-async def end_calls(app: web.Application) -> None:
-    """On shutdown: hang up live calls so no caller is left talking to a model without tools."""
-    log.info("shutting down: hanging up %d live call(s)", len(app[CALLS]))
-    await asyncio.gather(*(call.hang_up("shutdown") for call in list(app[CALLS].values())))
+async def drain(app: web.Application, grace: float) -> None:
+    """Refuse new calls, let live ones go on for `grace` seconds, then say goodbye and hang up the rest."""
+    app[DRAINING].set()
+    if app[CALLS] and grace > 0:
+        log.info("shutting down: %d live call(s) may go on for up to %gs", len(app[CALLS]), grace)
+        await asyncio.wait([call.task for call in app[CALLS].values() if call.task], timeout=grace)
+    calls = list(app[CALLS].values())
+    if calls:
+        log.info("shutting down: hanging up %d call(s)", len(calls))
+        await asyncio.gather(*(call.hang_up_after_goodbye("shutdown", say_goodbye=True) for call in calls))
     for task in app[TASKS]:
         task.cancel()
     await asyncio.gather(*app[TASKS], return_exceptions=True)
+
+
+async def hang_up_all(app: web.Application) -> None:
+    """The last resort on shutdown (serve() drains with a grace period before this runs)."""
+    await drain(app, grace=0)
 
 
 def make_app(config: Config) -> web.Application:
@@ -746,32 +840,144 @@ def make_app(config: Config) -> web.Application:
     app[TASKS] = set()
     app[SEEN_WEBHOOKS] = RecentSet(RECENT_IDS)
     app[SEEN_CALLS] = RecentSet(RECENT_IDS)
+    app[DRAINING] = asyncio.Event()
     app.cleanup_ctx.append(http_session)
-    app.on_shutdown.append(end_calls)
+    app.on_shutdown.append(hang_up_all)
     app.router.add_post("/webhook", webhook)
     app.router.add_get("/healthz", healthz)
     return app
 
 
+async def serve(config: Config) -> None:
+    """Serve until SIGTERM or Ctrl-C, then drain while still answering webhooks, then stop."""
+    runner = web.AppRunner(make_app(config), handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, config.host, config.port).start()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("shutdown requested: new calls are now refused")
+    await drain(runner.app, config.shutdown_grace)
+    await runner.cleanup()
+    log.info("stopped")
+
+
+# --- The command line ------------------------------------------------------------------------------
+
+
+def mask_secret(secret: str) -> str:
+    """Enough of a secret to tell which one is set, never the whole."""
+    return f"{secret[:3]}...{secret[-4:]} ({len(secret)} chars)" if len(secret) >= 12 else ("set" if secret else "NOT SET")
+
+
+def log_banner(config: Config) -> None:
+    """One screen saying what this process will do; secrets masked."""
+    if "*" in config.allowed_callers:
+        policy = "ANYONE (*)"
+    else:
+        policy = ", ".join(sorted(mask(n) for n in config.allowed_callers)) or "NOBODY (every call is rejected)"
+    for line in (
+        f"voicebridge listening on http://{config.host}:{config.port} (POST /webhook, GET /healthz)",
+        f"  OpenAI     {config.openai_base_url}  key {mask_secret(config.openai_api_key)}",
+        f"  session    model {config.model}, voice {config.voice}, max {config.max_call_seconds:g}s per call",
+        f"  OpenClaw   {config.openclaw_url}  agent {config.openclaw_agent}  token {mask_secret(config.openclaw_token)}"
+        f"  timeout {config.openclaw_timeout:g}s",
+        f"  callers    {policy}",
+        f"  shutdown   live calls get {config.shutdown_grace:g}s after SIGTERM",
+    ):
+        log.info("%s", line)
+    if not config.allowed_callers:
+        log.warning("ALLOWED_CALLERS is empty: EVERY CALL WILL BE REJECTED. List your own number(s) in .env.")
+    elif "*" in config.allowed_callers:
+        log.warning("ALLOWED_CALLERS=*: ANYONE WHO DIALS THE NUMBER CAN DRIVE YOUR OPENCLAW AGENT.")
+
+
+async def probe(http: aiohttp.ClientSession, method: str, url: str, **kwargs: Any) -> tuple[int, str]:
+    """One HTTP request for --check: (status, error message); status 0 if nothing answered."""
+    try:
+        async with http.request(method, url, timeout=REST_TIMEOUT, **kwargs) as resp:
+            return resp.status, "" if resp.status == 200 else await error_text(resp)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        return 0, f"{type(exc).__name__}: {exc}"
+
+
+async def check(env: Mapping[str, str]) -> int:
+    """--check: validate the configuration and probe OpenAI and OpenClaw without making a call."""
+    try:
+        config = Config.from_env(env)
+    except ConfigError as exc:
+        print(f"  FAIL  configuration: {exc}")
+        return 1
+    results = [(True, "configuration read; OPENAI_WEBHOOK_SECRET has the whsec_ format", "")]
+    async with aiohttp.ClientSession() as http:
+        status, message = await probe(
+            http, "GET", f"{config.openai_base_url}/models", headers={"Authorization": f"Bearer {config.openai_api_key}"}
+        )
+        fixes = {0: f"cannot reach {config.openai_base_url}: check OPENAI_BASE_URL and the network",
+                 401: "OpenAI refused the key: check OPENAI_API_KEY"}
+        results.append((status == 200, f"OpenAI API key accepted (GET /models: {status or message})",
+                        fixes.get(status, f"unexpected answer: {message}")))
+        # messages=[] makes the gateway check the token and the endpoint, then stop before any agent run.
+        headers = {"Authorization": f"Bearer {config.openclaw_token}"} if config.openclaw_token else {}
+        body = {"model": f"openclaw:{config.openclaw_agent}", "messages": []}
+        status, message = await probe(http, "POST", f"{config.openclaw_url}/v1/chat/completions", json=body, headers=headers)
+        ok = status == 400 and "user message" in message.lower()
+        fixes = {
+            0: f"cannot reach {config.openclaw_url} ({message}): is the gateway running? check OPENCLAW_URL",
+            401: "the gateway refused the token: check OPENCLAW_TOKEN",
+            404: "chat endpoint off: set gateway.http.endpoints.chatCompletions.enabled: true (or wrong OPENCLAW_URL)",
+            400: f"the gateway said: {message} (check OPENCLAW_AGENT)",
+        }
+        results.append((ok, f"OpenClaw reachable, token accepted, chat endpoint enabled (HTTP {status or '-'})",
+                        fixes.get(status, f"unexpected answer HTTP {status}: {message}")))
+    if not config.allowed_callers or "*" in config.allowed_callers:
+        print("  WARN  ALLOWED_CALLERS is " + ("empty: every call will be rejected" if not config.allowed_callers
+                                                else "*: anyone who dials can drive your agent"))
+    for ok, what, fix in results:
+        print(f"  {'ok  ' if ok else 'FAIL'}  {what}" + ("" if ok else f"\n        fix: {fix}"))
+    failed = sum(not ok for ok, _, _ in results)
+    print(f"{failed} problem(s) found." if failed else "All good: ready for calls.")
+    return 1 if failed else 0
+
+
+async def ask(env: Mapping[str, str], question: str) -> int:
+    """--ask: put one question to OpenClaw exactly as a call would and print what the caller would hear."""
+    try:
+        config = Config.from_env(env, need_openai=False)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}")
+        return 1
+    started = time.monotonic()
+    async with aiohttp.ClientSession() as http:
+        try:
+            answer, problem = await ask_openclaw(http, config, "voicebridge:cli", question), ""
+        except OpenClawError as exc:
+            answer, problem = exc.say, str(exc)
+    print(f"The caller would hear: {answer}")
+    print(f"({time.monotonic() - started:.1f}s{'; problem: ' + problem if problem else ''})")
+    return 1 if problem else 0
+
+
 def main() -> None:
-    """Read the config, say what we will do, and serve."""
+    """Read the config and serve; or --check, or --ask."""
+    parser = argparse.ArgumentParser(description="Phone your OpenClaw assistant through OpenAI Realtime SIP.")
+    parser.add_argument("--check", action="store_true", help="check the configuration and both services, then exit")
+    parser.add_argument("--ask", metavar="QUESTION", help="ask OpenClaw as a call would, print the answer, exit")
+    args = parser.parse_args()
     load_dotenv()
+    if args.check:
+        sys.exit(asyncio.run(check(os.environ)))
+    if args.ask is not None:
+        sys.exit(asyncio.run(ask(os.environ, args.ask)))
     try:
         config = Config.from_env(os.environ)
     except ConfigError as exc:
         sys.exit(f"voicebridge: configuration error: {exc}")
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    if not config.allowed_callers:
-        log.warning("ALLOWED_CALLERS is empty: every call will be rejected. List your own number(s) in .env.")
-    elif "*" in config.allowed_callers:
-        log.warning("ALLOWED_CALLERS=*: anyone who dials the number can drive your OpenClaw agent.")
-    log.info(
-        "voicebridge on http://%s:%d  model=%s voice=%s openclaw=%s agent=%s callers=%s",
-        config.host, config.port, config.model, config.voice, config.openclaw_url, config.openclaw_agent,
-        ",".join(sorted(mask(n) if n != "*" else n for n in config.allowed_callers)) or "none",
-    )
-    web.run_app(make_app(config), host=config.host, port=config.port, print=None)
+    log_banner(config)
+    asyncio.run(serve(config))
 
 
 if __name__ == "__main__":
