@@ -17,6 +17,7 @@ import hmac
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -102,12 +103,14 @@ class FakeCall:
         self.state = "ringing"  # ringing -> accepted | rejected -> ended
         self.accept_script: list[int] = []  # statuses to answer the next accepts with, before success
         self.sideband_404s = 0  # refuse this many handshakes after accept (the documented race)
+        self.sideband_down = False  # a proxy in the way is restarting: handshakes get 503
         self.accepted_at: float | None = None
         self.accept_body: dict[str, Any] | None = None
         self.reject_body: Any = None
         self.hangup_at: float | None = None
         self.sideband_attempts: list[tuple[float, str, dict[str, str]]] = []  # (time, query, headers)
         self.ws: web.WebSocketResponse | None = None
+        self.transport: asyncio.BaseTransport | None = None
         self.received: list[dict[str, Any]] = []  # client events, in order
         self.sent: list[dict[str, Any]] = []  # server events, in order
         self.errors: list[dict[str, Any]] = []  # error events the fake had to send
@@ -217,6 +220,18 @@ class FakeCall:
         self.errors.append(error)
         await self.send(error)
 
+    async def drop(self, code: int) -> None:
+        """The sideband breaks while the call goes on: a close frame with `code`, or (1006) a dead TCP connection."""
+        assert self.ws is not None and self.transport is not None
+        ws, self.ws = self.ws, None
+        for task in self._tasks:
+            task.cancel()
+        if code == 1006:
+            self.transport.abort()
+        else:
+            await ws.close(code=code)
+        self.response_active = False  # the fake's model is cut off mid-response too
+
     async def caller_hangs_up(self) -> None:
         """The caller puts the phone down: the sideband just closes."""
         self.state = "ended"
@@ -233,6 +248,7 @@ class FakeOpenAI:
         self.app = web.Application()
         self.app.router.add_post("/v1/realtime/calls/{call_id}/{action}", self.call_control)
         self.app.router.add_get("/v1/realtime", self.sideband)
+        self.app.router.add_get("/v1/models", self.models)
         self.app.on_shutdown.append(self.close_sidebands)
         self.url = ""
         self.closing = False
@@ -250,6 +266,11 @@ class FakeOpenAI:
 
     def authorised(self, request: web.Request) -> bool:
         return request.headers.get("Authorization") == f"Bearer {API_KEY}"
+
+    async def models(self, request: web.Request) -> web.Response:
+        if not self.authorised(request):
+            return web.json_response(error_body("Incorrect API key provided.", "invalid_request_error", "invalid_api_key"), status=401)
+        return web.json_response({"object": "list", "data": [{"id": "gpt-realtime", "object": "model"}]})
 
     async def call_control(self, request: web.Request) -> web.Response:
         if not self.authorised(request):
@@ -299,6 +320,8 @@ class FakeOpenAI:
         )
         if call is None or call.state != "accepted" or call.accept_body is None or call.accept_body.get("type") != "realtime":
             return not_found
+        if call.sideband_down:
+            return web.Response(status=503, text="upstream restarting")
         if call.sideband_404s > 0:
             call.sideband_404s -= 1
             return not_found
@@ -310,14 +333,15 @@ class FakeOpenAI:
         if self.closing:
             await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY)
             return ws
-        call.ws = ws
+        call.ws, call.transport = ws, request.transport
         async for msg in ws:
             if msg.type == aiohttp.WSMsgType.TEXT:
                 event = json.loads(msg.data)
                 call.received.append({**event, "_at": time.monotonic()})
                 await call.on_client_event(event)
-        for task in call._tasks:
-            task.cancel()
+        if call.ws is ws:
+            for task in call._tasks:
+                task.cancel()
         return ws
 
 
@@ -955,6 +979,110 @@ async def test_sideband_survives_junk_from_the_server(bridge: Any, openai: FakeO
     assert call.outputs()[0]["output"] == "Answer to: still there?"
 
 
+# --- Surviving a real network: reconnects, slow answers ----------------------------------------------------
+
+
+@pytest.mark.parametrize("code", [1006, 1011, 1012])
+async def test_sideband_reconnects_after_an_abnormal_drop(
+    bridge: Any, openai: FakeOpenAI, openclaw: FakeOpenClaw, caplog: pytest.LogCaptureFixture, code: int
+) -> None:
+    call = await connected_call(bridge, openai)
+    await call.drop(code)
+    await eventually(lambda: call.ws is not None)
+    assert len(call.sideband_attempts) == 2 and call.sideband_attempts[1][1] == "call_id=rtc_happy"
+    assert f"sideband dropped (code {code}), reconnecting" in caplog.text and "sideband reconnected" in caplog.text
+    # The call carries on over the new socket, and the greeting is not repeated.
+    await call.model_response([("ask_openclaw", '{"request": "still there?"}')])
+    await eventually(lambda: call.outputs())
+    assert call.outputs()[0]["output"] == "Answer to: still there?"
+    assert sum("Greet" in str(e.get("response")) for e in call.response_creates()) == 1
+    assert await active_calls(bridge) == 1
+
+
+async def test_a_result_that_finishes_while_disconnected_is_delivered_after_the_reconnect(
+    bridge: Any, openai: FakeOpenAI, openclaw: FakeOpenClaw
+) -> None:
+    call = await connected_call(bridge, openai)
+    openclaw.delay = 0.2
+    [fc_id] = await call.model_response([("ask_openclaw", '{"request": "long one"}')])
+    await eventually(lambda: openclaw.requests)
+    call.sideband_down = True  # the connection breaks and handshakes fail for a while ...
+    await call.drop(1006)
+    await asyncio.sleep(0.4)  # ... while OpenClaw answers
+    assert call.outputs() == [] and len(call.sideband_attempts) >= 2
+    call.sideband_down = False  # ... then the way is clear again
+    await eventually(lambda: call.outputs(), timeout=10)
+    assert call.outputs() == [{"type": "function_call_output", "call_id": fc_id, "output": "Answer to: long one"}]
+    await call.wait_idle()
+    assert call.errors == []
+
+
+@pytest.mark.parametrize("how", ["404 on reconnect", "normal close", "after our hangup"])
+async def test_no_reconnect_when_the_call_is_over(
+    bridge: Any, openai: FakeOpenAI, caplog: pytest.LogCaptureFixture, how: str
+) -> None:
+    call = await connected_call(bridge, openai)
+    if how == "404 on reconnect":
+        call.state = "ended"  # OpenAI has dropped the call: the handshake will be 404
+        await call.drop(1011)
+    elif how == "normal close":
+        await call.caller_hangs_up()
+    else:
+        await call.model_response([("end_call", "{}")])
+    await eventually(lambda: bridge.app[voicebridge.CALLS] == {})
+    await asyncio.sleep(0.3)
+    assert len(call.sideband_attempts) == (2 if how == "404 on reconnect" else 1)
+    assert "giving up" not in caplog.text
+
+
+async def test_reconnect_is_bounded(
+    bridge: Any, openai: FakeOpenAI, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert sum(voicebridge.RECONNECT_DELAYS) <= 10 and len(voicebridge.RECONNECT_DELAYS) <= 6
+    monkeypatch.setattr(voicebridge, "RECONNECT_DELAYS", (0.05, 0.1, 0.2))
+    call = await connected_call(bridge, openai)
+    call.sideband_down = True
+    await call.drop(1011)
+    await eventually(lambda: bridge.app[voicebridge.CALLS] == {})
+    assert len(call.sideband_attempts) == 1 + 4
+    assert "sideband unavailable, giving up: HTTP 503" in caplog.text
+
+
+async def test_slow_openclaw_gets_a_filler_now_and_then(
+    bridge: Any, openai: FakeOpenAI, openclaw: FakeOpenClaw, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(voicebridge, "FILLER_AFTER", 0.2)
+    monkeypatch.setattr(voicebridge, "FILLER_EVERY", 0.5)
+    openclaw.delay = 1.35
+    call = await connected_call(bridge, openai)
+    call.speak_seconds = 0.1
+    asked_at = time.monotonic()
+    await call.model_response([("ask_openclaw", '{"request": "slow one"}')])
+    await eventually(lambda: call.outputs(), timeout=5)
+    fillers = [e for e in call.response_creates() if e.get("response", {}).get("tool_choice") == "none"]
+    assert len(fillers) in (2, 3), fillers
+    assert all("still checking" in f["response"]["instructions"] for f in fillers)
+    assert fillers[0]["_at"] - asked_at >= 0.2
+    assert all(b["_at"] - a["_at"] >= 0.5 for a, b in itertools.pairwise(fillers))
+    await call.wait_idle()
+    await asyncio.sleep(0.7)
+    assert len([e for e in call.response_creates() if e.get("response", {}).get("tool_choice") == "none"]) == len(fillers)
+    assert call.errors == []  # never sent while a response was active
+
+
+async def test_a_filler_does_not_talk_over_the_model(
+    bridge: Any, openai: FakeOpenAI, openclaw: FakeOpenClaw, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(voicebridge, "FILLER_AFTER", 0.1)
+    openclaw.delay = 0.8
+    call = await connected_call(bridge, openai)
+    await call.model_response([("ask_openclaw", '{"request": "slow"}')])
+    await call.model_response(audio_seconds=0.5)  # the model is still talking when the filler is due
+    await eventually(lambda: call.outputs(), timeout=5)
+    await call.wait_idle()
+    assert call.errors == []
+
+
 # --- Health, configuration, the process --------------------------------------------------------------------------------
 
 
@@ -987,7 +1115,164 @@ def test_config_errors_name_the_variable() -> None:
 
 def test_startup_fails_fast_naming_the_missing_variable(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "OPENCLAW_"))}
+    env["OPENAI_API_KEY"] = ""  # set, so that a developer's own .env cannot fill it in
     result = subprocess.run([sys.executable, str(HERE / "voicebridge.py")], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=30)
     assert result.returncode != 0
     assert "OPENAI_API_KEY is not set" in result.stderr and "Traceback" not in result.stderr
+
+
+# --- The real process: SIGTERM, --check, --ask ------------------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def run_voicebridge(env: dict[str, str], *args: str) -> asyncio.subprocess.Process:
+    """Start `python voicebridge.py ARGS` with exactly these settings (a developer's .env cannot add to them)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "OPENCLAW_"))}
+    return await asyncio.create_subprocess_exec(
+        sys.executable, str(HERE / "voicebridge.py"), *args, env={**base, "LOG_LEVEL": "INFO", **env},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+
+
+async def output_of(proc: asyncio.subprocess.Process, timeout: float = 30) -> tuple[int, str]:
+    stdout, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, stdout.decode()
+
+
+async def test_sigterm_drains_live_calls_then_exits_0(openai: FakeOpenAI, openclaw: FakeOpenClaw) -> None:
+    port = free_port()
+    proc = await run_voicebridge({**make_env(openai, openclaw), "PORT": str(port), "SHUTDOWN_GRACE": "1.5"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def health() -> tuple[int, dict[str, Any]]:
+                try:
+                    async with http.get(f"{base}/healthz") as resp:
+                        return resp.status, await resp.json()
+                except aiohttp.ClientConnectionError:
+                    return 0, {}
+
+            deadline = time.monotonic() + 20
+            while (await health())[0] != 200:
+                assert time.monotonic() < deadline and proc.returncode is None, "voicebridge did not start"
+                await asyncio.sleep(0.05)
+
+            live = openai.ring("rtc_live")
+            body = incoming_event("rtc_live")
+            async with http.post(f"{base}/webhook", data=body, headers=sign(body)) as resp:
+                assert resp.status == 200
+            await eventually(lambda: live.ws is not None and live.response_creates())
+            await live.wait_idle()
+
+            proc.send_signal(signal.SIGTERM)
+            sigterm_at = time.monotonic()
+            for _ in range(100):
+                status, payload = await health()
+                if status == 503:
+                    break
+                await asyncio.sleep(0.02)
+            assert (status, payload) == (503, {"status": "draining", "active_calls": 1})
+
+            # A new call while draining is turned away at once, not left ringing.
+            late = openai.ring("rtc_late")
+            body = incoming_event("rtc_late")
+            async with http.post(f"{base}/webhook", data=body, headers=sign(body)) as resp:
+                assert resp.status == 200
+            await eventually(lambda: late.state == "rejected")
+            assert late.reject_body == {"status_code": 486}
+
+            # The live call goes on through the grace period: a question still gets answered.
+            await live.model_response([("ask_openclaw", '{"request": "quick one"}')])
+            await eventually(lambda: live.outputs())
+            assert live.state == "accepted"
+
+            code, output = await output_of(proc, timeout=15)
+        assert code == 0, output
+        assert 1.5 <= live.hangup_at - sigterm_at < 8  # type: ignore[operator]
+        goodbye = [e for e in live.response_creates() if "goodbye" in str(e.get("response"))]
+        assert len(goodbye) == 1 and goodbye[0]["_at"] < live.hangup_at  # type: ignore[operator]
+        assert "reason=shutdown" in output and "Traceback" not in output and API_KEY not in output
+        assert live.errors == []
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_ctrl_c_with_no_calls_exits_at_once(openai: FakeOpenAI, openclaw: FakeOpenClaw) -> None:
+    port = free_port()
+    proc = await run_voicebridge({**make_env(openai, openclaw), "PORT": str(port), "SHUTDOWN_GRACE": "30"})
+    async with aiohttp.ClientSession() as http:
+        for _ in range(400):
+            try:
+                async with http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                    if resp.status == 200:
+                        break
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.05)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    code, output = await output_of(proc, timeout=10)
+    assert code == 0 and time.monotonic() - started < 5, output
+    assert "voicebridge listening on" in output and "KeyboardInterrupt" not in output
+
+
+def test_banner_masks_secrets_and_warns_about_open_policies(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="voicebridge")
+    env = {"OPENAI_API_KEY": API_KEY, "OPENAI_WEBHOOK_SECRET": SECRET, "OPENCLAW_TOKEN": CLAW_TOKEN}
+    voicebridge.log_banner(Config.from_env({**env, "ALLOWED_CALLERS": ALICE}))
+    assert "+1******4567" in caplog.text and "model gpt-realtime, voice marin" in caplog.text
+    assert API_KEY not in caplog.text and CLAW_TOKEN not in caplog.text and ALICE not in caplog.text
+    assert "WARNING" not in caplog.text
+    for callers, warning in (("", "EVERY CALL WILL BE REJECTED"), ("*", "ANYONE WHO DIALS")):
+        caplog.clear()
+        voicebridge.log_banner(Config.from_env({**env, "ALLOWED_CALLERS": callers}))
+        assert warning in caplog.text
+
+
+@pytest.mark.parametrize(
+    "broken,fix",
+    [
+        ({}, None),
+        ({"OPENAI_API_KEY": "sk-wrong"}, "check OPENAI_API_KEY"),
+        ({"OPENCLAW_TOKEN": "wrong"}, "check OPENCLAW_TOKEN"),
+        ({"mode": "disabled"}, "gateway.http.endpoints.chatCompletions.enabled: true"),
+        ({"OPENCLAW_AGENT": "nobody"}, "Unknown agent 'nobody'. (check OPENCLAW_AGENT)"),
+        ({"OPENCLAW_URL": "http://127.0.0.1:9"}, "is the gateway running?"),
+        ({"OPENAI_WEBHOOK_SECRET": "not-a-secret"}, "must start with 'whsec_'"),
+    ],
+)
+async def test_check_probes_both_sides_without_making_a_call(
+    openai: FakeOpenAI, openclaw: FakeOpenClaw, broken: dict[str, str], fix: str | None
+) -> None:
+    openclaw.mode = broken.pop("mode", "ok")
+    code, output = await output_of(await run_voicebridge({**make_env(openai, openclaw), **broken}, "--check"))
+    if fix is None:
+        assert code == 0 and "All good" in output and "FAIL" not in output, output
+    else:
+        assert code == 1 and "FAIL" in output and fix in output, output
+    assert openai.rest == [] and openclaw.requests == []  # no call, no agent run
+    assert API_KEY not in output and CLAW_TOKEN not in output
+
+
+async def test_ask_runs_the_question_as_a_call_would(openai: FakeOpenAI, openclaw: FakeOpenClaw) -> None:
+    env = {k: v for k, v in make_env(openai, openclaw).items() if not k.startswith("OPENAI_")}  # no OpenAI needed
+    code, output = await output_of(await run_voicebridge(env, "--ask", "What is on my calendar tomorrow?"))
+    assert code == 0, output
+    assert "The caller would hear: Answer to: What is on my calendar tomorrow?" in output and "s)" in output
+    [request] = openclaw.requests
+    assert request["model"] == "openclaw:main" and request["messages"][0]["content"] == voicebridge.OPENCLAW_SYSTEM_PROMPT
+
+    code, output = await output_of(await run_voicebridge({**env, "OPENCLAW_TOKEN": "wrong"}, "--ask", "hello?"))
+    assert code == 1
+    assert f"The caller would hear: {voicebridge.SAY_UNREACHABLE}" in output and "check OPENCLAW_TOKEN" in output

@@ -478,18 +478,19 @@ class Call:
             self.log.info("call accepted in %.0f ms", (asyncio.get_running_loop().time() - self.received) * 1000)
             await self._attach_and_listen()
         finally:
-            timer.cancel()
-            for task in self.tools:
-                task.cancel()
-            await asyncio.gather(timer, *self.tools, return_exceptions=True)
-            if self.ws is not None:
-                await self.ws.close()
+            # Bookkeeping first: shutdown may cancel this task again while it awaits below.
             self.app[CALLS].pop(self.id, None)
             self.log.info(
                 "call summary: caller=%s duration=%.1fs tool_calls=%d openclaw_seconds=%s reason=%s",
                 mask(self.caller), asyncio.get_running_loop().time() - self.received, self.tool_calls,
                 ",".join(f"{s:.1f}" for s in self.latencies) or "-", self.end_reason or "shutdown",
             )
+            timer.cancel()
+            for task in self.tools:
+                task.cancel()  # also closes an in-flight OpenClaw request, which stops the agent run
+            await asyncio.gather(timer, *self.tools, return_exceptions=True)
+            if self.ws is not None:
+                await self.ws.close()
 
     async def _attach_and_listen(self) -> None:
         """Open the sideband, greet, read events; reconnect after an abnormal drop."""
@@ -528,11 +529,13 @@ class Call:
                     url, headers=headers, heartbeat=SIDEBAND_HEARTBEAT, timeout=aiohttp.ClientWSTimeout(ws_close=5)
                 )
             except aiohttp.WSServerHandshakeError as exc:
-                why = f"HTTP {exc.status} {exc.message}"
-                if exc.status != 404 or not retry_404:
+                why = f"HTTP {exc.status}"
+                if exc.status in (404, 410) and not retry_404:
                     # Right after accept a 404 can be a race; later it means the call is over.
-                    level = logging.INFO if exc.status in (404, 410) else logging.ERROR
-                    self.log.log(level, "sideband refused (%s): the call is over", why)
+                    self.log.info("sideband refused (%s): the call is over", why)
+                    return None
+                if 400 <= exc.status < 500 and exc.status not in (404, 429):
+                    self.log.error("sideband refused (%s)%s", why, " (check OPENAI_API_KEY)" * (exc.status == 401))
                     return None
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 why = f"{type(exc).__name__}: {exc}"
@@ -668,6 +671,7 @@ class Call:
         """Let the goodbye play out (bounded), then hang up; on shutdown, ask for the goodbye first."""
         try:
             async with asyncio.timeout(GOODBYE_TIMEOUT):
+                say_goodbye = say_goodbye and self.ws is not None and not self.ws.closed
                 if say_goodbye:
                     while self.response_active:
                         await asyncio.sleep(0.05)
@@ -817,7 +821,7 @@ async def drain(app: web.Application, grace: float) -> None:
     app[DRAINING].set()
     if app[CALLS] and grace > 0:
         log.info("shutting down: %d live call(s) may go on for up to %gs", len(app[CALLS]), grace)
-        await asyncio.wait([call.task for call in app[CALLS].values() if call.task], timeout=grace)
+        await asyncio.wait({call.task for call in app[CALLS].values() if call.task}, timeout=grace)
     calls = list(app[CALLS].values())
     if calls:
         log.info("shutting down: hanging up %d call(s)", len(calls))
