@@ -67,7 +67,7 @@ POLL_INTERVAL = 0.05  # /healthz poll period
 SIDEBAND_HEARTBEAT = 20.0  # as voicebridge's ws_connect, so the bare client holds comparable sockets
 VB_ENV_NAMES = (
     "OPENAI_", "OPENCLAW_", "ALLOWED_CALLERS", "HOST", "PORT", "REALTIME_MODEL", "VOICE", "INSTRUCTIONS",
-    "GREETING", "MAX_CALL_SECONDS", "LOG_LEVEL",
+    "GREETING", "MAX_CALL_SECONDS", "SHUTDOWN_GRACE", "LOG_LEVEL",
 )
 
 
@@ -295,10 +295,16 @@ class Helper:
             raise BenchError(f"helper {self.argv[0]} exited early (code {await self.proc.wait()})")
         return raw.decode().strip()
 
+    def close_stdin(self) -> None:
+        """Close its stdin (the poller stops and reports on EOF)."""
+        assert self.proc is not None and self.proc.stdin is not None
+        if not self.proc.stdin.is_closing():
+            self.proc.stdin.close()
+
     async def finish(self, timeout: float = 60) -> int:
         """Close its stdin and wait for it to exit; kill it after timeout. Returns its exit code."""
-        assert self.proc is not None and self.proc.stdin is not None
-        self.proc.stdin.close()
+        assert self.proc is not None
+        self.close_stdin()
         try:
             return await asyncio.wait_for(self.proc.wait(), timeout)
         except asyncio.TimeoutError:
@@ -560,6 +566,7 @@ class Run:
             if await poller.line(30) != "ready":
                 raise BenchError("healthz poller did not start")
             await action()
+            poller.close_stdin()  # tells it to stop and print what it measured
             report = json.loads(await poller.line(30))
         finally:
             await poller.finish()
@@ -604,6 +611,9 @@ class Run:
         finally:
             self.openclaw.delay = 0.0
         net, raw = self.overheads(rounds)
+        self.result.figures["fillers"] = sum(
+            1 for c in calls for e in c.response_creates() if (e.get("response") or {}).get("tool_choice") == "none"
+        )
         self.result.figures.update(
             lag_slow_p50=pct(latencies, 50), lag_slow_p99=pct(latencies, 99), lag_slow_max=max(latencies),
             lag_slow_n=len(latencies), healthz_errors=self.result.figures.get("healthz_errors", 0) + errors,
@@ -760,6 +770,8 @@ def report(results: list[RunResult], args: argparse.Namespace) -> str:
         f"  2b burst: all answers back {num('burst_span', '.2f')} s after firing; voicebridge CPU {num('vb_cpu_ms_per_round', '.2f')} ms"
         f" per tool round, fakes+driver CPU {num('fakes_cpu_ms_per_round', '.2f')} ms per round;"
         f" worst lag of the fakes' own event loop {ms('bench_lag_max')}",
+        f"  4b/2c: voicebridge asked for {num('fillers', '.0f')} \"still checking\" filler responses while OpenClaw was slow"
+        f" (its FILLER_AFTER is 4 s); the fake answered them like any response",
         f"  setup: {num('setup_rate', '.0f')} calls/s ({SETUP_CONCURRENCY} being set up at a time); voicebridge peak RSS"
         f" (VmHWM) {kib('vb_hwm_kib', 1024)}; /healthz samples idle {num('lag_idle_n', '.0f')}, slow {num('lag_slow_n', '.0f')}",
     ]
@@ -774,7 +786,7 @@ def report(results: list[RunResult], args: argparse.Namespace) -> str:
                    f" calls back to 0: {'yes' if f.get('ended_ok') else 'NO'}")
         extra.append(summary)
         extra.extend(f"    {note}" for note in r.notes)
-    return "\n".join(head) + table(latency) + "\n\n" + table(memory) + "\n" + "\n".join(extra)
+    return "\n".join(head) + "\n" + table(latency) + "\n\n" + table(memory) + "\n" + "\n".join(extra)
 
 
 # --- Entry point -------------------------------------------------------------------------------------------

@@ -1246,9 +1246,9 @@ def test_banner_masks_secrets_and_warns_about_open_policies(caplog: pytest.LogCa
         ({}, None),
         ({"OPENAI_API_KEY": "sk-wrong"}, "check OPENAI_API_KEY"),
         ({"OPENCLAW_TOKEN": "wrong"}, "check OPENCLAW_TOKEN"),
-        ({"mode": "disabled"}, "gateway.http.endpoints.chatCompletions.enabled: true"),
+        ({"mode": "disabled"}, "HTTP 404: Not Found (enable gateway.http.endpoints.chatCompletions"),
         ({"OPENCLAW_AGENT": "nobody"}, "Unknown agent 'nobody'. (check OPENCLAW_AGENT)"),
-        ({"OPENCLAW_URL": "http://127.0.0.1:9"}, "is the gateway running?"),
+        ({"OPENCLAW_URL": "http://127.0.0.1:9"}, "cannot connect (ClientConnectorError"),
         ({"OPENAI_WEBHOOK_SECRET": "not-a-secret"}, "must start with 'whsec_'"),
     ],
 )

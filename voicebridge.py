@@ -186,12 +186,7 @@ ASK_OPENCLAW_TOOL: dict[str, Any] = {
     ),
     "parameters": {
         "type": "object",
-        "properties": {
-            "request": {
-                "type": "string",
-                "description": "The caller's request, complete and self-contained, as the assistant should read it.",
-            }
-        },
+        "properties": {"request": {"type": "string", "description": "The caller's request, complete and self-contained."}},
         "required": ["request"],
     },
 }
@@ -210,6 +205,14 @@ OPENCLAW_SYSTEM_PROMPT = (
 SAY_UNREACHABLE = "I couldn't reach your assistant just now. Please try again in a moment."
 SAY_TOO_SLOW = "Your assistant is taking too long to answer. Please try again in a moment."
 SAY_NO_ANSWER = "Your assistant didn't have an answer for that."
+OPENCLAW_FIXES = {  # what the owner should do about an OpenClaw failure, by HTTP status (0: no answer at all)
+    0: "is the gateway running? check OPENCLAW_URL",
+    400: "check OPENCLAW_AGENT",
+    401: "check OPENCLAW_TOKEN",
+    403: "check OPENCLAW_TOKEN",
+    404: "enable gateway.http.endpoints.chatCompletions in the OpenClaw config, or check OPENCLAW_URL",
+    429: "the gateway is rate limiting",
+}
 FILLER_INSTRUCTIONS = (
     "The owner's assistant is still working on the caller's question. In a few words, tell the caller "
     "you are still checking and it will be a moment. Do not guess the answer."
@@ -396,46 +399,27 @@ class OpenClawError(Exception):
 async def ask_openclaw(http: aiohttp.ClientSession, config: Config, user: str, request: str) -> str:
     """Ask the OpenClaw agent one question; return its answer or raise OpenClawError."""
     headers = {"Authorization": f"Bearer {config.openclaw_token}"} if config.openclaw_token else {}
-    body = {
-        "model": f"openclaw:{config.openclaw_agent}",
-        "user": user,
-        "messages": [
-            {"role": "system", "content": OPENCLAW_SYSTEM_PROMPT},
-            {"role": "user", "content": request},
-        ],
-    }
-    url = f"{config.openclaw_url}/v1/chat/completions"
+    messages = [{"role": "system", "content": OPENCLAW_SYSTEM_PROMPT}, {"role": "user", "content": request}]
+    body = {"model": f"openclaw:{config.openclaw_agent}", "user": user, "messages": messages}
+    timeout = aiohttp.ClientTimeout(total=config.openclaw_timeout)
     try:
-        async with http.post(
-            url, json=body, headers=headers, timeout=aiohttp.ClientTimeout(total=config.openclaw_timeout)
-        ) as resp:
+        async with http.post(f"{config.openclaw_url}/v1/chat/completions", json=body, headers=headers, timeout=timeout) as resp:
             if resp.status != 200:
-                why = f"HTTP {resp.status}: {await error_text(resp)}"
-                hints = {
-                    401: "check OPENCLAW_TOKEN",
-                    403: "check OPENCLAW_TOKEN",
-                    404: "enable gateway.http.endpoints.chatCompletions in the OpenClaw config, check OPENCLAW_URL",
-                    400: "check OPENCLAW_AGENT",
-                    429: "the gateway is rate limiting",
-                }
-                hint = hints.get(resp.status, "the gateway or its model provider failed")
-                raise OpenClawError(f"{why} ({hint})")
-            try:
-                answer = (await resp.json(content_type=None))["choices"][0]["message"]["content"]
-            except (ValueError, KeyError, IndexError, TypeError):
-                raise OpenClawError("the answer was not a chat completion (is OPENCLAW_URL the gateway?)") from None
+                fix = OPENCLAW_FIXES.get(resp.status, "the gateway or its model provider failed")
+                raise OpenClawError(f"HTTP {resp.status}: {await error_text(resp)} ({fix})")
+            answer = (await resp.json(content_type=None))["choices"][0]["message"]["content"]
     except asyncio.TimeoutError:
         raise OpenClawError(f"no answer within OPENCLAW_TIMEOUT={config.openclaw_timeout:g}s", SAY_TOO_SLOW) from None
     except aiohttp.ClientError as exc:
-        raise OpenClawError(f"cannot reach {config.openclaw_url} ({type(exc).__name__}: {exc}); is the gateway running?") from None
+        raise OpenClawError(f"cannot reach {config.openclaw_url} ({type(exc).__name__}: {exc}); {OPENCLAW_FIXES[0]}") from None
+    except (ValueError, LookupError, TypeError):
+        answer = None
     if not isinstance(answer, str):
         raise OpenClawError("the answer was not a chat completion (is OPENCLAW_URL the gateway?)")
-    if not answer.strip() or answer.strip() == "No response from OpenClaw.":
-        raise OpenClawError("the agent returned an empty answer", SAY_NO_ANSWER)
     answer = answer.strip()
-    if len(answer) > MAX_ANSWER_CHARS:
-        answer = answer[:MAX_ANSWER_CHARS] + " ... (the rest was cut off)"
-    return answer
+    if not answer or answer == "No response from OpenClaw.":
+        raise OpenClawError("the agent returned an empty answer", SAY_NO_ANSWER)
+    return answer if len(answer) <= MAX_ANSWER_CHARS else answer[:MAX_ANSWER_CHARS] + " ... (the rest was cut off)"
 
 
 # --- One live call --------------------------------------------------------------------------------
@@ -459,8 +443,8 @@ class Call:
         self.response_active = False
         self.owe_response = False  # a response.create was refused as "active"; send it after response.done
         self.response_event_id = ""
-        self.playing = False  # output_audio_buffer.started .. stopped
-        self.playback_stopped = asyncio.Event()
+        self.playback_stopped = asyncio.Event()  # clear from output_audio_buffer.started to .stopped
+        self.playback_stopped.set()
         self.asking = False  # one OpenClaw question in flight per call
         self.latencies: list[float] = []  # seconds per OpenClaw answer, for the summary
         self.tool_calls = 0
@@ -563,10 +547,8 @@ class Call:
         elif kind == "response.done":
             await self._on_response_done(event.get("response"))
         elif kind == "output_audio_buffer.started":
-            self.playing = True
             self.playback_stopped.clear()
         elif kind == "output_audio_buffer.stopped":
-            self.playing = False
             self.playback_stopped.set()
         elif kind == "response.function_call_arguments.done":
             self.log.info("function call received: %s", event.get("name"))
@@ -671,14 +653,12 @@ class Call:
         """Let the goodbye play out (bounded), then hang up; on shutdown, ask for the goodbye first."""
         try:
             async with asyncio.timeout(GOODBYE_TIMEOUT):
-                say_goodbye = say_goodbye and self.ws is not None and not self.ws.closed
-                if say_goodbye:
+                if say_goodbye and self.ws is not None and not self.ws.closed:
                     while self.response_active:
                         await asyncio.sleep(0.05)
                     self.playback_stopped.clear()
                     await self._request_response({"instructions": SHUTDOWN_GOODBYE, "tool_choice": "none"})
-                if say_goodbye or self.playing:
-                    await self.playback_stopped.wait()
+                await self.playback_stopped.wait()
         except TimeoutError:
             self.log.info("goodbye still playing after %.0fs, hanging up anyway", GOODBYE_TIMEOUT)
         await self.hang_up(reason)
@@ -903,7 +883,7 @@ async def probe(http: aiohttp.ClientSession, method: str, url: str, **kwargs: An
         async with http.request(method, url, timeout=REST_TIMEOUT, **kwargs) as resp:
             return resp.status, "" if resp.status == 200 else await error_text(resp)
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        return 0, f"{type(exc).__name__}: {exc}"
+        return 0, f"cannot connect ({type(exc).__name__}: {exc})"
 
 
 async def check(env: Mapping[str, str]) -> int:
@@ -911,36 +891,30 @@ async def check(env: Mapping[str, str]) -> int:
     try:
         config = Config.from_env(env)
     except ConfigError as exc:
-        print(f"  FAIL  configuration: {exc}")
+        print(f"FAIL  configuration: {exc}")
         return 1
-    results = [(True, "configuration read; OPENAI_WEBHOOK_SECRET has the whsec_ format", "")]
+    claw_headers = {"Authorization": f"Bearer {config.openclaw_token}"} if config.openclaw_token else {}
     async with aiohttp.ClientSession() as http:
-        status, message = await probe(
+        openai = await probe(
             http, "GET", f"{config.openai_base_url}/models", headers={"Authorization": f"Bearer {config.openai_api_key}"}
         )
-        fixes = {0: f"cannot reach {config.openai_base_url}: check OPENAI_BASE_URL and the network",
-                 401: "OpenAI refused the key: check OPENAI_API_KEY"}
-        results.append((status == 200, f"OpenAI API key accepted (GET /models: {status or message})",
-                        fixes.get(status, f"unexpected answer: {message}")))
         # messages=[] makes the gateway check the token and the endpoint, then stop before any agent run.
-        headers = {"Authorization": f"Bearer {config.openclaw_token}"} if config.openclaw_token else {}
         body = {"model": f"openclaw:{config.openclaw_agent}", "messages": []}
-        status, message = await probe(http, "POST", f"{config.openclaw_url}/v1/chat/completions", json=body, headers=headers)
-        ok = status == 400 and "user message" in message.lower()
-        fixes = {
-            0: f"cannot reach {config.openclaw_url} ({message}): is the gateway running? check OPENCLAW_URL",
-            401: "the gateway refused the token: check OPENCLAW_TOKEN",
-            404: "chat endpoint off: set gateway.http.endpoints.chatCompletions.enabled: true (or wrong OPENCLAW_URL)",
-            400: f"the gateway said: {message} (check OPENCLAW_AGENT)",
-        }
-        results.append((ok, f"OpenClaw reachable, token accepted, chat endpoint enabled (HTTP {status or '-'})",
-                        fixes.get(status, f"unexpected answer HTTP {status}: {message}")))
+        claw = await probe(http, "POST", f"{config.openclaw_url}/v1/chat/completions", json=body, headers=claw_headers)
+    claw_ok = claw[0] == 400 and "user message" in claw[1].lower()
+    checks = [
+        ("configuration complete, OPENAI_WEBHOOK_SECRET well formed", ""),
+        ("OpenAI accepts OPENAI_API_KEY (GET /models)",
+         "" if openai[0] == 200 else f"HTTP {openai[0]}: {openai[1]} (check OPENAI_API_KEY and OPENAI_BASE_URL)"),
+        (f"OpenClaw at {config.openclaw_url}: reachable, token accepted, chat endpoint enabled",
+         "" if claw_ok else f"HTTP {claw[0]}: {claw[1]} ({OPENCLAW_FIXES.get(claw[0], 'see the gateway log')})"),
+    ]
     if not config.allowed_callers or "*" in config.allowed_callers:
-        print("  WARN  ALLOWED_CALLERS is " + ("empty: every call will be rejected" if not config.allowed_callers
-                                                else "*: anyone who dials can drive your agent"))
-    for ok, what, fix in results:
-        print(f"  {'ok  ' if ok else 'FAIL'}  {what}" + ("" if ok else f"\n        fix: {fix}"))
-    failed = sum(not ok for ok, _, _ in results)
+        print("WARN  ALLOWED_CALLERS is " + ("*: anyone who dials can drive your agent" if config.allowed_callers
+                                              else "empty: every call will be rejected"))
+    for what, problem in checks:
+        print(f"FAIL  {what}\n      {problem}" if problem else f"ok    {what}")
+    failed = sum(bool(problem) for _, problem in checks)
     print(f"{failed} problem(s) found." if failed else "All good: ready for calls.")
     return 1 if failed else 0
 
