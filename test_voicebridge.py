@@ -203,6 +203,14 @@ class FakeCall:
                     await self.error(event, "invalid_type", "Invalid type for 'item.output': expected a string")
                 else:
                     await self.send({"type": "conversation.item.created", "item": {**item, "id": self.next_id("item")}})
+            elif item.get("type") == "message":
+                content = item.get("content")
+                if item.get("role") not in ("system", "user", "assistant") or not isinstance(content, list) or not content:
+                    await self.error(event, "invalid_value", "Invalid message item")
+                else:
+                    await self.send({"type": "conversation.item.created", "item": {**item, "id": self.next_id("item")}})
+            else:
+                await self.error(event, "invalid_value", f"Invalid item type {item.get('type')!r}")
 
     async def answer_response_create(self) -> None:
         response_id = self.next_id("resp")
@@ -219,6 +227,18 @@ class FakeCall:
                                               "param": None, "event_id": event.get("event_id")}}
         self.errors.append(error)
         await self.send(error)
+
+    async def press(self, keys: str) -> None:
+        """The caller types on the keypad: one DTMF event per key, as on a SIP call."""
+        for key in keys:
+            await self.send({"type": "input_audio_buffer.dtmf_event_received", "event": key, "received_at": int(time.time())})
+
+    def notes(self) -> list[str]:
+        """Texts of system messages the client added to the conversation."""
+        return [
+            e["item"]["content"][0]["text"] for e in self.received
+            if e.get("type") == "conversation.item.create" and e["item"].get("type") == "message"
+        ]
 
     async def drop(self, code: int) -> None:
         """The sideband breaks while the call goes on: a close frame with `code`, or (1006) a dead TCP connection."""
@@ -977,6 +997,74 @@ async def test_sideband_survives_junk_from_the_server(bridge: Any, openai: FakeO
     await call.model_response([("ask_openclaw", '{"request": "still there?"}')])
     await eventually(lambda: call.outputs())
     assert call.outputs()[0]["output"] == "Answer to: still there?"
+
+
+# --- The keypad PIN -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("keys", ["2468", "2468#", "13*2468#", "9*2468"])
+async def test_pin_unlocks_ask_openclaw(
+    start_bridge: Bridge, openai: FakeOpenAI, openclaw: FakeOpenClaw, caplog: pytest.LogCaptureFixture, keys: str
+) -> None:
+    caplog.set_level("DEBUG", logger="voicebridge")
+    bridge = await start_bridge(CALL_PIN="2468")
+    call = await connected_call(bridge, openai)
+    assert call.accept_body is not None and "PIN" in call.accept_body["instructions"]
+    [before] = await call.model_response([("ask_openclaw", '{"request": "read my email"}')])
+    await eventually(lambda: call.outputs())
+    assert call.outputs()[0] == {"type": "function_call_output", "call_id": before, "output": voicebridge.PIN_NEEDED}
+    assert openclaw.requests == []
+    await call.wait_idle()
+
+    await call.press(keys)
+    await eventually(lambda: call.notes())
+    assert call.notes() == [voicebridge.PIN_ACCEPTED]
+    await call.wait_idle()
+    assert call.received[-1]["type"] == "response.create"  # the model is asked to confirm
+    await call.model_response([("ask_openclaw", '{"request": "read my email"}')])
+    await eventually(lambda: len(call.outputs()) == 2)
+    assert call.outputs()[1]["output"] == "Answer to: read my email"
+    await call.wait_idle()
+    assert call.errors == []
+    ours = [r.getMessage() for r in caplog.records if r.name == "voicebridge"]
+    assert "[rtc_happy] PIN accepted" in ours and not any("2468" in line for line in ours)
+
+
+async def test_three_wrong_pins_hang_up(
+    start_bridge: Bridge, openai: FakeOpenAI, openclaw: FakeOpenClaw, caplog: pytest.LogCaptureFixture
+) -> None:
+    bridge = await start_bridge(CALL_PIN="2468")
+    call = await connected_call(bridge, openai)
+    for attempt, keys in enumerate(["1111", "2467#", "2#2468"], 1):  # the right PIN after the third failure is too late
+        await call.press(keys)
+        await eventually(lambda: len([e for e in call.received if e["type"] == "response.create"]) > attempt)
+        await call.wait_idle()
+    assert call.notes() == [voicebridge.PIN_WRONG] * 2  # and no PIN_ACCEPTED
+    goodbye = call.response_creates()[-1]["response"]
+    assert goodbye == {"instructions": voicebridge.PIN_GOODBYE, "tool_choice": "none"}
+    await eventually(lambda: call.state == "ended")
+    assert call.hangup_at is not None and call.hangup_at >= [e["_at"] for e in call.sent if e["type"] == "output_audio_buffer.stopped"][-1]
+    await eventually(lambda: bridge.app[voicebridge.CALLS] == {})
+    assert openclaw.requests == [] and "reason=pin_failed" in caplog.text
+    ours = [r.getMessage() for r in caplog.records if r.name == "voicebridge"]
+    assert "[rtc_happy] wrong PIN (3 of 3)" in ours and not any("1111" in line or "2467" in line for line in ours)
+
+
+async def test_no_pin_configured_means_no_pin_talk(bridge: Any, openai: FakeOpenAI, openclaw: FakeOpenClaw) -> None:
+    call = await connected_call(bridge, openai)
+    assert call.accept_body is not None and "PIN" not in call.accept_body["instructions"]
+    await call.press("1234#")
+    await call.model_response([("ask_openclaw", '{"request": "hi"}')])
+    await eventually(lambda: call.outputs())
+    assert call.notes() == [] and call.outputs()[0]["output"] == "Answer to: hi"
+
+
+def test_pin_must_be_digits() -> None:
+    good = {"OPENAI_API_KEY": "sk-x", "OPENAI_WEBHOOK_SECRET": SECRET}
+    for bad in ("12a4", "123", "1234567890123", "12 34"):
+        with pytest.raises(ConfigError, match="CALL_PIN"):
+            Config.from_env({**good, "CALL_PIN": bad})
+    assert Config.from_env({**good, "CALL_PIN": "0042"}).call_pin == "0042"
 
 
 # --- Surviving a real network: reconnects, slow answers ----------------------------------------------------

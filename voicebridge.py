@@ -32,6 +32,7 @@ Environment (a .env file beside this one is read too):
     GREETING               override the instruction for the first spoken line
     MAX_CALL_SECONDS       hang up after this long, default 900
     SHUTDOWN_GRACE         on SIGTERM/Ctrl-C, let live calls go on this long before hanging up, default 30
+    CALL_PIN               4-12 digits the caller must type on the keypad before ask_openclaw works; empty: none
     LOG_LEVEL              default INFO
 """
 
@@ -90,6 +91,7 @@ class Config:
     greeting: str = ""  # empty: GREETING below
     max_call_seconds: float = 900.0
     shutdown_grace: float = 30.0
+    call_pin: str = ""  # keypad PIN required before ask_openclaw; empty: none
     log_level: str = "INFO"
 
     @classmethod
@@ -121,6 +123,9 @@ class Config:
                 if number_ is None:
                     raise ConfigError(f"ALLOWED_CALLERS: {entry.strip()!r} is not an E.164 number like +15551234567")
                 callers.add(number_)
+        pin = get("CALL_PIN")
+        if pin and not re.fullmatch(r"\d{4,12}", pin):
+            raise ConfigError("CALL_PIN must be 4 to 12 digits (the caller types it on the keypad)")
         level = get("LOG_LEVEL", "INFO").upper()
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"LOG_LEVEL={level!r}: use DEBUG, INFO, WARNING or ERROR")
@@ -141,6 +146,7 @@ class Config:
             greeting=get("GREETING"),
             max_call_seconds=number("MAX_CALL_SECONDS", cls.max_call_seconds, 10),
             shutdown_grace=number("SHUTDOWN_GRACE", cls.shutdown_grace, 0),
+            call_pin=pin,
             log_level=level,
         )
 
@@ -175,6 +181,16 @@ fails, say so plainly and offer to try again. When the caller is done, say a sho
 end_call."""
 
 GREETING = "Greet the caller in one short sentence and ask how you can help."
+
+PIN_INSTRUCTIONS = """
+Before you can use ask_openclaw, the caller must type their PIN on the phone keypad. Ask for it after
+your greeting. Never say or guess the PIN. You will be told when it has been accepted."""
+PIN_NEEDED = "Not sent: the caller has not typed their PIN yet. Ask them to type it on the keypad, then try again."
+PIN_ACCEPTED = "The caller typed the correct PIN. Confirm briefly and carry on with what they asked for."
+PIN_WRONG = "The caller typed a wrong PIN. Ask them to type it again; star clears the entry."
+PIN_GOODBYE = "The PIN was wrong three times. Say politely that you cannot help without it, and goodbye."
+PIN_TRIES = 3
+KEYPAD = tuple("0123456789*#")
 
 ASK_OPENCLAW_TOOL: dict[str, Any] = {
     "type": "function",
@@ -306,7 +322,7 @@ def accept_payload(config: Config) -> dict[str, Any]:
     return {
         "type": "realtime",  # required: without it accept answers 200 and the sideband then 404s
         "model": config.model,
-        "instructions": config.instructions or INSTRUCTIONS,
+        "instructions": (config.instructions or INSTRUCTIONS) + (PIN_INSTRUCTIONS if config.call_pin else ""),
         "audio": {"output": {"voice": config.voice}},
         "tools": [ASK_OPENCLAW_TOOL, END_CALL_TOOL],
         "tool_choice": "auto",
@@ -439,7 +455,7 @@ class Call:
         self.task: asyncio.Task[None] | None = None  # run(), set by the webhook handler
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.tools: set[asyncio.Task[None]] = set()
-        self.outbox: list[dict[str, Any]] = []  # tool results waiting for no active response
+        self.outbox: list[dict[str, Any]] = []  # conversation items waiting for no active response
         self.response_active = False
         self.owe_response = False  # a response.create was refused as "active"; send it after response.done
         self.response_event_id = ""
@@ -448,7 +464,10 @@ class Call:
         self.asking = False  # one OpenClaw question in flight per call
         self.latencies: list[float] = []  # seconds per OpenClaw answer, for the summary
         self.tool_calls = 0
-        self.end_reason = ""  # caller_hung_up | end_call | max_duration | shutdown | error
+        self.pin_ok = not self.config.call_pin
+        self.pin_entry = ""  # keypad digits so far; never logged
+        self.pin_failures = 0
+        self.end_reason = ""  # caller_hung_up | end_call | max_duration | pin_failed | shutdown | error
         self._event_ids = itertools.count(1)
 
     async def run(self) -> None:
@@ -552,6 +571,8 @@ class Call:
             self.playback_stopped.set()
         elif kind == "response.function_call_arguments.done":
             self.log.info("function call received: %s", event.get("name"))
+        elif kind == "input_audio_buffer.dtmf_event_received":
+            await self._on_keypad(event.get("event"))
         elif kind == "error":
             self._on_error(event.get("error"))
 
@@ -584,6 +605,37 @@ class Call:
             self.owe_response = code == "conversation_already_has_active_response"
             self.response_active = self.owe_response
 
+    async def _on_keypad(self, key: Any) -> None:
+        """Collect the PIN: it is checked at its last digit or at "#"; "*" starts again."""
+        if self.pin_ok or self.pin_failures >= PIN_TRIES or key not in KEYPAD:
+            return
+        if key == "*":
+            self.pin_entry = ""
+            return
+        if key != "#":
+            self.pin_entry += key
+            if len(self.pin_entry) < len(self.config.call_pin):
+                return
+        elif not self.pin_entry:
+            return  # the "#" after a PIN already checked at its last digit
+        entry, self.pin_entry = self.pin_entry, ""
+        if hmac.compare_digest(entry.encode(), self.config.call_pin.encode()):
+            self.pin_ok = True
+            self.log.info("PIN accepted")
+            await self._tell_model(PIN_ACCEPTED)
+            return
+        self.pin_failures += 1
+        self.log.warning("wrong PIN (%d of %d)", self.pin_failures, PIN_TRIES)
+        if self.pin_failures >= PIN_TRIES:
+            self._start(self.hang_up_after_goodbye("pin_failed", goodbye=PIN_GOODBYE))
+        else:
+            await self._tell_model(PIN_WRONG)
+
+    async def _tell_model(self, text: str) -> None:
+        """Add a system note to the conversation and let the model respond to it."""
+        self.outbox.append({"type": "message", "role": "system", "content": [{"type": "input_text", "text": text}]})
+        await self._flush()
+
     # Tools.
 
     def _start(self, coro: Any) -> None:
@@ -608,6 +660,9 @@ class Call:
         if name != "ask_openclaw":
             self.log.warning("unknown tool %r called", name)
             return f"Error: there is no tool named {name!r}. Use ask_openclaw or end_call."
+        if not self.pin_ok:
+            self.log.info("ask_openclaw before the PIN was entered: not sent")
+            return PIN_NEEDED
         if not isinstance(arguments, str) or len(arguments) > MAX_REQUEST_CHARS + 100:
             self.log.warning("ask_openclaw arguments missing or too long, not sent")
             return "Error: the request was missing or too long. Ask again in one or two sentences."
@@ -649,15 +704,15 @@ class Call:
 
     # Hanging up.
 
-    async def hang_up_after_goodbye(self, reason: str, say_goodbye: bool = False) -> None:
-        """Let the goodbye play out (bounded), then hang up; on shutdown, ask for the goodbye first."""
+    async def hang_up_after_goodbye(self, reason: str, goodbye: str = "") -> None:
+        """Let the goodbye play out (bounded), then hang up; with `goodbye`, ask the model for it first."""
         try:
             async with asyncio.timeout(GOODBYE_TIMEOUT):
-                if say_goodbye and self.ws is not None and not self.ws.closed:
+                if goodbye and self.ws is not None and not self.ws.closed:
                     while self.response_active:
                         await asyncio.sleep(0.05)
                     self.playback_stopped.clear()
-                    await self._request_response({"instructions": SHUTDOWN_GOODBYE, "tool_choice": "none"})
+                    await self._request_response({"instructions": goodbye, "tool_choice": "none"})
                 await self.playback_stopped.wait()
         except TimeoutError:
             self.log.info("goodbye still playing after %.0fs, hanging up anyway", GOODBYE_TIMEOUT)
@@ -690,7 +745,8 @@ class Call:
             await self._send(self._event("conversation.item.create", item=item))
         await self._request_response()
         for item in items:
-            self.log.info("result sent for %s", item["call_id"])
+            if "call_id" in item:
+                self.log.info("result sent for %s", item["call_id"])
 
     async def _request_response(self, response: dict[str, Any] | None = None) -> None:
         """Send response.create and count the response as active until response.done."""
@@ -805,7 +861,7 @@ async def drain(app: web.Application, grace: float) -> None:
     calls = list(app[CALLS].values())
     if calls:
         log.info("shutting down: hanging up %d call(s)", len(calls))
-        await asyncio.gather(*(call.hang_up_after_goodbye("shutdown", say_goodbye=True) for call in calls))
+        await asyncio.gather(*(call.hang_up_after_goodbye("shutdown", goodbye=SHUTDOWN_GOODBYE) for call in calls))
     for task in app[TASKS]:
         task.cancel()
     await asyncio.gather(*app[TASKS], return_exceptions=True)
