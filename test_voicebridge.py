@@ -17,9 +17,11 @@ import hmac
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -1364,3 +1366,222 @@ async def test_ask_runs_the_question_as_a_call_would(openai: FakeOpenAI, opencla
     code, output = await output_of(await run_voicebridge({**env, "OPENCLAW_TOKEN": "wrong"}, "--ask", "hello?"))
     assert code == 1
     assert f"The caller would hear: {voicebridge.SAY_UNREACHABLE}" in output and "check OPENCLAW_TOKEN" in output
+
+
+# --- Load: many calls at once ---------------------------------------------------------------------------------
+
+
+async def test_100_concurrent_calls_3_questions_each_no_crossing_no_leaks(
+    bridge: Any, openai: FakeOpenAI, openclaw: FakeOpenClaw
+) -> None:
+    openclaw.delay = 0.01
+    call_ids = [f"rtc_load_{i:03d}" for i in range(100)]
+    calls = await asyncio.gather(*(connected_call(bridge, openai, call_id) for call_id in call_ids))
+    assert await active_calls(bridge) == 100
+
+    async def three_questions(call: FakeCall) -> None:
+        for n in range(3):
+            await call.model_response([("ask_openclaw", json.dumps({"request": f"{call.id} question {n}"}))])
+            await eventually(lambda: len(call.outputs()) == n + 1, timeout=20)
+            await call.wait_idle()
+
+    await asyncio.gather(*(three_questions(call) for call in calls))
+    for call in calls:
+        assert [o["output"] for o in call.outputs()] == [f"Answer to: {call.id} question {n}" for n in range(3)]
+        assert call.errors == []
+    assert len(openclaw.requests) == 300
+    assert all(r["user"] == f"voicebridge:{ALICE}" for r in openclaw.requests)
+
+    await asyncio.gather(*(call.caller_hangs_up() for call in calls))
+    await eventually(lambda: not bridge.app[voicebridge.CALLS], timeout=20)
+    assert await active_calls(bridge) == 0
+    await eventually(lambda: not bridge.app[voicebridge.TASKS])
+    assert not [t for t in asyncio.all_tasks() if "Call." in repr(t.get_coro())]
+    assert not bridge.app[voicebridge.HTTP].connector._acquired  # no sideband or request left open
+
+
+# --- Hostile input: property-based ---------------------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+PROPERTY = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+header_text = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=120)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    max_leaves=20,
+)
+
+
+class Stack:
+    """Fake OpenAI, fake OpenClaw and voicebridge on real sockets, run by a loop on a background thread.
+
+    Hypothesis drives synchronous tests; each example hands its coroutine to this loop.
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.openai, self.openclaw = FakeOpenAI(), FakeOpenClaw()
+        self.runners: list[web.AppRunner] = []
+
+    def run(self, coro: Awaitable[Any], timeout: float = 30) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
+
+    async def serve(self, app: web.Application) -> str:
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        self.runners.append(runner)
+        return f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+    async def start(self) -> None:
+        self.openai.url = await self.serve(self.openai.app) + "/v1"
+        self.openclaw.url = await self.serve(self.openclaw.app)
+        self.app = make_app(Config.from_env(make_env(self.openai, self.openclaw)))
+        self.url = await self.serve(self.app)
+        self.http = aiohttp.ClientSession()
+
+    async def post(self, body: bytes, headers: dict[str, str]) -> int:
+        async with self.http.post(f"{self.url}/webhook", data=body, headers=headers) as resp:
+            await resp.read()
+            return resp.status
+
+    async def healthy(self) -> bool:
+        async with self.http.get(f"{self.url}/healthz") as resp:
+            return resp.status == 200
+
+    async def stop(self) -> None:
+        await self.http.close()
+        for runner in reversed(self.runners):
+            await runner.cleanup()
+
+
+@pytest.fixture(scope="module")
+def stack() -> Any:
+    stack = Stack()
+    stack.run(stack.start())
+    yield stack
+    stack.run(stack.stop())
+    stack.loop.call_soon_threadsafe(stack.loop.stop)
+    stack.thread.join(5)
+
+
+@PROPERTY
+@given(body=st.binary(max_size=2000), headers=st.dictionaries(
+    st.sampled_from(["webhook-id", "webhook-timestamp", "webhook-signature", "content-type", "x-other"]), header_text))
+def test_signature_check_never_raises_anything_but_a_clear_no(body: bytes, headers: dict[str, str]) -> None:
+    with pytest.raises(voicebridge.SignatureError):
+        verify_signature(voicebridge.parse_webhook_secret(SECRET), headers, body)
+
+
+@PROPERTY
+@given(body=st.binary(min_size=1, max_size=500), position=st.integers(min_value=0), flip=st.integers(1, 255),
+       field=st.sampled_from(["body", "webhook-id", "webhook-timestamp", "webhook-signature"]))
+def test_any_change_to_a_signed_delivery_breaks_the_signature(body: bytes, position: int, flip: int, field: str) -> None:
+    key = voicebridge.parse_webhook_secret(SECRET)
+    headers = sign(body)
+    verify_signature(key, headers, body)
+    if field == "body":
+        mutated = bytearray(body)
+        mutated[position % len(body)] ^= flip
+        body = bytes(mutated)
+    else:
+        value = headers[field]
+        index = position % len(value)
+        headers = {**headers, field: value[:index] + chr((ord(value[index]) + flip) % 95 + 32) + value[index + 1:]}
+        if headers[field] == value:
+            return
+    with pytest.raises(voicebridge.SignatureError):
+        verify_signature(key, headers, body)
+
+
+@PROPERTY
+@given(value=st.text(max_size=200) | st.from_regex(r'("[^"]{0,20}" )?<(sip|sips|tel):\+?[0-9]{0,16}(@[a-z.]{0,20})?(;[a-z=]{0,10})?>(;tag=[a-z0-9]{0,8})?'))
+def test_from_parser_never_raises_and_only_returns_e164(value: str) -> None:
+    number = caller_number([{"name": "From", "value": value}])
+    assert number is None or re.fullmatch(r"\+[1-9]\d{6,14}", number)
+
+
+@PROPERTY
+@given(sip_headers=json_values)
+def test_from_parser_takes_any_shape_of_sip_headers(sip_headers: Any) -> None:
+    number = caller_number(sip_headers)
+    assert number is None or re.fullmatch(r"\+[1-9]\d{6,14}", number)
+
+
+@PROPERTY
+@given(body=st.binary(max_size=3000), headers=st.dictionaries(
+    st.sampled_from(["webhook-id", "webhook-timestamp", "webhook-signature", "content-type"]), header_text))
+def test_webhook_without_a_valid_signature_is_400_and_calls_nobody(stack: Stack, body: bytes, headers: dict[str, str]) -> None:
+    assert stack.run(stack.post(body, headers)) == 400
+    assert stack.openai.rest == []
+
+
+@PROPERTY
+@given(event=json_values | st.fixed_dictionaries(
+    {"type": st.sampled_from(["realtime.call.incoming", "response.completed", "batch.completed"])},
+    optional={"data": json_values | st.fixed_dictionaries({"call_id": json_values | st.text(max_size=30)},
+                                                           optional={"sip_headers": json_values})}))
+def test_signed_webhooks_of_any_shape_never_5xx(stack: Stack, event: Any) -> None:
+    body = json.dumps(event).encode()
+    assert stack.run(stack.post(body, sign(body))) in (200, 400)
+    assert stack.run(stack.healthy())
+
+
+def test_after_the_storm_the_server_is_healthy(stack: Stack) -> None:
+    assert stack.run(stack.healthy())
+    assert all(action in ("accept", "reject") for action, _ in stack.openai.rest)  # only signed calls got REST
+
+
+junk_event = st.one_of(
+    st.text(max_size=200).map(lambda text: ("text", text)),
+    st.binary(max_size=200).map(lambda data: ("binary", data)),
+    json_values.map(lambda value: ("json", value)),
+    st.fixed_dictionaries(
+        {"type": st.sampled_from(["response.created", "response.done", "error", "output_audio_buffer.started",
+                                  "output_audio_buffer.stopped", "response.function_call_arguments.done",
+                                  "input_audio_buffer.dtmf_event_received", "session.updated", "whatever"])},
+        optional={"response": json_values | st.fixed_dictionaries({
+            "status": st.sampled_from(["completed", "cancelled", "failed", "incomplete"]) | json_values,
+            "output": st.lists(st.fixed_dictionaries({"type": st.just("function_call")}, optional={
+                "name": st.sampled_from(["ask_openclaw", "nope"]) | json_values, "call_id": json_values | st.text(max_size=8),
+                "arguments": json_values | st.text(max_size=50) | st.just('{"request": "' + "x" * 100_000 + '"}'),
+            }), max_size=3) | json_values}),
+            "error": json_values, "event": json_values, "name": json_values},
+    ).map(lambda value: ("json", value)),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(junk=st.lists(junk_event, max_size=12))
+def test_junk_on_the_sideband_never_kills_the_call(stack: Stack, junk: list[tuple[str, Any]]) -> None:
+    async def scenario() -> None:
+        call_id = f"rtc_junk_{os.urandom(6).hex()}"
+        call = stack.openai.ring(call_id)
+        body = incoming_event(call_id)
+        assert await stack.post(body, sign(body)) == 200
+        await eventually(lambda: call.ws is not None and call.response_creates())
+        await call.wait_idle()
+        for kind, value in junk:
+            assert call.ws is not None
+            if kind == "text":
+                await call.ws.send_str(value)
+            elif kind == "binary":
+                await call.ws.send_bytes(value)
+            else:
+                await call.ws.send_json(value)
+        bridge_call = stack.app[voicebridge.CALLS][call_id]
+        await eventually(lambda: not bridge_call.asking)
+        await asyncio.sleep(0.02)
+        assert bridge_call.task is not None and not bridge_call.task.done()
+        [fc_id] = await call.model_response([("ask_openclaw", '{"request": "are you alive?"}')])
+        await eventually(lambda: any(o["call_id"] == fc_id for o in call.outputs()))
+        assert [o["output"] for o in call.outputs() if o["call_id"] == fc_id] == ["Answer to: are you alive?"]
+        await call.caller_hangs_up()
+        await eventually(lambda: call_id not in stack.app[voicebridge.CALLS])
+
+    stack.run(scenario())
