@@ -343,6 +343,7 @@ class Run:
         self.http: aiohttp.ClientSession | None = None
         self.result = RunResult()
         self.problems: list[str] = []  # crossed or missing answers, in the order found
+        self.late: list[float] = []  # per ask of the last ask_all with offsets: how late it started (s)
 
     # Set-up and tear-down.
 
@@ -494,10 +495,10 @@ class Run:
         want_creates = {c.id: len(c.response_creates()) + 1 for c in calls}
         loop = asyncio.get_running_loop()
         start = loop.time()
-        self.late: list[float] = []  # how late each ask started versus its offset (this process's loop lag)
+        self.late = []
 
         async def ask(call: FakeCall, offset: float) -> tuple[FakeCall, str, str]:
-            if offset > 0:
+            if offsets is not None:
                 await asyncio.sleep(start + offset - loop.time())
                 self.late.append(max(0.0, loop.time() - start - offset))
             question = f"{tag} {call.id}"

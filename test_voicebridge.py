@@ -597,12 +597,13 @@ async def test_retried_and_duplicated_deliveries_accept_once(bridge: Any, openai
     assert len(call.sideband_attempts) == 1
 
 
-async def test_dedup_memory_is_bounded() -> None:
-    recent = voicebridge.RecentSet(3)
-    assert all(recent.add(k) for k in "abcd")
-    assert not recent.add("d") and not recent.add("c")
-    assert recent.add("a")  # forgotten: the set holds at most 3
-    assert len(recent._keys) == 3
+async def test_dedup_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(voicebridge, "RECENT_IDS", 3)
+    seen: dict[str, None] = {}
+    assert all(voicebridge.first_time(seen, k) for k in "abcd")
+    assert not voicebridge.first_time(seen, "d") and not voicebridge.first_time(seen, "c")
+    assert voicebridge.first_time(seen, "a")  # forgotten: at most 3 are remembered
+    assert len(seen) == 3
 
 
 # --- Caller screen ----------------------------------------------------------------------------------------

@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import binascii
 import hashlib
 import hmac
 import itertools
@@ -52,7 +51,6 @@ import re
 import signal
 import sys
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -153,19 +151,15 @@ class Config:
 
 def parse_webhook_secret(secret: str) -> bytes:
     """Decode a "whsec_<base64>" webhook secret into the HMAC key."""
-    if not secret:
-        raise ConfigError(
-            "OPENAI_WEBHOOK_SECRET is not set: copy the signing secret (whsec_...) shown when you "
-            "created the webhook in the OpenAI project settings"
-        )
     if not secret.startswith("whsec_"):
-        raise ConfigError("OPENAI_WEBHOOK_SECRET must start with 'whsec_' (copy it whole from the OpenAI dashboard)")
+        problem = "must start with 'whsec_'" if secret else "is not set"
+        raise ConfigError(f"OPENAI_WEBHOOK_SECRET {problem}: copy the webhook's signing secret from the OpenAI dashboard")
     try:
         key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
-    except binascii.Error:
-        raise ConfigError("OPENAI_WEBHOOK_SECRET is not valid base64 after 'whsec_': was it cut short?") from None
+    except ValueError:  # binascii.Error
+        key = b""
     if not key:
-        raise ConfigError("OPENAI_WEBHOOK_SECRET has no key after 'whsec_'")
+        raise ConfigError("OPENAI_WEBHOOK_SECRET is not valid base64 after 'whsec_': was it cut short?")
     return key
 
 
@@ -339,21 +333,14 @@ def openclaw_user(number: str | None, call_id: str) -> str:
     return f"voicebridge:{number}" if number else f"voicebridge:call:{call_id}"
 
 
-class RecentSet:
-    """A bounded set remembering the most recent keys (for deduplicating deliveries)."""
-
-    def __init__(self, size: int) -> None:
-        self._keys: OrderedDict[str, None] = OrderedDict()
-        self._size = size
-
-    def add(self, key: str) -> bool:
-        """Remember key; False if it was already remembered."""
-        if key in self._keys:
-            return False
-        self._keys[key] = None
-        if len(self._keys) > self._size:
-            self._keys.popitem(last=False)
-        return True
+def first_time(seen: dict[str, None], key: str) -> bool:
+    """Remember key among the last RECENT_IDS (dicts keep insertion order); False if it was seen before."""
+    if key in seen:
+        return False
+    seen[key] = None
+    if len(seen) > RECENT_IDS:
+        del seen[next(iter(seen))]
+    return True
 
 
 class CallLog(logging.LoggerAdapter):
@@ -775,9 +762,7 @@ class Call:
 async def webhook(request: web.Request) -> web.Response:
     """OpenAI's webhook: verify, deduplicate, then accept or reject the call in the background."""
     app, received = request.app, asyncio.get_running_loop().time()
-    if (request.content_length or 0) > MAX_WEBHOOK_BYTES:
-        raise web.HTTPRequestEntityTooLarge(max_size=MAX_WEBHOOK_BYTES, actual_size=request.content_length)
-    body = await request.read()  # client_max_size stops a chunked body at MAX_WEBHOOK_BYTES
+    body = await request.read()  # over MAX_WEBHOOK_BYTES (client_max_size): 413 as soon as the limit is passed
     try:
         verify_signature(app[CONFIG].webhook_key, request.headers, body)
         event = json.loads(body)
@@ -789,7 +774,7 @@ async def webhook(request: web.Request) -> web.Response:
         log.warning("webhook rejected: signed, but not a JSON event with data.call_id")
         return web.Response(status=400, text="body is not a realtime.call.incoming event\n")
 
-    if not app[SEEN_WEBHOOKS].add(request.headers["webhook-id"]):
+    if not first_time(app[SEEN_WEBHOOKS], request.headers["webhook-id"]):
         log.info("webhook %s already handled, ignored", request.headers["webhook-id"])
         return web.Response(text="duplicate\n")
     if call_id is None:
@@ -798,7 +783,7 @@ async def webhook(request: web.Request) -> web.Response:
     if not isinstance(call_id, str) or not CALL_ID.match(call_id):
         log.warning("webhook verified, but its call_id is malformed, ignored")
         return web.Response(text="ignored\n")
-    if not app[SEEN_CALLS].add(call_id):
+    if not first_time(app[SEEN_CALLS], call_id):
         log.info("[%s] call already handled, duplicate delivery ignored", call_id)
         return web.Response(text="duplicate\n")
 
@@ -831,8 +816,8 @@ CONFIG = web.AppKey("config", Config)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 CALLS = web.AppKey("calls", dict[str, Call])
 TASKS = web.AppKey("tasks", set[asyncio.Task[Any]])
-SEEN_WEBHOOKS = web.AppKey("seen_webhooks", RecentSet)
-SEEN_CALLS = web.AppKey("seen_calls", RecentSet)
+SEEN_WEBHOOKS = web.AppKey("seen_webhooks", dict[str, None])  # recent webhook-ids
+SEEN_CALLS = web.AppKey("seen_calls", dict[str, None])  # recent call_ids: each is owned once
 DRAINING = web.AppKey("draining", asyncio.Event)
 
 
@@ -878,8 +863,8 @@ def make_app(config: Config) -> web.Application:
     app[CONFIG] = config
     app[CALLS] = {}
     app[TASKS] = set()
-    app[SEEN_WEBHOOKS] = RecentSet(RECENT_IDS)
-    app[SEEN_CALLS] = RecentSet(RECENT_IDS)
+    app[SEEN_WEBHOOKS] = {}
+    app[SEEN_CALLS] = {}
     app[DRAINING] = asyncio.Event()
     app.cleanup_ctx.append(http_session)
     app.on_shutdown.append(hang_up_all)
@@ -906,31 +891,31 @@ async def serve(config: Config) -> None:
 # --- The command line ------------------------------------------------------------------------------
 
 
-def mask_secret(secret: str) -> str:
-    """Enough of a secret to tell which one is set, never the whole."""
-    return f"{secret[:3]}...{secret[-4:]} ({len(secret)} chars)" if len(secret) >= 12 else ("set" if secret else "NOT SET")
+def policy_warning(config: Config) -> str:
+    """A loud warning when the caller screen lets nobody or everybody in."""
+    if not config.allowed_callers:
+        return "ALLOWED_CALLERS is empty: EVERY CALL WILL BE REJECTED. List your own number(s)."
+    if "*" in config.allowed_callers:
+        return "ALLOWED_CALLERS=*: ANYONE WHO DIALS THE NUMBER CAN DRIVE YOUR OPENCLAW AGENT" + (
+            "." if config.call_pin else ", and CALL_PIN is not set.")
+    return ""
 
 
 def log_banner(config: Config) -> None:
-    """One screen saying what this process will do; secrets masked."""
-    if "*" in config.allowed_callers:
-        policy = "ANYONE (*)"
-    else:
-        policy = ", ".join(sorted(mask(n) for n in config.allowed_callers)) or "NOBODY (every call is rejected)"
+    """One screen saying what this process will do; secrets are only said to be set or not."""
+    policy = "anyone (*)" if "*" in config.allowed_callers else ", ".join(sorted(map(mask, config.allowed_callers)))
     for line in (
         f"voicebridge listening on http://{config.host}:{config.port} (POST /webhook, GET /healthz)",
-        f"  OpenAI     {config.openai_base_url}  key {mask_secret(config.openai_api_key)}",
+        f"  OpenAI     {config.openai_base_url}  key {'set' if config.openai_api_key else 'NOT SET'}",
         f"  session    model {config.model}, voice {config.voice}, max {config.max_call_seconds:g}s per call",
-        f"  OpenClaw   {config.openclaw_url}  agent {config.openclaw_agent}  token {mask_secret(config.openclaw_token)}"
+        f"  OpenClaw   {config.openclaw_url}  agent {config.openclaw_agent}  token {'set' if config.openclaw_token else 'NOT SET'}"
         f"  timeout {config.openclaw_timeout:g}s",
-        f"  callers    {policy}",
+        f"  callers    {policy or 'nobody'}; keypad PIN {'required' if config.call_pin else 'off'}",
         f"  shutdown   live calls get {config.shutdown_grace:g}s after SIGTERM",
     ):
         log.info("%s", line)
-    if not config.allowed_callers:
-        log.warning("ALLOWED_CALLERS is empty: EVERY CALL WILL BE REJECTED. List your own number(s) in .env.")
-    elif "*" in config.allowed_callers:
-        log.warning("ALLOWED_CALLERS=*: ANYONE WHO DIALS THE NUMBER CAN DRIVE YOUR OPENCLAW AGENT.")
+    if policy_warning(config):
+        log.warning("%s", policy_warning(config))
 
 
 async def probe(http: aiohttp.ClientSession, method: str, url: str, **kwargs: Any) -> tuple[int, str]:
@@ -965,9 +950,8 @@ async def check(env: Mapping[str, str]) -> int:
         (f"OpenClaw at {config.openclaw_url}: reachable, token accepted, chat endpoint enabled",
          "" if claw_ok else f"HTTP {claw[0]}: {claw[1]} ({OPENCLAW_FIXES.get(claw[0], 'see the gateway log')})"),
     ]
-    if not config.allowed_callers or "*" in config.allowed_callers:
-        print("WARN  ALLOWED_CALLERS is " + ("*: anyone who dials can drive your agent" if config.allowed_callers
-                                              else "empty: every call will be rejected"))
+    if policy_warning(config):
+        print(f"WARN  {policy_warning(config)}")
     for what, problem in checks:
         print(f"FAIL  {what}\n      {problem}" if problem else f"ok    {what}")
     failed = sum(bool(problem) for _, problem in checks)
