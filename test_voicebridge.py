@@ -1586,3 +1586,19 @@ def test_junk_on_the_sideband_never_kills_the_call(stack: Stack, junk: list[tupl
         await eventually(lambda: call_id not in stack.app[voicebridge.CALLS])
 
     stack.run(scenario())
+
+
+@pytest.mark.parametrize("header", [b"webhook-id: wh_\xff\xfe", b"webhook-signature: v1,\xc3\x28abc", b"webhook-id: wh_\xe2\x82\xac"])
+async def test_raw_non_utf8_header_bytes_are_a_clear_400(bridge: Any, openai: FakeOpenAI, header: bytes) -> None:
+    body = incoming_event("rtc_raw")
+    headers = sign(body)
+    name = header.split(b":")[0].decode()
+    lines = [f"{k}: {v}".encode() for k, v in headers.items() if k != name] + [header]
+    request = (b"POST /webhook HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + b"\r\n".join(lines)
+               + f"\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    reader, writer = await asyncio.open_connection(bridge.server.host, bridge.server.port)
+    writer.write(request)
+    status_line = await reader.readline()
+    writer.close()
+    assert status_line.split()[1] == b"400", status_line
+    assert openai.rest == []
