@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import gc
 import hashlib
 import hmac
 import itertools
@@ -878,6 +879,9 @@ async def serve(config: Config) -> None:
     runner = web.AppRunner(make_app(config), handle_signals=False)
     await runner.setup()
     await web.TCPSite(runner, config.host, config.port).start()
+    # Move the ~35k objects from imports out of the collector's way: full collections then take a few ms
+    # instead of ~80 ms, which otherwise shows up as a stall in tool results with many live calls.
+    gc.freeze()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(signum, stop.set)
