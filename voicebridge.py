@@ -430,7 +430,7 @@ async def ask_openclaw(http: aiohttp.ClientSession, config: Config, user: str, r
 
 
 class Call:
-    """One live call: accepts it, owns its sideband, its tool tasks and its timer."""
+    """One live call: accepts it, owns its sideband and its tool tasks, under a MAX_CALL_SECONDS deadline."""
 
     def __init__(self, app: web.Application, call_id: str, caller: str | None, received: float) -> None:
         self.app = app
@@ -460,14 +460,17 @@ class Call:
 
     async def run(self) -> None:
         """The whole life of the call: accept, attach, handle events until the call is over."""
-        timer = asyncio.create_task(self._hang_up_after(self.config.max_call_seconds))
         try:
-            status = await call_control(self.http, self.config, self.id, "accept", accept_payload(self.config))
-            if status != 200:
-                self.end_reason = "caller_hung_up" if status == 404 else "error"
-                return
-            self.log.info("call accepted in %.0f ms", (asyncio.get_running_loop().time() - self.received) * 1000)
-            await self._attach_and_listen()
+            async with asyncio.timeout(self.config.max_call_seconds):
+                status = await call_control(self.http, self.config, self.id, "accept", accept_payload(self.config))
+                if status != 200:
+                    self.end_reason = "caller_hung_up" if status == 404 else "error"
+                    return
+                self.log.info("call accepted in %.0f ms", (asyncio.get_running_loop().time() - self.received) * 1000)
+                await self._attach_and_listen()
+        except TimeoutError:
+            self.log.info("call reached MAX_CALL_SECONDS=%g", self.config.max_call_seconds)
+            await self.hang_up("max_duration")
         finally:
             # Bookkeeping first: shutdown may cancel this task again while it awaits below.
             self.app[CALLS].pop(self.id, None)
@@ -476,10 +479,9 @@ class Call:
                 mask(self.caller), asyncio.get_running_loop().time() - self.received, self.tool_calls,
                 ",".join(f"{s:.1f}" for s in self.latencies) or "-", self.end_reason or "shutdown",
             )
-            timer.cancel()
             for task in self.tools:
                 task.cancel()  # also closes an in-flight OpenClaw request, which stops the agent run
-            await asyncio.gather(timer, *self.tools, return_exceptions=True)
+            await asyncio.gather(*self.tools, return_exceptions=True)
             if self.ws is not None:
                 await self.ws.close()
 
@@ -705,12 +707,6 @@ class Call:
         except TimeoutError:
             self.log.info("goodbye still playing after %.0fs, hanging up anyway", GOODBYE_TIMEOUT)
         await self.hang_up(reason)
-
-    async def _hang_up_after(self, seconds: float) -> None:
-        """Enforce MAX_CALL_SECONDS."""
-        await asyncio.sleep(seconds)
-        self.log.info("call reached MAX_CALL_SECONDS=%g", seconds)
-        await self.hang_up("max_duration")
 
     async def hang_up(self, reason: str) -> None:
         """End the call via REST; the sideband then closes and run() cleans up."""
