@@ -345,10 +345,14 @@ def first_time(seen: dict[str, None], key: str) -> bool:
 
 
 class CallLog(logging.LoggerAdapter):
-    """Prefixes every log line with the call id."""
+    """The module's logger, with the call id in front of every line."""
+
+    def __init__(self, call_id: str) -> None:
+        super().__init__(log, {"call_id": call_id})
+        self.call_id = call_id
 
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        return f"[{self.extra['call_id']}] {msg}", kwargs
+        return f"[{self.call_id}] {msg}", kwargs
 
 
 async def error_text(resp: aiohttp.ClientResponse) -> str:
@@ -365,7 +369,7 @@ async def call_control(
     http: aiohttp.ClientSession, config: Config, call_id: str, action: str, body: dict | None = None
 ) -> int:
     """POST /realtime/calls/{call_id}/{action}, retrying transient failures; the final HTTP status, 0 if none."""
-    clog = CallLog(log, {"call_id": call_id})
+    clog = CallLog(call_id)
     url = f"{config.openai_base_url}/realtime/calls/{call_id}/{action}"
     headers = {"Authorization": f"Bearer {config.openai_api_key}"}
     for delay in (*REST_RETRY_DELAYS, None):
@@ -439,7 +443,7 @@ class Call:
         self.id = call_id
         self.caller = caller
         self.received = received  # loop time the webhook arrived
-        self.log = CallLog(log, {"call_id": call_id})
+        self.log = CallLog(call_id)
         self.task: asyncio.Task[None] | None = None  # run(), set by the webhook handler
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.tools: set[asyncio.Task[None]] = set()
