@@ -942,13 +942,15 @@ async def test_a_refused_response_create_is_sent_again(bridge: Any, openai: Fake
     call = await connected_call(bridge, openai)
     call_obj = bridge.app[voicebridge.CALLS]["rtc_happy"]
     call.response_active = True  # the server has started one, but its response.created is still in flight
-    await call_obj._request_response()
+    goodbye = {"instructions": voicebridge.SHUTDOWN_GOODBYE, "tool_choice": "none"}
+    await call_obj._request_response(goodbye)
     await eventually(lambda: call.errors)
     call.response_active = False
     await call.model_response()  # that in-flight response now shows up and finishes
     await eventually(lambda: len(call.response_creates()) == 3)
     await call.wait_idle()
     assert len(call.errors) == 1
+    assert call.response_creates()[-1]["response"] == goodbye  # repeated as it was asked for
 
 
 # --- Ending calls ---------------------------------------------------------------------------------------------------

@@ -449,8 +449,8 @@ class Call:
         self.tools: set[asyncio.Task[None]] = set()
         self.outbox: list[dict[str, Any]] = []  # conversation items waiting for no active response
         self.response_active = False
-        self.owe_response = False  # a response.create was refused as "active"; send it after response.done
-        self.response_event_id = ""
+        self.last_response: tuple[str, dict[str, Any] | None] = ("", None)  # our last response.create: event_id, body
+        self.owed: dict[str, Any] | None = None  # a response.create refused as "active", to repeat after response.done
         self.playback_stopped = asyncio.Event()  # clear from output_audio_buffer.started to .stopped
         self.playback_stopped.set()
         self.asking = False  # one OpenClaw question in flight per call
@@ -594,10 +594,11 @@ class Call:
         error = error if isinstance(error, dict) else {}
         code = error.get("code")
         self.log.warning("server error %s: %s", code, error.get("message"))
-        if error.get("event_id") == self.response_event_id and self.response_event_id:
-            # Our response.create lost a race with a response the server just started: retry after it.
-            self.owe_response = code == "conversation_already_has_active_response"
-            self.response_active = self.owe_response
+        event_id, body = self.last_response
+        if event_id and error.get("event_id") == event_id:
+            # Our response.create lost a race with a response the server just started: repeat it after that one.
+            self.owed = (body or {}) if code == "conversation_already_has_active_response" else None
+            self.response_active = self.owed is not None
 
     async def _on_keypad(self, key: Any) -> None:
         """Collect the PIN: it is checked at its last digit or at "#"; "*" starts again."""
@@ -725,13 +726,13 @@ class Call:
 
     async def _flush(self) -> None:
         """Send queued tool outputs and one response.create, but only while no response is active."""
-        if self.response_active or not (self.outbox or self.owe_response) or self.ws is None or self.ws.closed:
+        if self.response_active or not (self.outbox or self.owed is not None) or self.ws is None or self.ws.closed:
             return  # a result that finished during a reconnect waits here for the new sideband
-        items, self.outbox, self.owe_response = self.outbox, [], False
+        items, owed, self.outbox, self.owed = self.outbox, self.owed, [], None
         self.response_active = True  # claimed before the first await, so a concurrent flush waits
         for item in items:
             await self._send(self._event("conversation.item.create", item=item))
-        await self._request_response()
+        await self._request_response(None if items else owed)  # new results beat a stale filler or greeting
         for item in items:
             if "call_id" in item:
                 self.log.info("result sent for %s", item["call_id"])
@@ -739,7 +740,7 @@ class Call:
     async def _request_response(self, response: dict[str, Any] | None = None) -> None:
         """Send response.create and count the response as active until response.done."""
         event = self._event("response.create", **({"response": response} if response else {}))
-        self.response_active, self.response_event_id = True, event["event_id"]
+        self.response_active, self.last_response = True, (event["event_id"], response)
         await self._send(event)
 
     def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
