@@ -1342,7 +1342,7 @@ def test_banner_masks_secrets_and_warns_about_open_policies(caplog: pytest.LogCa
         ({"mode": "disabled"}, "HTTP 404: Not Found (enable gateway.http.endpoints.chatCompletions"),
         ({"OPENCLAW_AGENT": "nobody"}, "Unknown agent 'nobody'. (check OPENCLAW_AGENT)"),
         ({"OPENCLAW_URL": "http://127.0.0.1:9"}, "cannot connect (ClientConnectorError"),
-        ({"OPENAI_WEBHOOK_SECRET": "not-a-secret"}, "must start with 'whsec_'"),
+        ({"OPENAI_WEBHOOK_SECRET": "not-a-secret"}, "configuration error: OPENAI_WEBHOOK_SECRET must start with 'whsec_'"),
     ],
 )
 async def test_check_probes_both_sides_without_making_a_call(
@@ -1353,7 +1353,7 @@ async def test_check_probes_both_sides_without_making_a_call(
     if fix is None:
         assert code == 0 and "All good" in output and "FAIL" not in output, output
     else:
-        assert code == 1 and "FAIL" in output and fix in output, output
+        assert code == 1 and fix in output and ("FAIL" in output or "configuration error" in output), output
     assert openai.rest == [] and openclaw.requests == []  # no call, no agent run
     assert API_KEY not in output and CLAW_TOKEN not in output
 

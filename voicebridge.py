@@ -932,13 +932,8 @@ async def probe(http: aiohttp.ClientSession, method: str, url: str, **kwargs: An
         return 0, f"cannot connect ({type(exc).__name__}: {exc})"
 
 
-async def check(env: Mapping[str, str]) -> int:
-    """--check: validate the configuration and probe OpenAI and OpenClaw without making a call."""
-    try:
-        config = Config.from_env(env)
-    except ConfigError as exc:
-        print(f"FAIL  configuration: {exc}")
-        return 1
+async def check(config: Config) -> int:
+    """--check: probe OpenAI and OpenClaw with the configuration, without making a call."""
     claw_headers = {"Authorization": f"Bearer {config.openclaw_token}"} if config.openclaw_token else {}
     async with aiohttp.ClientSession() as http:
         openai = await probe(
@@ -964,13 +959,8 @@ async def check(env: Mapping[str, str]) -> int:
     return 1 if failed else 0
 
 
-async def ask(env: Mapping[str, str], question: str) -> int:
+async def ask(config: Config, question: str) -> int:
     """--ask: put one question to OpenClaw exactly as a call would and print what the caller would hear."""
-    try:
-        config = Config.from_env(env, need_openai=False)
-    except ConfigError as exc:
-        print(f"configuration error: {exc}")
-        return 1
     started = time.monotonic()
     async with aiohttp.ClientSession() as http:
         try:
@@ -989,14 +979,14 @@ def main() -> None:
     parser.add_argument("--ask", metavar="QUESTION", help="ask OpenClaw as a call would, print the answer, exit")
     args = parser.parse_args()
     load_dotenv()
-    if args.check:
-        sys.exit(asyncio.run(check(os.environ)))
-    if args.ask is not None:
-        sys.exit(asyncio.run(ask(os.environ, args.ask)))
     try:
-        config = Config.from_env(os.environ)
+        config = Config.from_env(os.environ, need_openai=args.ask is None)  # --ask needs only OpenClaw
     except ConfigError as exc:
         sys.exit(f"voicebridge: configuration error: {exc}")
+    if args.check:
+        sys.exit(asyncio.run(check(config)))
+    if args.ask is not None:
+        sys.exit(asyncio.run(ask(config, args.ask)))
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     log_banner(config)
