@@ -462,6 +462,11 @@ class Call:
         self.end_reason = ""  # caller_hung_up | end_call | max_duration | pin_failed | shutdown | error
         self._event_ids = itertools.count(1)
 
+    @property
+    def connected(self) -> bool:
+        """The sideband is open (not before attach, nor during a reconnect)."""
+        return self.ws is not None and not self.ws.closed
+
     async def run(self) -> None:
         """The whole life of the call: accept, attach, handle events until the call is over."""
         try:
@@ -690,7 +695,7 @@ class Call:
         """While OpenClaw is slow, have the model tell the caller it is still checking, now and then."""
         await asyncio.sleep(FILLER_AFTER)
         while True:
-            if self.response_active or self.ws is None or self.ws.closed:
+            if self.response_active or not self.connected:
                 await asyncio.sleep(0.2)
                 continue
             self.log.info("OpenClaw is slow: asking the model to say it is still checking")
@@ -703,7 +708,7 @@ class Call:
         """Let the goodbye play out (bounded), then hang up; with `goodbye`, ask the model for it first."""
         try:
             async with asyncio.timeout(GOODBYE_TIMEOUT):
-                if goodbye and self.ws is not None and not self.ws.closed:
+                if goodbye and self.connected:
                     while self.response_active:
                         await asyncio.sleep(0.05)
                     self.playback_stopped.clear()
@@ -726,7 +731,7 @@ class Call:
 
     async def _flush(self) -> None:
         """Send queued tool outputs and one response.create, but only while no response is active."""
-        if self.response_active or not (self.outbox or self.owed is not None) or self.ws is None or self.ws.closed:
+        if self.response_active or not (self.outbox or self.owed is not None) or not self.connected:
             return  # a result that finished during a reconnect waits here for the new sideband
         items, owed, self.outbox, self.owed = self.outbox, self.owed, [], None
         self.response_active = True  # claimed before the first await, so a concurrent flush waits
@@ -749,7 +754,7 @@ class Call:
 
     async def _send(self, event: dict[str, Any]) -> None:
         """Send one client event; a sideband that is closing is not an error."""
-        if self.ws is None or self.ws.closed:
+        if self.ws is None or self.ws.closed:  # (spelled out, so the type checker sees ws is set below)
             self.log.debug("sideband closed, %s not sent", event["type"])
             return
         try:
