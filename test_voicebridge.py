@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import itertools
 import json
+import logging
 import os
 import re
 import signal
@@ -24,6 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,9 @@ API_KEY = "sk-test-openai-key-never-logged"
 CLAW_TOKEN = "claw-token-never-logged"
 ALICE = "+15551234567"
 HERE = Path(__file__).parent
+# What the fake serves (openai-python 3.57.0 CallAcceptParams): the current models and those with a shutdown date.
+REALTIME_MODELS = {"gpt-realtime-2", "gpt-realtime-2.1", "gpt-realtime-2.1-mini", *voicebridge.RETIRING_MODELS}
+VOICES = {"alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar"}
 
 
 # --- Helpers ------------------------------------------------------------------------------------
@@ -90,8 +95,8 @@ def incoming_event(call_id: str, from_value: str = f'"Alice" <sip:{ALICE}@sip.ex
     ).encode()
 
 
-def error_body(message: str, type_: str, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "code": code, "param": None}}
+def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "code": code, "param": param}}
 
 
 # --- Fake OpenAI: REST call control + the sideband -------------------------------------------------
@@ -267,10 +272,11 @@ class FakeOpenAI:
     def __init__(self) -> None:
         self.calls: dict[str, FakeCall] = {}
         self.rest: list[tuple[str, str]] = []  # (action, call_id) of every authorised REST request
+        self.models_retrieved: list[str] = []  # ids asked for with GET /v1/models/{model}, key right or wrong
         self.app = web.Application()
         self.app.router.add_post("/v1/realtime/calls/{call_id}/{action}", self.call_control)
         self.app.router.add_get("/v1/realtime", self.sideband)
-        self.app.router.add_get("/v1/models", self.models)
+        self.app.router.add_get("/v1/models/{model}", self.retrieve_model)
         self.app.on_shutdown.append(self.close_sidebands)
         self.url = ""
         self.closing = False
@@ -289,10 +295,16 @@ class FakeOpenAI:
     def authorised(self, request: web.Request) -> bool:
         return request.headers.get("Authorization") == f"Bearer {API_KEY}"
 
-    async def models(self, request: web.Request) -> web.Response:
+    async def retrieve_model(self, request: web.Request) -> web.Response:
+        """GET /v1/models/{model}: the model object if the key's project may use it, else 404 model_not_found."""
+        model = request.match_info["model"]
+        self.models_retrieved.append(model)
         if not self.authorised(request):
             return web.json_response(error_body("Incorrect API key provided.", "invalid_request_error", "invalid_api_key"), status=401)
-        return web.json_response({"object": "list", "data": [{"id": "gpt-realtime", "object": "model"}]})
+        if model not in REALTIME_MODELS:
+            message = f"The model '{model}' does not exist or you do not have access to it."
+            return web.json_response(error_body(message, "invalid_request_error", "model_not_found"), status=404)
+        return web.json_response({"id": model, "object": "model", "created": 1779000000, "owned_by": "system"})
 
     async def call_control(self, request: web.Request) -> web.Response:
         if not self.authorised(request):
@@ -315,6 +327,11 @@ class FakeOpenAI:
             audio = body.get("audio") or {}
             if any("format" in (audio.get(side) or {}) for side in ("input", "output")):
                 return web.json_response(error_body("Do not set audio format for SIP calls", "invalid_request_error"), status=400)
+            for param, value, known in (("model", body.get("model"), REALTIME_MODELS),
+                                        ("audio.output.voice", (audio.get("output") or {}).get("voice"), VOICES)):
+                if value not in known:
+                    message = f"Invalid value: {value!r}. Supported values are: {', '.join(sorted(known))}."
+                    return web.json_response(error_body(message, "invalid_request_error", "invalid_value", param), status=400)
             call.accept_body, call.state, call.accepted_at = body, "accepted", time.monotonic()
         elif action == "reject":
             if call.state != "ringing":
@@ -684,7 +701,8 @@ async def test_a_call_from_webhook_to_spoken_answer(
     # Accept carried a phone session with both tools and no audio format.
     body = call.accept_body
     assert body is not None
-    assert body["type"] == "realtime" and body["model"] == "gpt-realtime"
+    assert body["type"] == "realtime" and body["model"] == "gpt-realtime-2.1"
+    assert body["model"] not in voicebridge.RETIRING_MODELS  # the default outlives 2027-01-20
     assert body["audio"] == {"output": {"voice": "marin"}}
     assert [t["name"] for t in body["tools"]] == ["ask_openclaw", "end_call"]
     assert body["tools"][0]["parameters"]["required"] == ["request"]
@@ -780,6 +798,21 @@ async def test_accept_401_says_check_the_key(start_bridge: Bridge, openai: FakeO
     await post_webhook(bridge, incoming_event("rtc_badkey"))
     await eventually(lambda: "check OPENAI_API_KEY" in caplog.text)
     assert "Incorrect API key provided" in caplog.text and "sk-wrong" not in caplog.text
+
+
+@pytest.mark.parametrize("setting", [{"REALTIME_MODEL": "gpt-realtime-9"}, {"VOICE": "robot"}])
+async def test_accept_400_names_the_settings_that_shape_the_accept_body(
+    start_bridge: Bridge, openai: FakeOpenAI, caplog: pytest.LogCaptureFixture, setting: dict[str, str]
+) -> None:
+    bridge = await start_bridge(**setting)
+    call = openai.ring("rtc_badmodel")
+    await post_webhook(bridge, incoming_event("rtc_badmodel"))
+    await eventually(lambda: bridge.app[voicebridge.CALLS] == {})
+    [line] = [r.getMessage() for r in caplog.records if "accept failed" in r.getMessage()]
+    assert f"HTTP 400: Invalid value: {next(iter(setting.values()))!r}" in line  # OpenAI's message, quoted
+    assert "(check REALTIME_MODEL, VOICE and INSTRUCTIONS: they shape the accept body)" in line
+    assert line.startswith("[rtc_badmodel]") and "reason=error" in caplog.text
+    assert openai.rest == [("accept", "rtc_badmodel")] and call.sideband_attempts == []  # a 400 is not retried
 
 
 async def test_sideband_404_right_after_accept_is_retried(bridge: Any, openai: FakeOpenAI) -> None:
@@ -1206,6 +1239,29 @@ def test_config_errors_name_the_variable() -> None:
     assert voicebridge.sideband_url(Config.from_env(good), "rtc_1") == "wss://api.openai.com/v1/realtime?call_id=rtc_1"
 
 
+def test_python_version_check() -> None:
+    assert voicebridge.python_problem((3, 10)) == "" and voicebridge.python_problem((3, 13, 0)) == ""
+    problem = voicebridge.python_problem((3, 9, 18))
+    assert "needs Python 3.10 or newer, and this is Python 3.9" in problem
+    assert "-m venv .venv && .venv/bin/pip install -r requirements.txt" in problem  # the fix
+
+
+def old_pythons() -> list[Path]:
+    """Interpreters older than 3.10 that pyenv has on this machine (none is fine: the test is skipped)."""
+    root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+    return sorted(p for p in root.glob("versions/3.[789].*/bin/python3") if p.is_file())
+
+
+@pytest.mark.skipif(not old_pythons(), reason="no Python 3.7-3.9 under pyenv on this machine")
+@pytest.mark.parametrize("python", old_pythons(), ids=lambda p: p.parent.parent.name)
+def test_too_old_python_stops_at_once_saying_what_to_do(tmp_path: Path, python: Path) -> None:
+    # The bare interpreter, without aiohttp: the check must come before any import that would fail.
+    result = subprocess.run([str(python), str(HERE / "voicebridge.py")], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    version = python.parent.parent.name.rsplit(".", 1)[0]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"needs Python 3.10 or newer, and this is Python {version}." in result.stderr
+
+
 def test_startup_fails_fast_naming_the_missing_variable(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "OPENCLAW_"))}
     env["OPENAI_API_KEY"] = ""  # set, so that a developer's own .env cannot fill it in
@@ -1324,7 +1380,7 @@ def test_banner_masks_secrets_and_warns_about_open_policies(caplog: pytest.LogCa
     caplog.set_level("INFO", logger="voicebridge")
     env = {"OPENAI_API_KEY": API_KEY, "OPENAI_WEBHOOK_SECRET": SECRET, "OPENCLAW_TOKEN": CLAW_TOKEN}
     voicebridge.log_banner(Config.from_env({**env, "ALLOWED_CALLERS": ALICE}))
-    assert "+1******4567" in caplog.text and "model gpt-realtime, voice marin" in caplog.text
+    assert "+1******4567" in caplog.text and "model gpt-realtime-2.1, voice marin" in caplog.text
     assert API_KEY not in caplog.text and CLAW_TOKEN not in caplog.text and ALICE not in caplog.text
     assert "WARNING" not in caplog.text
     for callers, warning in (("", "EVERY CALL WILL BE REJECTED"), ("*", "ANYONE WHO DIALS")):
@@ -1338,6 +1394,7 @@ def test_banner_masks_secrets_and_warns_about_open_policies(caplog: pytest.LogCa
     [
         ({}, None),
         ({"OPENAI_API_KEY": "sk-wrong"}, "check OPENAI_API_KEY"),
+        ({"REALTIME_MODEL": "gpt-realtime-9"}, "(REALTIME_MODEL=gpt-realtime-9 is not available to this key's project"),
         ({"OPENCLAW_TOKEN": "wrong"}, "check OPENCLAW_TOKEN"),
         ({"mode": "disabled"}, "HTTP 404: Not Found (enable gateway.http.endpoints.chatCompletions"),
         ({"OPENCLAW_AGENT": "nobody"}, "Unknown agent 'nobody'. (check OPENCLAW_AGENT)"),
@@ -1355,7 +1412,45 @@ async def test_check_probes_both_sides_without_making_a_call(
     else:
         assert code == 1 and fix in output and ("FAIL" in output or "configuration error" in output), output
     assert openai.rest == [] and openclaw.requests == []  # no call, no agent run
+    assert openai.models_retrieved == ([] if "OPENAI_WEBHOOK_SECRET" in broken else [broken.get("REALTIME_MODEL", "gpt-realtime-2.1")])
     assert API_KEY not in output and CLAW_TOKEN not in output
+
+
+@pytest.mark.parametrize(
+    "today,expected,code",
+    [
+        (date(2027, 1, 19), "WARN  REALTIME_MODEL=gpt-realtime will be shut down by OpenAI on 2027-01-20: "
+                            "set REALTIME_MODEL=gpt-realtime-2.1 before then", 0),
+        (date(2027, 1, 20), "FAIL  REALTIME_MODEL=gpt-realtime has not reached an announced shutdown date\n"
+                            "      REALTIME_MODEL=gpt-realtime was shut down by OpenAI on 2027-01-20", 1),
+    ],
+)
+async def test_check_warns_before_a_models_shutdown_date_and_fails_after(
+    openai: FakeOpenAI, openclaw: FakeOpenClaw, capsys: pytest.CaptureFixture[str], today: date, expected: str, code: int
+) -> None:
+    config = Config.from_env(make_env(openai, openclaw, REALTIME_MODEL="gpt-realtime"))
+    assert await voicebridge.check(config, today=today) == code
+    output = capsys.readouterr().out
+    assert expected in output, output
+    assert ("All good" in output) == (code == 0)
+    assert openai.models_retrieved == ["gpt-realtime"] and openai.rest == []
+
+
+def test_banner_warns_about_a_retiring_model_and_errors_after_its_date(caplog: pytest.LogCaptureFixture) -> None:
+    config = Config.from_env({"OPENAI_API_KEY": API_KEY, "OPENAI_WEBHOOK_SECRET": SECRET, "ALLOWED_CALLERS": ALICE,
+                              "REALTIME_MODEL": "gpt-realtime-mini"})
+    for today, level, text in (
+        (date(2026, 11, 26), "WARNING", "REALTIME_MODEL=gpt-realtime-mini will be shut down by OpenAI on 2027-01-20: "
+                                        "set REALTIME_MODEL=gpt-realtime-2.1-mini before then"),
+        (date(2027, 2, 1), "ERROR", "REALTIME_MODEL=gpt-realtime-mini was shut down by OpenAI on 2027-01-20, so calls "
+                                    "will fail: set REALTIME_MODEL=gpt-realtime-2.1-mini"),
+    ):
+        caplog.clear()
+        voicebridge.log_banner(config, today=today)
+        assert [(r.levelname, r.getMessage()) for r in caplog.records if r.levelno >= logging.WARNING] == [(level, text)]
+    caplog.clear()
+    voicebridge.log_banner(dataclasses.replace(config, model="gpt-realtime-2.1"), today=date(2027, 2, 1))
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 async def test_ask_runs_the_question_as_a_call_would(openai: FakeOpenAI, openclaw: FakeOpenClaw) -> None:

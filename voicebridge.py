@@ -11,6 +11,7 @@ The call path, top to bottom in this file:
       5. hand the answer back (function_call_output + response.create) and the model speaks it
     Audio never touches this process; it only steers the call.
 
+Needs:   Python 3.10-3.13 and requirements.txt (aiohttp, python-dotenv; on 3.10 also async-timeout)
 Run it:  cp .env.example .env  (fill it in), then  python voicebridge.py
          python voicebridge.py --check         probe the configuration, OpenAI and OpenClaw; no call made
          python voicebridge.py --ask "..."     ask OpenClaw exactly as a call would, print what the caller hears
@@ -26,7 +27,7 @@ Environment (a .env file beside this one is read too):
     OPENCLAW_TIMEOUT       seconds before ask_openclaw gives up, default 30
     ALLOWED_CALLERS        comma-separated E.164 numbers; "*" = anyone; empty (default) = reject every call
     HOST, PORT             listen address, default 127.0.0.1 and 8080 (put a TLS proxy in front)
-    REALTIME_MODEL         default gpt-realtime
+    REALTIME_MODEL         default gpt-realtime-2.1 (RETIRING_MODELS below lists announced shutdowns)
     VOICE                  default marin
     INSTRUCTIONS           override the session instructions
     GREETING               override the instruction for the first spoken line
@@ -37,6 +38,25 @@ Environment (a .env file beside this one is read too):
 """
 
 from __future__ import annotations
+
+import sys
+
+MIN_PYTHON = (3, 10)
+
+
+def python_problem(version: tuple[int, ...]) -> str:
+    """Why this Python cannot run voicebridge, or "" if it can (checked before anything else is imported)."""
+    if version[:2] >= MIN_PYTHON:
+        return ""
+    return (
+        f"voicebridge needs Python 3.10 or newer, and this is Python {version[0]}.{version[1]}. Install Python "
+        "3.10-3.13 (the python3 of Ubuntu 22.04+ or Debian 12+, or pyenv), then recreate the venv with it: "
+        "rm -rf .venv && python3.11 -m venv .venv && .venv/bin/pip install -r requirements.txt"
+    )
+
+
+if python_problem(sys.version_info[:2]):
+    sys.exit(python_problem(sys.version_info[:2]))
 
 import argparse
 import asyncio
@@ -50,15 +70,21 @@ import logging
 import os
 import re
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from datetime import date, datetime, timezone
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
 from dotenv import load_dotenv
+
+if sys.version_info >= (3, 11):
+    from asyncio import timeout
+else:  # Python 3.10: the backport, which requirements.txt installs there (it raises asyncio.TimeoutError)
+    from async_timeout import timeout
 
 log = logging.getLogger("voicebridge")
 
@@ -84,7 +110,7 @@ class Config:
     allowed_callers: frozenset[str] = frozenset()  # E.164 numbers, or {"*"}
     host: str = "127.0.0.1"
     port: int = 8080
-    model: str = "gpt-realtime"
+    model: str = "gpt-realtime-2.1"
     voice: str = "marin"
     instructions: str = ""  # empty: INSTRUCTIONS below
     greeting: str = ""  # empty: GREETING below
@@ -165,6 +191,17 @@ def parse_webhook_secret(secret: str) -> bytes:
 
 
 # --- Constants ---------------------------------------------------------------------------------
+
+# Models with an announced shutdown (openai-python 3.57.0, the `model` docs of realtime.calls.accept):
+# model -> (shutdown date, the replacement we suggest). See https://developers.openai.com/api/docs/deprecations
+RETIRING_MODELS: dict[str, tuple[date, str]] = {
+    "gpt-realtime": (date(2027, 1, 20), "gpt-realtime-2.1"),
+    "gpt-realtime-2025-08-28": (date(2027, 1, 20), "gpt-realtime-2.1"),
+    "gpt-realtime-mini": (date(2027, 1, 20), "gpt-realtime-2.1-mini"),
+    "gpt-realtime-mini-2025-12-15": (date(2027, 1, 20), "gpt-realtime-2.1-mini"),
+    "gpt-audio-mini": (date(2027, 1, 20), "gpt-realtime-2.1-mini"),
+    "gpt-audio-mini-2025-12-15": (date(2027, 1, 20), "gpt-realtime-2.1-mini"),
+}
 
 INSTRUCTIONS = """\
 You are the owner's voice assistant on a phone call. Speak naturally and briefly: one to three short
@@ -312,6 +349,27 @@ def caller_allowed(config: Config, number: str | None) -> bool:
     return "*" in config.allowed_callers or (number is not None and number in config.allowed_callers)
 
 
+def model_retirement(model: str, today: date) -> tuple[int, str]:
+    """(logging level, message) if OpenAI has announced a shutdown of `model`: WARNING before the date, ERROR after."""
+    if model not in RETIRING_MODELS:
+        return logging.NOTSET, ""
+    shutdown, replacement = RETIRING_MODELS[model]
+    if today < shutdown:
+        return logging.WARNING, (
+            f"REALTIME_MODEL={model} will be shut down by OpenAI on {shutdown}: "
+            f"set REALTIME_MODEL={replacement} before then"
+        )
+    return logging.ERROR, (
+        f"REALTIME_MODEL={model} was shut down by OpenAI on {shutdown}, so calls will fail: "
+        f"set REALTIME_MODEL={replacement}"
+    )
+
+
+def utc_today() -> date:
+    """Today's date in UTC, for comparing with shutdown dates."""
+    return datetime.now(timezone.utc).date()
+
+
 def accept_payload(config: Config) -> dict[str, Any]:
     """The session config sent with /accept. No audio format: SIP negotiates the codec."""
     return {
@@ -383,7 +441,11 @@ async def call_control(
                     clog.info("%s: call is gone, the caller probably hung up (%s)", action, why)
                     return status
                 if status < 500 and status != 429:
-                    hint = " (check OPENAI_API_KEY)" if status in (401, 403) else ""
+                    hint = ""
+                    if status in (401, 403):
+                        hint = " (check OPENAI_API_KEY)"
+                    elif action == "accept" and status == 400:  # the session config was refused
+                        hint = " (check REALTIME_MODEL, VOICE and INSTRUCTIONS: they shape the accept body)"
                     clog.error("%s failed: %s%s", action, why, hint)
                     return status
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
@@ -470,14 +532,14 @@ class Call:
     async def run(self) -> None:
         """The whole life of the call: accept, attach, handle events until the call is over."""
         try:
-            async with asyncio.timeout(self.config.max_call_seconds):
+            async with timeout(self.config.max_call_seconds):
                 status = await call_control(self.http, self.config, self.id, "accept", accept_payload(self.config))
                 if status != 200:
                     self.end_reason = "caller_hung_up" if status == 404 else "error"
                     return
                 self.log.info("call accepted in %.0f ms", (asyncio.get_running_loop().time() - self.received) * 1000)
                 await self._attach_and_listen()
-        except TimeoutError:
+        except asyncio.TimeoutError:
             self.log.info("call reached MAX_CALL_SECONDS=%g", self.config.max_call_seconds)
             await self.hang_up("max_duration")
         finally:
@@ -513,11 +575,12 @@ class Call:
             async for msg in self.ws:
                 if msg.type == aiohttp.WSMsgType.TEXT:
                     await self._on_message(msg.data)
-            if self.end_reason or self.ws.close_code in NORMAL_CLOSE:
+            code = None if self.ws.close_code is None else int(self.ws.close_code)  # 3.10 logs an IntEnum by name
+            if self.end_reason or code in NORMAL_CLOSE:
                 self.end_reason = self.end_reason or "caller_hung_up"
-                self.log.info("sideband closed (code %s)", self.ws.close_code)
+                self.log.info("sideband closed (code %s)", code)
                 return
-            self.log.warning("sideband dropped (code %s), reconnecting", self.ws.close_code)
+            self.log.warning("sideband dropped (code %s), reconnecting", code)
 
     async def _connect_sideband(
         self, delays: tuple[float, ...], retry_404: bool
@@ -707,14 +770,14 @@ class Call:
     async def hang_up_after_goodbye(self, reason: str, goodbye: str = "") -> None:
         """Let the goodbye play out (bounded), then hang up; with `goodbye`, ask the model for it first."""
         try:
-            async with asyncio.timeout(GOODBYE_TIMEOUT):
+            async with timeout(GOODBYE_TIMEOUT):
                 if goodbye and self.connected:
                     while self.response_active:
                         await asyncio.sleep(0.05)
                     self.playback_stopped.clear()
                     await self._request_response({"instructions": goodbye, "tool_choice": "none"})
                 await self.playback_stopped.wait()
-        except TimeoutError:
+        except asyncio.TimeoutError:
             self.log.info("goodbye still playing after %.0fs, hanging up anyway", GOODBYE_TIMEOUT)
         await self.hang_up(reason)
 
@@ -911,7 +974,7 @@ def policy_warning(config: Config) -> str:
     return ""
 
 
-def log_banner(config: Config) -> None:
+def log_banner(config: Config, today: date | None = None) -> None:
     """One screen saying what this process will do; secrets are only said to be set or not."""
     policy = "anyone (*)" if "*" in config.allowed_callers else ", ".join(sorted(map(mask, config.allowed_callers)))
     for line in (
@@ -926,6 +989,9 @@ def log_banner(config: Config) -> None:
         log.info("%s", line)
     if policy_warning(config):
         log.warning("%s", policy_warning(config))
+    level, retirement = model_retirement(config.model, today or utc_today())
+    if retirement:
+        log.log(level, "%s", retirement)  # an ERROR past the date, but the service still starts
 
 
 async def probe(http: aiohttp.ClientSession, method: str, url: str, **kwargs: Any) -> tuple[int, str]:
@@ -937,26 +1003,39 @@ async def probe(http: aiohttp.ClientSession, method: str, url: str, **kwargs: An
         return 0, f"cannot connect ({type(exc).__name__}: {exc})"
 
 
-async def check(config: Config) -> int:
+async def check(config: Config, today: date | None = None) -> int:
     """--check: probe OpenAI and OpenClaw with the configuration, without making a call."""
     claw_headers = {"Authorization": f"Bearer {config.openclaw_token}"} if config.openclaw_token else {}
     async with aiohttp.ClientSession() as http:
-        openai = await probe(
-            http, "GET", f"{config.openai_base_url}/models", headers={"Authorization": f"Bearer {config.openai_api_key}"}
-        )
+        # Retrieving the model proves the key and that its project may use the model, in one request.
+        model_url = f"{config.openai_base_url}/models/{quote(config.model, safe='')}"
+        openai = await probe(http, "GET", model_url, headers={"Authorization": f"Bearer {config.openai_api_key}"})
         # messages=[] makes the gateway check the token and the endpoint, then stop before any agent run.
         body = {"model": f"openclaw:{config.openclaw_agent}", "messages": []}
         claw = await probe(http, "POST", f"{config.openclaw_url}/v1/chat/completions", json=body, headers=claw_headers)
+    if openai[0] == 200:
+        openai_problem = ""
+    elif openai[0] == 404:  # model_not_found: the key is fine, the model is not
+        openai_problem = (
+            f"HTTP 404: {openai[1]} (REALTIME_MODEL={config.model} is not available to this key's project: "
+            f"check the spelling and the project's model permissions in the OpenAI dashboard; the default is {Config.model})"
+        )
+    else:
+        openai_problem = f"HTTP {openai[0]}: {openai[1]} (check OPENAI_API_KEY and OPENAI_BASE_URL)"
+    level, retirement = model_retirement(config.model, today or utc_today())
     claw_ok = claw[0] == 400 and "user message" in claw[1].lower()
     checks = [
         ("configuration complete, OPENAI_WEBHOOK_SECRET well formed", ""),
-        ("OpenAI accepts OPENAI_API_KEY (GET /models)",
-         "" if openai[0] == 200 else f"HTTP {openai[0]}: {openai[1]} (check OPENAI_API_KEY and OPENAI_BASE_URL)"),
+        (f"OpenAI accepts OPENAI_API_KEY and serves REALTIME_MODEL={config.model} (GET /models/{config.model})",
+         openai_problem),
+        (f"REALTIME_MODEL={config.model} has not reached an announced shutdown date",
+         retirement if level >= logging.ERROR else ""),
         (f"OpenClaw at {config.openclaw_url}: reachable, token accepted, chat endpoint enabled",
          "" if claw_ok else f"HTTP {claw[0]}: {claw[1]} ({OPENCLAW_FIXES.get(claw[0], 'see the gateway log')})"),
     ]
-    if policy_warning(config):
-        print(f"WARN  {policy_warning(config)}")
+    for warning in (policy_warning(config), retirement if level == logging.WARNING else ""):
+        if warning:
+            print(f"WARN  {warning}")
     for what, problem in checks:
         print(f"FAIL  {what}\n      {problem}" if problem else f"ok    {what}")
     failed = sum(bool(problem) for _, problem in checks)
