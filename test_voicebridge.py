@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import hmac
 import itertools
+import gc
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 from collections.abc import Awaitable, Callable
 from datetime import date
 from pathlib import Path
@@ -111,6 +113,9 @@ class FakeCall:
         self.accept_script: list[int] = []  # statuses to answer the next accepts with, before success
         self.sideband_404s = 0  # refuse this many handshakes after accept (the documented race)
         self.sideband_down = False  # a proxy in the way is restarting: handshakes get 503
+        self.close_on_connect: int | None = None  # complete the upgrade, then close at once with this code
+        self.handshake_hangs = False  # accept the TCP connection, never answer the upgrade
+        self.hangup_script: list[int] = []  # statuses to answer the next hangups with, before success
         self.accepted_at: float | None = None
         self.accept_body: dict[str, Any] | None = None
         self.reject_body: Any = None
@@ -123,6 +128,7 @@ class FakeCall:
         self.errors: list[dict[str, Any]] = []  # error events the fake had to send
         self.response_active = False
         self.function_calls: set[str] = set()  # call_ids the conversation knows
+        self.item_ids: set[str] = set()  # ids of the items in the conversation
         self.speak_seconds = 0.02  # how long a response asked for with response.create lasts
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -137,10 +143,11 @@ class FakeCall:
         await self.ws.send_json(event)
 
     def outputs(self) -> list[dict[str, Any]]:
-        """function_call_output items the client created."""
+        """function_call_output items the conversation holds (so a refused repeat is not counted), without their ids."""
         return [
-            e["item"] for e in self.received
+            {k: v for k, v in e["item"].items() if k != "id"} for e in self.received
             if e.get("type") == "conversation.item.create" and e.get("item", {}).get("type") == "function_call_output"
+            and not any(err["error"]["event_id"] == e.get("event_id") for err in self.errors)
         ]
 
     def response_creates(self) -> list[dict[str, Any]]:
@@ -198,35 +205,39 @@ class FakeCall:
                                  "Conversation already has an active response in progress")
                 return
             self.response_active = True  # synchronously, as the server does, before any other event
-            task = asyncio.create_task(self.answer_response_create())
+            task = asyncio.create_task(self.answer_response_create((event.get("response") or {}).get("metadata")))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         elif kind == "conversation.item.create":
             item = event.get("item") or {}
-            if item.get("type") == "function_call_output":
-                if item.get("call_id") not in self.function_calls:
-                    await self.error(event, "invalid_value", "Tool call ID not found in conversation")
-                elif not isinstance(item.get("output"), str):
-                    await self.error(event, "invalid_type", "Invalid type for 'item.output': expected a string")
-                else:
-                    await self.send({"type": "conversation.item.created", "item": {**item, "id": self.next_id("item")}})
-            elif item.get("type") == "message":
-                content = item.get("content")
-                if item.get("role") not in ("system", "user", "assistant") or not isinstance(content, list) or not content:
-                    await self.error(event, "invalid_value", "Invalid message item")
-                else:
-                    await self.send({"type": "conversation.item.created", "item": {**item, "id": self.next_id("item")}})
-            else:
+            content = item.get("content")
+            if item.get("id") in self.item_ids:  # a client-chosen id makes a repeated create harmless
+                await self.error(event, "invalid_value", f"Item with id {item['id']!r} already exists")
+            elif item.get("type") == "function_call_output" and item.get("call_id") not in self.function_calls:
+                await self.error(event, "invalid_value", "Tool call ID not found in conversation")
+            elif item.get("type") == "function_call_output" and not isinstance(item.get("output"), str):
+                await self.error(event, "invalid_type", "Invalid type for 'item.output': expected a string")
+            elif item.get("type") == "message" and (
+                item.get("role") not in ("system", "user", "assistant") or not isinstance(content, list) or not content
+            ):
+                await self.error(event, "invalid_value", "Invalid message item")
+            elif item.get("type") not in ("function_call_output", "message"):
                 await self.error(event, "invalid_value", f"Invalid item type {item.get('type')!r}")
+            else:  # confirmed with the GA events, the item carrying the client's id if it gave one
+                item = {**item, "id": item.get("id") or self.next_id("item")}
+                self.item_ids.add(item["id"])
+                await self.send({"type": "conversation.item.added", "previous_item_id": None, "item": item})
+                await self.send({"type": "conversation.item.done", "previous_item_id": None, "item": item})
 
-    async def answer_response_create(self) -> None:
+    async def answer_response_create(self, metadata: Any) -> None:
         response_id = self.next_id("resp")
-        await self.send({"type": "response.created", "response": {"id": response_id, "status": "in_progress", "output": []}})
+        response = {"id": response_id, "status": "in_progress", "output": [], "metadata": metadata}
+        await self.send({"type": "response.created", "response": response})
         await self.send({"type": "output_audio_buffer.started", "response_id": response_id})
         await asyncio.sleep(self.speak_seconds)
         self.response_active = False
         message = {"id": self.next_id("item"), "type": "message", "role": "assistant", "status": "completed", "content": []}
-        await self.send({"type": "response.done", "response": {"id": response_id, "status": "completed", "output": [message]}})
+        await self.send({"type": "response.done", "response": {**response, "status": "completed", "output": [message]}})
         await self.send({"type": "output_audio_buffer.stopped", "response_id": response_id})
 
     async def error(self, event: dict[str, Any], code: str, message: str) -> None:
@@ -338,6 +349,8 @@ class FakeOpenAI:
                 return not_found
             call.reject_body, call.state = await request.json(), "rejected"
         else:  # hangup
+            if call.hangup_script:
+                return web.json_response(error_body("The server had an error", "server_error"), status=call.hangup_script.pop(0))
             if call.state != "accepted":
                 return not_found
             call.state, call.hangup_at = "ended", time.monotonic()
@@ -361,6 +374,8 @@ class FakeOpenAI:
             return not_found
         if call.sideband_down:
             return web.Response(status=503, text="upstream restarting")
+        if call.handshake_hangs:
+            await asyncio.sleep(3600)
         if call.sideband_404s > 0:
             call.sideband_404s -= 1
             return not_found
@@ -369,8 +384,8 @@ class FakeOpenAI:
         if "OpenAI-Beta" in request.headers:
             await ws.close(code=4000, message=b"beta_api_shape_disabled")
             return ws
-        if self.closing:
-            await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY)
+        if self.closing or call.close_on_connect:
+            await ws.close(code=call.close_on_connect or aiohttp.WSCloseCode.GOING_AWAY)
             return ws
         call.ws, call.transport = ws, request.transport
         async for msg in ws:
@@ -394,7 +409,7 @@ class FakeOpenClaw:
         self.requests: list[dict[str, Any]] = []  # bodies of authorised requests
         self.cancelled: list[dict[str, Any]] = []  # requests the client abandoned mid-answer
         self.delay = 0.0
-        self.mode = "ok"  # ok | empty | garbage | 500 | disabled
+        self.mode = "ok"  # ok | empty | garbage | 500 | disabled | huge (a 10 MiB answer) | huge 500 (a 10 MiB error)
         self.answer: Callable[[str], str] = lambda question: f"Answer to: {question}"
         self.app = web.Application()
         self.app.router.add_post("/v1/chat/completions", self.chat)
@@ -422,11 +437,69 @@ class FakeOpenClaw:
             return web.json_response({"error": {"message": "upstream model failed", "type": "api_error"}}, status=500)
         if self.mode == "garbage":
             return web.Response(text="<html>proxy error</html>", content_type="text/html")
+        if self.mode.startswith("huge"):  # streamed in 64 KiB pieces, so only the client could hold it all
+            resp = web.StreamResponse(status=500 if self.mode == "huge 500" else 200, headers={"Content-Type": "application/json"})
+            await resp.prepare(request)
+            try:
+                await resp.write(b'{"choices": [{"message": {"role": "assistant", "content": "')
+                for _ in range(160):
+                    await resp.write(b"blah " * 13107)
+                await resp.write(b'"}}]}')
+            except ConnectionError:  # the client stopped reading
+                self.cancelled.append(body)
+            return resp
         content = "No response from OpenClaw." if self.mode == "empty" else self.answer(questions[-1])
         return web.json_response({
             "id": "chatcmpl_1", "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
         })
+
+
+# --- A TCP proxy that can black-hole the sideband ----------------------------------------------------------
+
+
+class BlackHoleProxy:
+    """Sits between voicebridge and the fake OpenAI; black_hole() makes the open sidebands swallow every byte,
+    both ways, without a FIN or RST: a dead NAT entry or a stalled proxy, noticed only by a missing pong."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.links: dict[int, list[asyncio.StreamWriter]] = {}  # link number -> both ends
+        self.sidebands: set[int] = set()  # links that carry a sideband (REST links are left alone)
+        self.dead: set[int] = set()
+        self.server: asyncio.Server | None = None
+        self._numbers = itertools.count()
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self.link, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/v1"
+
+    async def link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        number = next(self._numbers)
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        self.links[number] = [writer, up_writer]
+        await asyncio.gather(self.pump(number, reader, up_writer), self.pump(number, up_reader, writer), return_exceptions=True)
+        for end in self.links.pop(number):
+            end.close()
+
+    async def pump(self, number: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            if data.startswith(b"GET /v1/realtime?"):
+                self.sidebands.add(number)
+            if number not in self.dead:
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    def black_hole(self) -> None:
+        self.dead.update(self.sidebands & self.links.keys())
+
+    async def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for ends in self.links.values():
+            for end in ends:
+                end.transport.abort()
 
 
 # --- Fixtures -------------------------------------------------------------------------------------
@@ -721,6 +794,7 @@ async def test_a_call_from_webhook_to_spoken_answer(
     await eventually(lambda: call.outputs())
     assert call.outputs() == [{"type": "function_call_output", "call_id": fc_id, "output": "Answer to: What is on my calendar tomorrow?"}]
     output_event = next(e for e in call.received if e["type"] == "conversation.item.create")
+    assert re.fullmatch(r"[A-Za-z0-9_]{1,32}", output_event["item"]["id"])  # our own id: short and plain
     assert call.received[-1]["type"] == "response.create" and call.received[-1]["_at"] >= output_event["_at"]
     assert "response" not in call.received[-1]  # the output lives in the conversation, not in response.input
     assert all(e.get("event_id") for e in call.received)
@@ -827,8 +901,11 @@ async def test_sideband_that_stays_404_is_given_up(bridge: Any, openai: FakeOpen
     call = openai.ring("rtc_never")
     call.sideband_404s = 100
     await post_webhook(bridge, incoming_event("rtc_never"))
-    await eventually(lambda: "sideband unavailable, giving up" in caplog.text)
+    await eventually(lambda: bridge.app[voicebridge.CALLS] == {})
+    assert "sideband unavailable, giving up" in caplog.text
     assert 3 <= len(call.sideband_attempts) <= 6 and await active_calls(bridge) == 0
+    # OpenAI may still hold the call: it is hung up, not left to a model that cannot reach OpenClaw.
+    assert call.state == "ended" and "reason=sideband_lost" in caplog.text
 
 
 async def test_the_fake_refuses_what_the_real_server_refuses(openai: FakeOpenAI) -> None:
@@ -949,25 +1026,42 @@ async def test_results_wait_for_the_active_response_to_finish(bridge: Any, opena
     assert call.outputs()[0]["call_id"] == fc_id
 
 
-async def test_one_openclaw_question_at_a_time(bridge: Any, openai: FakeOpenAI, openclaw: FakeOpenClaw) -> None:
+async def test_several_questions_in_one_response_are_all_answered_in_order(
+    bridge: Any, openai: FakeOpenAI, openclaw: FakeOpenClaw
+) -> None:
+    # A reasoning model may ask several things at once; OpenClaw gets them one after the other, in order.
     call = await connected_call(bridge, openai)
-    call.speak_seconds = 0.1
-    openclaw.delay = 0.3
+    call.speak_seconds = 0.05
+    openclaw.delay = 0.2
     first, second, third = await call.model_response([
         ("ask_openclaw", '{"request": "one"}'), ("ask_openclaw", '{"request": "two"}'), ("ask_openclaw", '{"request": "three"}'),
     ])
     await eventually(lambda: len(call.outputs()) == 3)
-    outputs = {o["call_id"]: o["output"] for o in call.outputs()}
-    assert outputs[first] == "Answer to: one"
-    assert "still being worked on" in outputs[second] and "still being worked on" in outputs[third]
-    assert [r["messages"][-1]["content"] for r in openclaw.requests] == ["one"]
-    await asyncio.sleep(0.3)
+    assert [(o["call_id"], o["output"]) for o in call.outputs()] == [
+        (first, "Answer to: one"), (second, "Answer to: two"), (third, "Answer to: three")]
+    assert [r["messages"][-1]["content"] for r in openclaw.requests] == ["one", "two", "three"]
     await call.wait_idle()
     assert call.errors == []
+
+
+async def test_a_question_from_a_later_response_waits_for_the_running_one(
+    bridge: Any, openai: FakeOpenAI, openclaw: FakeOpenClaw
+) -> None:
+    call = await connected_call(bridge, openai)
+    openclaw.delay = 0.4
+    [first] = await call.model_response([("ask_openclaw", '{"request": "one"}')])
+    await eventually(lambda: openclaw.requests)
+    [second] = await call.model_response([("ask_openclaw", '{"request": "two"}')])
+    await eventually(lambda: len(call.outputs()) == 2)
+    outputs = {o["call_id"]: o["output"] for o in call.outputs()}
+    assert "still being worked on" in outputs[second] and outputs[first] == "Answer to: one"
+    assert [r["messages"][-1]["content"] for r in openclaw.requests] == ["one"]
+    await call.wait_idle()
     # Once the first answer is in, the next question goes through.
     await call.model_response([("ask_openclaw", '{"request": "two"}')])
-    await eventually(lambda: len(call.outputs()) == 4)
+    await eventually(lambda: len(call.outputs()) == 3)
     assert call.outputs()[-1]["output"] == "Answer to: two"
+    assert call.errors == []
 
 
 async def test_a_refused_response_create_is_sent_again(bridge: Any, openai: FakeOpenAI, openclaw: FakeOpenClaw) -> None:
@@ -1079,7 +1173,7 @@ async def test_three_wrong_pins_hang_up(
         await call.wait_idle()
     assert call.notes() == [voicebridge.PIN_WRONG] * 2  # and no PIN_ACCEPTED
     goodbye = call.response_creates()[-1]["response"]
-    assert goodbye == {"instructions": voicebridge.PIN_GOODBYE, "tool_choice": "none"}
+    assert goodbye == {"instructions": voicebridge.PIN_GOODBYE, "tool_choice": "none", "metadata": {"voicebridge": "goodbye"}}
     await eventually(lambda: call.state == "ended")
     assert call.hangup_at is not None and call.hangup_at >= [e["_at"] for e in call.sent if e["type"] == "output_audio_buffer.stopped"][-1]
     await eventually(lambda: bridge.app[voicebridge.CALLS] == {})
@@ -1172,6 +1266,7 @@ async def test_reconnect_is_bounded(
     await eventually(lambda: bridge.app[voicebridge.CALLS] == {})
     assert len(call.sideband_attempts) == 1 + 4
     assert "sideband unavailable, giving up: HTTP 503" in caplog.text
+    assert call.state == "ended" and ("hangup", "rtc_happy") in openai.rest and "reason=sideband_lost" in caplog.text
 
 
 async def test_slow_openclaw_gets_a_filler_now_and_then(
@@ -1207,6 +1302,236 @@ async def test_a_filler_does_not_talk_over_the_model(
     await eventually(lambda: call.outputs(), timeout=5)
     await call.wait_idle()
     assert call.errors == []
+
+
+# --- Never strand a caller, never lose an answer --------------------------------------------------------------
+
+
+def errors_logged(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "voicebridge" and r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("how", ["503", "handshake never answers"])
+async def test_a_first_attach_that_fails_hangs_up(
+    bridge: Any, openai: FakeOpenAI, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    monkeypatch.setattr(voicebridge, "SIDEBAND_RETRY_DELAYS", (0.05, 0.05))
+    monkeypatch.setattr(voicebridge, "HANDSHAKE_TIMEOUT", 0.3)
+    call = openai.ring("rtc_noattach")
+    call.sideband_down = how == "503"
+    call.handshake_hangs = how == "handshake never answers"
+    started = time.monotonic()
+    await post_webhook(bridge, incoming_event("rtc_noattach"))
+    await eventually(lambda: call.state == "ended")
+    assert time.monotonic() - started < 3  # three handshakes, each bounded
+    assert len(call.sideband_attempts) == 3 and openai.rest == [("accept", "rtc_noattach"), ("hangup", "rtc_noattach")]
+    await eventually(lambda: "call summary" in caplog.text)
+    assert "reason=sideband_lost" in caplog.text
+
+
+def test_the_handshake_timeout_is_about_ten_seconds() -> None:
+    assert 5 <= voicebridge.HANDSHAKE_TIMEOUT <= 15
+
+
+async def test_a_hangup_that_fails_is_retried_then_logged_as_an_error(
+    start_bridge: Bridge, openai: FakeOpenAI, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(voicebridge, "HANGUP_RETRY_DELAYS", (0.05, 0.05, 0.05))
+    bridge = await start_bridge(max_call_seconds=0.3)  # the owner's cost cap is what asks for the hangup here
+    call = openai.ring("rtc_happy")
+    call.hangup_script = [500, 503]  # two failures, then OpenAI answers
+    await post_webhook(bridge, incoming_event("rtc_happy"))
+    await eventually(lambda: call.state == "ended")
+    assert openai.rest.count(("hangup", "rtc_happy")) == 3 and errors_logged(caplog) == []
+
+    other = openai.ring("rtc_stuck")
+    other.hangup_script = [500] * 10  # OpenAI keeps failing
+    await post_webhook(bridge, incoming_event("rtc_stuck"))
+    await eventually(lambda: "call summary" in caplog.text and "[rtc_stuck] call summary" in caplog.text)
+    assert openai.rest.count(("hangup", "rtc_stuck")) == 4
+    [error] = errors_logged(caplog)
+    assert error.getMessage().startswith("[rtc_stuck] hangup failed, giving up: HTTP 500")
+    assert "reason=max_duration" in caplog.text
+
+
+async def test_a_server_that_closes_every_sideband_at_once_gets_bounded_reconnects_then_a_hangup(
+    bridge: Any, openai: FakeOpenAI, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert len(voicebridge.RECONNECT_BACKOFF) == 5 and voicebridge.RECONNECT_WINDOW >= 60
+    backoff = (0.0, 0.1, 0.2, 0.3, 0.4)
+    monkeypatch.setattr(voicebridge, "RECONNECT_BACKOFF", backoff)
+    call = await connected_call(bridge, openai)
+    call.close_on_connect = 1011  # the upgrade succeeds, then the server (or a proxy) closes at once
+    await call.drop(1011)
+    await eventually(lambda: call.state == "ended", timeout=5)
+    times = [at for at, _, _ in call.sideband_attempts]
+    assert len(times) == 1 + 5  # the first attach, then the budget of 5 reconnects
+    for gap, wait in zip(itertools.pairwise(times[1:]), backoff[1:]):
+        assert gap[1] - gap[0] >= wait * 0.9  # backoff between cycles, not only between failed handshakes
+    await eventually(lambda: bridge.app[voicebridge.CALLS] == {})
+    assert "after 5 reconnects within 60s: giving up" in caplog.text and "reason=sideband_lost" in caplog.text
+
+
+@pytest.mark.parametrize("code", [1008, 4000, 4999])
+async def test_a_sideband_the_server_refuses_is_not_reconnected(
+    bridge: Any, openai: FakeOpenAI, caplog: pytest.LogCaptureFixture, code: int
+) -> None:
+    call = await connected_call(bridge, openai)
+    await call.drop(code)
+    await eventually(lambda: call.state == "ended")
+    await asyncio.sleep(0.2)
+    assert len(call.sideband_attempts) == 1
+    assert f"sideband closed with code {code}: the server refuses this session, not reconnecting" in caplog.text
+
+
+async def test_a_result_written_into_a_dead_connection_is_delivered_after_the_reconnect_exactly_once(
+    start_bridge: Bridge, openai: FakeOpenAI, openclaw: FakeOpenClaw, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(voicebridge, "SIDEBAND_HEARTBEAT", 0.4)  # a dead path is noticed after ~0.6 s, not ~30 s
+    proxy = BlackHoleProxy(int(openai.url.split(":")[-1].split("/")[0]))
+    try:
+        bridge = await start_bridge(OPENAI_BASE_URL=await proxy.start())
+        call = await connected_call(bridge, openai)
+        openclaw.delay = 0.3
+        [fc_id] = await call.model_response([("ask_openclaw", '{"request": "long one"}')])
+        await eventually(lambda: openclaw.requests)
+        proxy.black_hole()  # the path dies silently while OpenClaw works
+        await eventually(lambda: "result sent for" in caplog.text)  # written into the void
+        assert call.outputs() == []
+        await eventually(lambda: call.outputs(), timeout=5)
+        assert "sideband dropped (code 1006)" in caplog.text and len(call.sideband_attempts) == 2
+        await call.wait_idle()
+        await asyncio.sleep(0.2)
+        assert call.outputs() == [{"type": "function_call_output", "call_id": fc_id, "output": "Answer to: long one"}]
+        assert call.errors == []
+        await call.caller_hangs_up()  # before the proxy goes away, or the call would try to reconnect through it
+        await eventually(lambda: bridge.app[voicebridge.CALLS] == {})
+    finally:
+        await proxy.close()
+
+
+async def test_a_repeated_item_is_refused_by_its_id_not_added_twice(bridge: Any, openai: FakeOpenAI, openclaw: FakeOpenClaw) -> None:
+    # The item did arrive, but its confirmation was lost with the connection: the repeat cannot add it again.
+    call = await connected_call(bridge, openai)
+    call_obj = bridge.app[voicebridge.CALLS]["rtc_happy"]
+    [fc_id] = await call.model_response([("ask_openclaw", '{"request": "one"}')])
+    await eventually(lambda: call.outputs())
+    await call.wait_idle()
+    [sent] = [e["item"] for e in call.received if e["type"] == "conversation.item.create"]
+    call_obj.unconfirmed[sent["id"]] = dict(sent)  # as if conversation.item.added had not come back
+    await call.drop(1006)
+    await eventually(lambda: call.errors)
+    assert "already exists" in call.errors[0]["error"]["message"]
+    assert call.outputs() == [{"type": "function_call_output", "call_id": fc_id, "output": "Answer to: one"}]
+
+
+@pytest.mark.parametrize("where", ["tool", "call loop"])
+async def test_a_crash_is_logged_once_and_the_call_hung_up(
+    bridge: Any, openai: FakeOpenAI, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    async def broken(*args: Any) -> str:
+        raise RuntimeError("injected failure")
+
+    call = await connected_call(bridge, openai)
+    monkeypatch.setattr(voicebridge, "ask_openclaw", broken)
+    if where == "call loop":
+        monkeypatch.setattr(voicebridge.Call, "_on_response_done", broken)
+    await call.model_response([("ask_openclaw", '{"request": "boom"}')])
+    await eventually(lambda: call.state == "ended")
+    await eventually(lambda: bridge.app[voicebridge.CALLS] == {} and not bridge.app[voicebridge.TASKS])
+    [error] = errors_logged(caplog)
+    assert error.getMessage().startswith("[rtc_happy] unexpected error") and error.exc_info is not None
+    assert "injected failure" in caplog.text and "reason=error" in caplog.text
+    gc.collect()  # a crash nobody looked at would now be reported a second time, as "never retrieved"
+    assert "never retrieved" not in caplog.text
+
+
+async def test_the_greeting_is_not_replayed_after_the_caller_spoke_first(
+    bridge: Any, openai: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    call = openai.ring("rtc_eager")
+    call.response_active = True  # the caller said "hello?" first: the model is already answering
+    await post_webhook(bridge, incoming_event("rtc_eager"))
+    await eventually(lambda: call.errors)  # our greeting is refused
+    call.response_active = False
+    await call.model_response(audio_seconds=0.1)  # the model's answer to the caller
+    await call.model_response([("ask_openclaw", '{"request": "one"}')])
+    await eventually(lambda: call.outputs())
+    await call.wait_idle()
+    await asyncio.sleep(0.2)
+    greetings = [e for e in call.response_creates() if "Greet" in str(e.get("response"))]
+    assert len(greetings) == 1 and len(call.errors) == 1
+
+
+async def test_an_owed_goodbye_goes_out_before_the_hangup_even_with_results_waiting(
+    bridge: Any, openai: FakeOpenAI, openclaw: FakeOpenClaw
+) -> None:
+    call = await connected_call(bridge, openai)
+    call_obj = bridge.app[voicebridge.CALLS]["rtc_happy"]
+    openclaw.delay = 0.2
+    [fc_id] = await call.model_response([("ask_openclaw", '{"request": "one"}')])
+    await eventually(lambda: openclaw.requests)
+    call.response_active = True  # the server has just started a response: our goodbye will be refused
+    bye = asyncio.create_task(call_obj.hang_up_after_goodbye("shutdown", goodbye=voicebridge.SHUTDOWN_GOODBYE))
+    await eventually(lambda: call.errors)
+    await eventually(lambda: call_obj.outbox)  # and meanwhile the answer is in, waiting
+    call.response_active = False
+    await call.model_response()  # the server's response shows up and ends
+    await bye
+    goodbyes = [e for e in call.response_creates() if "goodbye" in str(e.get("response"))]
+    assert len(goodbyes) == 2 and call.hangup_at is not None and goodbyes[-1]["_at"] < call.hangup_at
+    stopped = [e["_at"] for e in call.sent if e["type"] == "output_audio_buffer.stopped"][-1]
+    assert stopped > goodbyes[-1]["_at"] and call.hangup_at >= stopped  # the goodbye was heard
+    assert call.outputs() == [{"type": "function_call_output", "call_id": fc_id, "output": "Answer to: one"}]
+    assert len(call.errors) == 1
+
+
+@pytest.mark.parametrize("mode", ["huge", "huge 500"])
+async def test_a_huge_openclaw_body_is_not_read_whole(
+    bridge: Any, openai: FakeOpenAI, openclaw: FakeOpenClaw, caplog: pytest.LogCaptureFixture, mode: str
+) -> None:
+    call = await connected_call(bridge, openai)
+    openclaw.mode = mode  # 10 MiB
+    tracemalloc.start()
+    try:
+        await call.model_response([("ask_openclaw", '{"request": "read me everything"}')])
+        await eventually(lambda: call.outputs())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * 2**20, f"{peak / 2**20:.1f} MiB allocated at the peak"  # reading it whole would take > 10
+    if mode == "huge":
+        assert call.outputs()[0]["output"] == voicebridge.SAY_TOO_LONG
+        assert "the answer was over 256 KiB, so it was not read" in caplog.text
+    else:
+        assert call.outputs()[0]["output"] == voicebridge.SAY_UNREACHABLE
+        assert "HTTP 500: an error body over 256 KiB" in caplog.text
+
+
+async def test_a_failed_response_is_logged_with_its_details(bridge: Any, openai: FakeOpenAI, caplog: pytest.LogCaptureFixture) -> None:
+    call = await connected_call(bridge, openai)
+    details = {"type": "failed", "error": {"type": "server_error", "code": "internal_error", "message": "The model failed"}}
+    await call.send({"type": "response.created", "response": {"id": "resp_f", "status": "in_progress", "output": []}})
+    await call.send({"type": "response.done", "response": {"id": "resp_f", "status": "failed", "output": [], "status_details": details}})
+    await eventually(lambda: "response failed" in caplog.text)
+    [line] = [r.getMessage() for r in caplog.records if "response failed" in r.getMessage()]
+    assert line.startswith("[rtc_happy]") and "The model failed" in line and "internal_error" in line
+
+
+async def test_shutdown_has_one_deadline(
+    bridge: Any, openai: FakeOpenAI, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert 30 + voicebridge.SHUTDOWN_AFTER_GRACE + 10 <= 60  # the default grace, and the unit's TimeoutStopSec
+    assert "TimeoutStopSec=60" in (HERE / "voicebridge.service").read_text()
+    monkeypatch.setattr(voicebridge, "SHUTDOWN_AFTER_GRACE", 0.5)
+    monkeypatch.setattr(voicebridge, "HANGUP_RETRY_DELAYS", (1.0,) * 10)
+    call = await connected_call(bridge, openai)
+    call.hangup_script = [503] * 100  # OpenAI is down: the hangup would be retried for 10 s
+    started = time.monotonic()
+    await voicebridge.drain(bridge.app, grace=0.2)
+    assert time.monotonic() - started < 0.2 + 0.5 + 0.5
+    assert "shutting down: 1 call(s) not hung up in time" in caplog.text
 
 
 # --- Health, configuration, the process --------------------------------------------------------------------------------

@@ -253,6 +253,7 @@ OPENCLAW_SYSTEM_PROMPT = (
 SAY_UNREACHABLE = "I couldn't reach your assistant just now. Please try again in a moment."
 SAY_TOO_SLOW = "Your assistant is taking too long to answer. Please try again in a moment."
 SAY_NO_ANSWER = "Your assistant didn't have an answer for that."
+SAY_TOO_LONG = "Your assistant's answer was far too long to read out. Please ask for something shorter."
 OPENCLAW_FIXES = {  # what the owner should do about an OpenClaw failure, by HTTP status (0: no answer at all)
     0: "is the gateway running? check OPENCLAW_URL",
     400: "check OPENCLAW_AGENT",
@@ -266,21 +267,31 @@ FILLER_INSTRUCTIONS = (
     "you are still checking and it will be a moment. Do not guess the answer."
 )
 SHUTDOWN_GOODBYE = "The line has to close now for maintenance. Apologise briefly and say goodbye in one sentence."
+# Metadata on our own response.create, which comes back in the response's response.created and response.done.
+GREETING_TAG = {"voicebridge": "greeting"}
+GOODBYE_TAG = {"voicebridge": "goodbye"}
 
 MAX_WEBHOOK_BYTES = 64 * 1024
 SIGNATURE_TOLERANCE = 300  # seconds either side of now, as in Standard Webhooks
 RECENT_IDS = 4096  # webhook-ids and call_ids remembered for deduplication
 REST_TIMEOUT = aiohttp.ClientTimeout(total=5)
-REST_RETRY_DELAYS = (0.25, 0.5, 1.0, 2.0)  # transient accept/hangup failures; ~4 s in all
+REST_RETRY_DELAYS = (0.25, 0.5, 1.0, 2.0)  # transient accept/reject failures; ~4 s in all (the phone is ringing)
+# A call we fail to hang up stays open, billed, until OpenAI's 60-minute cap: keep trying for ~16 s.
+HANGUP_RETRY_DELAYS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 SIDEBAND_RETRY_DELAYS = (0.2, 0.4, 0.6, 0.8)  # a 404 handshake right after accept can be a race
-RECONNECT_DELAYS = (0.25, 0.5, 1.0, 2.0, 4.0)  # after an abnormal drop; 404/410 stops at once
-NORMAL_CLOSE = (1000, 1001)  # the call is over (1001: the 60-minute session cap); other codes reconnect
-SIDEBAND_HEARTBEAT = 20.0
+RECONNECT_DELAYS = (0.25, 0.5, 1.0, 2.0, 4.0)  # between failed handshakes of one reconnect; 404/410 stops at once
+RECONNECT_BACKOFF = (0.0, 1.0, 2.0, 4.0, 8.0)  # before the 1st..5th reconnect within RECONNECT_WINDOW; no 6th
+RECONNECT_WINDOW = 60.0
+NORMAL_CLOSE = (1000, 1001)  # the call is over (1001: the 60-minute session cap)
+HANDSHAKE_TIMEOUT = 10.0  # for one sideband handshake (the client session's default would be 300 s)
+SIDEBAND_HEARTBEAT = 20.0  # a ping this often; no pong within half of it and the socket counts as dead
 GOODBYE_TIMEOUT = 10.0  # wait at most this long for a goodbye to finish playing
+SHUTDOWN_AFTER_GRACE = 20.0  # after SHUTDOWN_GRACE: the goodbye (10 s), then the hangups; systemd waits 60 s in all
 FILLER_AFTER = 4.0  # seconds of OpenClaw silence before the model says "still checking"
 FILLER_EVERY = 9.0  # and then at most this often
 MAX_REQUEST_CHARS = 4000  # ask_openclaw arguments accepted
 MAX_ANSWER_CHARS = 4000  # OpenClaw answer passed to the model
+MAX_BODY_BYTES = 256 * 1024  # OpenClaw answers and all error bodies are read up to this, never whole
 CALL_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
@@ -402,6 +413,11 @@ def first_time(seen: dict[str, None], key: str) -> bool:
     return True
 
 
+def crashed(task: asyncio.Task[Any]) -> BaseException | None:
+    """What a finished task died of, if anything but cancellation (asking marks it seen, so it is logged once)."""
+    return None if task.cancelled() else task.exception()
+
+
 class CallLog(logging.LoggerAdapter):
     """The module's logger, with the call id in front of every line."""
 
@@ -413,9 +429,22 @@ class CallLog(logging.LoggerAdapter):
         return f"[{self.call_id}] {msg}", kwargs
 
 
+async def read_body(resp: aiohttp.ClientResponse) -> bytes | None:
+    """The response body, or None if it is over MAX_BODY_BYTES (reading stops there, so memory stays flat)."""
+    body = bytearray()
+    async for chunk in resp.content.iter_chunked(64 * 1024):
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            return None
+    return bytes(body)
+
+
 async def error_text(resp: aiohttp.ClientResponse) -> str:
     """The message of an OpenAI/OpenClaw error body, or the start of whatever came back."""
-    raw = await resp.text(errors="replace")
+    body = await read_body(resp)
+    if body is None:
+        return f"an error body over {MAX_BODY_BYTES // 1024} KiB"
+    raw = body.decode(errors="replace")
     try:
         message = json.loads(raw)["error"]["message"]
     except (ValueError, KeyError, TypeError):
@@ -424,13 +453,14 @@ async def error_text(resp: aiohttp.ClientResponse) -> str:
 
 
 async def call_control(
-    http: aiohttp.ClientSession, config: Config, call_id: str, action: str, body: dict | None = None
+    http: aiohttp.ClientSession, config: Config, call_id: str, action: str, body: dict | None = None,
+    delays: tuple[float, ...] = REST_RETRY_DELAYS,
 ) -> int:
     """POST /realtime/calls/{call_id}/{action}, retrying transient failures; the final HTTP status, 0 if none."""
     clog = CallLog(call_id)
     url = f"{config.openai_base_url}/realtime/calls/{call_id}/{action}"
     headers = {"Authorization": f"Bearer {config.openai_api_key}"}
-    for delay in (*REST_RETRY_DELAYS, None):
+    for delay in (*delays, None):
         try:
             async with http.post(url, json=body, headers=headers, timeout=REST_TIMEOUT) as resp:
                 status = resp.status
@@ -477,7 +507,10 @@ async def ask_openclaw(http: aiohttp.ClientSession, config: Config, user: str, r
             if resp.status != 200:
                 fix = OPENCLAW_FIXES.get(resp.status, "the gateway or its model provider failed")
                 raise OpenClawError(f"HTTP {resp.status}: {await error_text(resp)} ({fix})")
-            answer = (await resp.json(content_type=None))["choices"][0]["message"]["content"]
+            raw = await read_body(resp)
+            if raw is None:
+                raise OpenClawError(f"the answer was over {MAX_BODY_BYTES // 1024} KiB, so it was not read", SAY_TOO_LONG)
+            answer = json.loads(raw)["choices"][0]["message"]["content"]
     except asyncio.TimeoutError:
         raise OpenClawError(f"no answer within OPENCLAW_TIMEOUT={config.openclaw_timeout:g}s", SAY_TOO_SLOW) from None
     except aiohttp.ClientError as exc:
@@ -510,18 +543,24 @@ class Call:
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.tools: set[asyncio.Task[None]] = set()
         self.outbox: list[dict[str, Any]] = []  # conversation items waiting for no active response
+        self.unconfirmed: dict[str, dict[str, Any]] = {}  # items sent, by our item id, until the server confirms them
         self.response_active = False
         self.last_response: tuple[str, dict[str, Any] | None] = ("", None)  # our last response.create: event_id, body
         self.owed: dict[str, Any] | None = None  # a response.create refused as "active", to repeat after response.done
         self.playback_stopped = asyncio.Event()  # clear from output_audio_buffer.started to .stopped
         self.playback_stopped.set()
+        self.playing: Any = None  # the response_id of the latest output_audio_buffer.started
+        self.goodbye_done = asyncio.Event()  # set by the response.done of a goodbye we asked for
+        self.accepted = False
+        self.reconnects: list[float] = []  # loop times of recent reconnects, for the budget
         self.asking = False  # one OpenClaw question in flight per call
         self.latencies: list[float] = []  # seconds per OpenClaw answer, for the summary
         self.tool_calls = 0
         self.pin_ok = not self.config.call_pin
         self.pin_entry = ""  # keypad digits so far; never logged
         self.pin_failures = 0
-        self.end_reason = ""  # caller_hung_up | end_call | max_duration | pin_failed | shutdown | error
+        # caller_hung_up | end_call | max_duration | pin_failed | shutdown | sideband_lost | error
+        self.end_reason = ""
         self._event_ids = itertools.count(1)
 
     @property
@@ -537,18 +576,24 @@ class Call:
                 if status != 200:
                     self.end_reason = "caller_hung_up" if status == 404 else "error"
                     return
+                self.accepted = True
                 self.log.info("call accepted in %.0f ms", (asyncio.get_running_loop().time() - self.received) * 1000)
                 await self._attach_and_listen()
         except asyncio.TimeoutError:
             self.log.info("call reached MAX_CALL_SECONDS=%g", self.config.max_call_seconds)
             await self.hang_up("max_duration")
+        except asyncio.CancelledError:
+            self.end_reason = self.end_reason or "shutdown"
+            raise
         finally:
             # Bookkeeping first: shutdown may cancel this task again while it awaits below.
             self.app[CALLS].pop(self.id, None)
+            if self.accepted and not self.end_reason:  # only a crash ends up here; spawn() logs its traceback
+                await self.hang_up("error")
             self.log.info(
                 "call summary: caller=%s duration=%.1fs tool_calls=%d openclaw_seconds=%s reason=%s",
                 mask(self.caller), asyncio.get_running_loop().time() - self.received, self.tool_calls,
-                ",".join(f"{s:.1f}" for s in self.latencies) or "-", self.end_reason or "shutdown",
+                ",".join(f"{s:.1f}" for s in self.latencies) or "-", self.end_reason or "error",
             )
             for task in self.tools:
                 task.cancel()  # also closes an in-flight OpenClaw request, which stops the agent run
@@ -557,21 +602,18 @@ class Call:
                 await self.ws.close()
 
     async def _attach_and_listen(self) -> None:
-        """Open the sideband, greet, read events; reconnect after an abnormal drop."""
-        first = True
+        """Open the sideband, greet, read events; reconnect after an abnormal drop, within a budget.
+
+        Whenever we give up on a call that may still be live, we hang it up: a caller must never be left
+        talking to a model that can no longer reach OpenClaw.
+        """
+        self.ws = await self._connect_sideband(SIDEBAND_RETRY_DELAYS, retry_404=True)
+        if self.ws is None:
+            await self.hang_up("sideband_lost")
+            return
+        self.log.info("sideband connected")
+        await self._request_response({"instructions": self.config.greeting or GREETING, "metadata": GREETING_TAG})
         while True:
-            self.ws = await self._connect_sideband(SIDEBAND_RETRY_DELAYS if first else RECONNECT_DELAYS, retry_404=first)
-            if self.ws is None:
-                self.end_reason = self.end_reason or ("error" if first else "caller_hung_up")
-                return
-            if first:
-                self.log.info("sideband connected")
-                await self._request_response({"instructions": self.config.greeting or GREETING})
-            else:
-                self.log.info("sideband reconnected")
-                self.response_active = False  # a response cut off by the drop never reports response.done
-                await self._flush()  # results that finished while we were away
-            first = False
             async for msg in self.ws:
                 if msg.type == aiohttp.WSMsgType.TEXT:
                     await self._on_message(msg.data)
@@ -580,7 +622,32 @@ class Call:
                 self.end_reason = self.end_reason or "caller_hung_up"
                 self.log.info("sideband closed (code %s)", code)
                 return
-            self.log.warning("sideband dropped (code %s), reconnecting", code)
+            now = asyncio.get_running_loop().time()
+            self.reconnects = [at for at in self.reconnects if now - at < RECONNECT_WINDOW]
+            if code == 1008 or (code or 0) >= 4000:  # 1008, 4xxx (4000: beta_api_shape_disabled): retrying won't help
+                self.log.error("sideband closed with code %s: the server refuses this session, not reconnecting", code)
+                await self.hang_up("sideband_lost")
+                return
+            if len(self.reconnects) == len(RECONNECT_BACKOFF):
+                self.log.error("sideband dropped (code %s) after %d reconnects within %gs: giving up",
+                               code, len(self.reconnects), RECONNECT_WINDOW)
+                await self.hang_up("sideband_lost")
+                return
+            delay = RECONNECT_BACKOFF[len(self.reconnects)]
+            self.reconnects.append(now)
+            self.log.warning("sideband dropped (code %s), reconnecting in %gs", code, delay)
+            await asyncio.sleep(delay)
+            self.ws = await self._connect_sideband(RECONNECT_DELAYS, retry_404=False)
+            if self.ws is None:
+                await self.hang_up("sideband_lost")  # does nothing if the call turned out to be over
+                return
+            self.log.info("sideband reconnected")
+            self.response_active = False  # a response cut off by the drop never reports response.done
+            # Items the server never confirmed may have gone into a dead socket: send them again, under the same
+            # ids, so one that did arrive is refused as a duplicate instead of being added twice.
+            self.outbox[:0] = self.unconfirmed.values()
+            self.unconfirmed.clear()
+            await self._flush()
 
     async def _connect_sideband(
         self, delays: tuple[float, ...], retry_404: bool
@@ -590,20 +657,22 @@ class Call:
         headers = {"Authorization": f"Bearer {self.config.openai_api_key}"}
         for delay in (*delays, None):
             try:
-                return await self.http.ws_connect(
-                    url, headers=headers, heartbeat=SIDEBAND_HEARTBEAT, timeout=aiohttp.ClientWSTimeout(ws_close=5)
-                )
+                async with timeout(HANDSHAKE_TIMEOUT):
+                    return await self.http.ws_connect(
+                        url, headers=headers, heartbeat=SIDEBAND_HEARTBEAT, timeout=aiohttp.ClientWSTimeout(ws_close=5)
+                    )
             except aiohttp.WSServerHandshakeError as exc:
                 why = f"HTTP {exc.status}"
                 if exc.status in (404, 410) and not retry_404:
                     # Right after accept a 404 can be a race; later it means the call is over.
                     self.log.info("sideband refused (%s): the call is over", why)
+                    self.end_reason = self.end_reason or "caller_hung_up"
                     return None
                 if 400 <= exc.status < 500 and exc.status not in (404, 429):
                     self.log.error("sideband refused (%s)%s", why, " (check OPENAI_API_KEY)" * (exc.status == 401))
                     return None
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                why = f"{type(exc).__name__}: {exc}"
+                why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             if delay is None or self.end_reason:
                 self.log.error("sideband unavailable, giving up: %s", why)
                 return None
@@ -627,9 +696,16 @@ class Call:
             self.response_active = True
         elif kind == "response.done":
             await self._on_response_done(event.get("response"))
+        elif kind in ("conversation.item.added", "conversation.item.created"):  # .created: the pre-GA name
+            item = event.get("item")
+            if isinstance(item, dict) and isinstance(item.get("id"), str):
+                self.unconfirmed.pop(item["id"], None)  # the server has it: no need to send it again
         elif kind == "output_audio_buffer.started":
+            self.playing = event.get("response_id")
             self.playback_stopped.clear()
-        elif kind == "output_audio_buffer.stopped":
+        elif kind == "output_audio_buffer.stopped" and event.get("response_id") in (None, self.playing):
+            self.playback_stopped.set()  # (an earlier response's audio ending while a later one's plays is not silence)
+        elif kind == "output_audio_buffer.cleared":  # the caller barged in
             self.playback_stopped.set()
         elif kind == "response.function_call_arguments.done":
             self.log.info("function call received: %s", event.get("name"))
@@ -643,18 +719,18 @@ class Call:
         self.response_active = False
         response = response if isinstance(response, dict) else {}
         status = response.get("status")
+        if status in ("failed", "incomplete"):  # otherwise the caller just hears silence, and we would never know
+            self.log.warning("response %s: %s", status, json.dumps(response.get("status_details"))[:500])
+        if response.get("metadata") == GOODBYE_TAG:
+            self.goodbye_done.set()
         output = response.get("output")
-        for item in output if isinstance(output, list) else []:
-            if not isinstance(item, dict) or item.get("type") != "function_call":
-                continue
-            if status != "completed":
-                # The caller interrupted: the model never finished asking, so nothing is run.
-                self.log.info("function call %s not run: its response was %s", item.get("name"), status)
-            elif item.get("name") == "end_call":
-                self.log.info("end_call: hanging up after the goodbye")
-                self._start(self.hang_up_after_goodbye("end_call"))
-            else:
-                self._start(self._run_tool(item))
+        calls = [item for item in (output if isinstance(output, list) else [])
+                 if isinstance(item, dict) and item.get("type") == "function_call"]
+        if status == "completed" and calls:
+            self._start(self._run_calls(calls))
+        elif calls:  # the caller interrupted: the model never finished asking, so nothing is run
+            names = ", ".join(str(item.get("name")) for item in calls)
+            self.log.info("function call %s not run: its response was %s", names, status)
         await self._flush()
 
     def _on_error(self, error: Any) -> None:
@@ -664,9 +740,11 @@ class Call:
         self.log.warning("server error %s: %s", code, error.get("message"))
         event_id, body = self.last_response
         if event_id and error.get("event_id") == event_id:
-            # Our response.create lost a race with a response the server just started: repeat it after that one.
-            self.owed = (body or {}) if code == "conversation_already_has_active_response" else None
-            self.response_active = self.owed is not None
+            # Our response.create lost a race with a response the server just started: repeat it after that
+            # one, except a greeting, which would come after the model has already answered the caller.
+            self.response_active = code == "conversation_already_has_active_response"
+            greeting = (body or {}).get("metadata") == GREETING_TAG
+            self.owed = (body or {}) if self.response_active and not greeting else None
 
     async def _on_keypad(self, key: Any) -> None:
         """Collect the PIN: it is checked at its last digit or at "#"; "*" starts again."""
@@ -702,10 +780,27 @@ class Call:
     # Tools.
 
     def _start(self, coro: Any) -> None:
-        """Run a tool in its own task, so the loop keeps reading events; the call cancels it at the end."""
+        """Run tools in their own task, so the loop keeps reading events; the call cancels it at the end."""
         task = asyncio.create_task(coro)
         self.tools.add(task)
-        task.add_done_callback(self.tools.discard)
+        task.add_done_callback(self._tool_done)
+
+    def _tool_done(self, task: asyncio.Task[None]) -> None:
+        """Forget a finished tool task; if it crashed, log its traceback (once) and hang up."""
+        self.tools.discard(task)
+        exc = crashed(task)
+        if exc is not None:
+            self.log.error("unexpected error in a tool, hanging up", exc_info=exc)
+            self._start(self.hang_up("error"))
+
+    async def _run_calls(self, items: list[dict[str, Any]]) -> None:
+        """Run the function calls of one response one after the other, in the order the model made them."""
+        for item in items:
+            if item.get("name") == "end_call":
+                self.log.info("end_call: hanging up after the goodbye")
+                await self.hang_up_after_goodbye("end_call")
+            else:
+                await self._run_tool(item)
 
     async def _run_tool(self, item: dict[str, Any]) -> None:
         """Run one function call and queue its output for the model."""
@@ -772,21 +867,24 @@ class Call:
         try:
             async with timeout(GOODBYE_TIMEOUT):
                 if goodbye and self.connected:
-                    while self.response_active:
-                        await asyncio.sleep(0.05)
+                    # Owed like a refused request: it goes out now, or after the active response's response.done,
+                    # ahead of any results still waiting.
+                    self.goodbye_done.clear()
                     self.playback_stopped.clear()
-                    await self._request_response({"instructions": goodbye, "tool_choice": "none"})
+                    self.owed = {"instructions": goodbye, "tool_choice": "none", "metadata": GOODBYE_TAG}
+                    await self._flush()
+                    await self.goodbye_done.wait()
                 await self.playback_stopped.wait()
         except asyncio.TimeoutError:
             self.log.info("goodbye still playing after %.0fs, hanging up anyway", GOODBYE_TIMEOUT)
         await self.hang_up(reason)
 
     async def hang_up(self, reason: str) -> None:
-        """End the call via REST; the sideband then closes and run() cleans up."""
+        """End the call via REST (retried for a while: an open call is billed); the sideband closes, run() cleans up."""
         if self.end_reason:
             return
         self.end_reason = reason
-        await call_control(self.http, self.config, self.id, "hangup")
+        await call_control(self.http, self.config, self.id, "hangup", delays=HANGUP_RETRY_DELAYS)
         if self.ws is not None:
             await self.ws.close()
 
@@ -799,8 +897,11 @@ class Call:
         items, owed, self.outbox, self.owed = self.outbox, self.owed, [], None
         self.response_active = True  # claimed before the first await, so a concurrent flush waits
         for item in items:
+            item.setdefault("id", f"vb_item_{next(self._event_ids)}")  # ours: a repeat can't add it twice
+            self.unconfirmed[item["id"]] = item
             await self._send(self._event("conversation.item.create", item=item))
-        await self._request_response(None if items else owed)  # new results beat a stale filler or greeting
+        goodbye = owed is not None and owed.get("metadata") == GOODBYE_TAG
+        await self._request_response(owed if goodbye or not items else None)  # new results beat a stale filler
         for item in items:
             if "call_id" in item:
                 self.log.info("result sent for %s", item["call_id"])
@@ -860,14 +961,14 @@ async def webhook(request: web.Request) -> web.Response:
     caller = caller_number(event["data"].get("sip_headers"))
     if app[DRAINING].is_set():
         log.warning("[%s] shutting down: rejecting new call from %s (486 busy)", call_id, mask(caller))
-        spawn(app, call_control(app[HTTP], app[CONFIG], call_id, "reject", {"status_code": 486}))
+        spawn(app, call_id, call_control(app[HTTP], app[CONFIG], call_id, "reject", {"status_code": 486}))
     elif caller_allowed(app[CONFIG], caller):
         log.info("[%s] webhook verified, caller %s allowed", call_id, mask(caller))
         call = app[CALLS][call_id] = Call(app, call_id, caller, received)
-        call.task = spawn(app, call.run())
+        call.task = spawn(app, call_id, call.run())
     else:
         log.warning("[%s] webhook verified, caller %s not in ALLOWED_CALLERS: rejecting", call_id, mask(caller))
-        spawn(app, call_control(app[HTTP], app[CONFIG], call_id, "reject", {"status_code": 603}))
+        spawn(app, call_id, call_control(app[HTTP], app[CONFIG], call_id, "reject", {"status_code": 603}))
     return web.Response(text="ok\n")
 
 
@@ -891,11 +992,18 @@ SEEN_CALLS = web.AppKey("seen_calls", dict[str, None])  # recent call_ids: each 
 DRAINING = web.AppKey("draining", asyncio.Event)
 
 
-def spawn(app: web.Application, coro: Any) -> asyncio.Task[Any]:
-    """Run a call's work in the background, tracked so shutdown can cancel it."""
+def spawn(app: web.Application, call_id: str, coro: Any) -> asyncio.Task[Any]:
+    """Run a call's work in the background, tracked so shutdown can cancel it; a crash is logged, once."""
+
+    def done(task: asyncio.Task[Any]) -> None:
+        app[TASKS].discard(task)
+        exc = crashed(task)
+        if exc is not None:
+            CallLog(call_id).error("unexpected error", exc_info=exc)
+
     task = asyncio.create_task(coro)
     app[TASKS].add(task)
-    task.add_done_callback(app[TASKS].discard)
+    task.add_done_callback(done)
     return task
 
 
@@ -908,15 +1016,22 @@ async def http_session(app: web.Application) -> AsyncIterator[None]:
 
 
 async def drain(app: web.Application, grace: float) -> None:
-    """Refuse new calls, let live ones go on for `grace` seconds, then say goodbye and hang up the rest."""
+    """Refuse new calls, let live ones go on for `grace` seconds, then say goodbye and hang up the rest.
+
+    All within grace + SHUTDOWN_AFTER_GRACE, so that systemd (TimeoutStopSec) never has to SIGKILL us mid-hangup.
+    """
     app[DRAINING].set()
-    if app[CALLS] and grace > 0:
-        log.info("shutting down: %d live call(s) may go on for up to %gs", len(app[CALLS]), grace)
-        await asyncio.wait({call.task for call in app[CALLS].values() if call.task}, timeout=grace)
-    calls = list(app[CALLS].values())
-    if calls:
-        log.info("shutting down: hanging up %d call(s)", len(calls))
-        await asyncio.gather(*(call.hang_up_after_goodbye("shutdown", goodbye=SHUTDOWN_GOODBYE) for call in calls))
+    try:
+        async with timeout(grace + SHUTDOWN_AFTER_GRACE):
+            if app[CALLS] and grace > 0:
+                log.info("shutting down: %d live call(s) may go on for up to %gs", len(app[CALLS]), grace)
+                await asyncio.wait({call.task for call in app[CALLS].values() if call.task}, timeout=grace)
+            calls = list(app[CALLS].values())
+            if calls:
+                log.info("shutting down: hanging up %d call(s)", len(calls))
+                await asyncio.gather(*(call.hang_up_after_goodbye("shutdown", goodbye=SHUTDOWN_GOODBYE) for call in calls))
+    except asyncio.TimeoutError:
+        log.error("shutting down: %d call(s) not hung up in time; OpenAI ends them within 60 minutes", len(app[CALLS]))
     for task in app[TASKS]:
         task.cancel()
     await asyncio.gather(*app[TASKS], return_exceptions=True)
