@@ -61,6 +61,7 @@ if python_problem(sys.version_info[:2]):
 import argparse
 import asyncio
 import base64
+import functools
 import gc
 import hashlib
 import hmac
@@ -550,7 +551,7 @@ class Call:
         self.playback_stopped = asyncio.Event()  # clear from output_audio_buffer.started to .stopped
         self.playback_stopped.set()
         self.playing: Any = None  # the response_id of the latest output_audio_buffer.started
-        self.goodbye_done = asyncio.Event()  # set by the response.done of a goodbye we asked for
+        self.goodbye_done: asyncio.Future[None] | None = None  # while we wait for our goodbye's response.done
         self.accepted = False
         self.reconnects: list[float] = []  # loop times of recent reconnects, for the budget
         self.asking = False  # one OpenClaw question in flight per call
@@ -721,8 +722,8 @@ class Call:
         status = response.get("status")
         if status in ("failed", "incomplete"):  # otherwise the caller just hears silence, and we would never know
             self.log.warning("response %s: %s", status, json.dumps(response.get("status_details"))[:500])
-        if response.get("metadata") == GOODBYE_TAG:
-            self.goodbye_done.set()
+        if response.get("metadata") == GOODBYE_TAG and self.goodbye_done and not self.goodbye_done.done():
+            self.goodbye_done.set_result(None)
         output = response.get("output")
         calls = [item for item in (output if isinstance(output, list) else [])
                  if isinstance(item, dict) and item.get("type") == "function_call"]
@@ -869,11 +870,11 @@ class Call:
                 if goodbye and self.connected:
                     # Owed like a refused request: it goes out now, or after the active response's response.done,
                     # ahead of any results still waiting.
-                    self.goodbye_done.clear()
+                    self.goodbye_done = asyncio.get_running_loop().create_future()
                     self.playback_stopped.clear()
                     self.owed = {"instructions": goodbye, "tool_choice": "none", "metadata": GOODBYE_TAG}
                     await self._flush()
-                    await self.goodbye_done.wait()
+                    await self.goodbye_done
                 await self.playback_stopped.wait()
         except asyncio.TimeoutError:
             self.log.info("goodbye still playing after %.0fs, hanging up anyway", GOODBYE_TIMEOUT)
@@ -994,17 +995,18 @@ DRAINING = web.AppKey("draining", asyncio.Event)
 
 def spawn(app: web.Application, call_id: str, coro: Any) -> asyncio.Task[Any]:
     """Run a call's work in the background, tracked so shutdown can cancel it; a crash is logged, once."""
-
-    def done(task: asyncio.Task[Any]) -> None:
-        app[TASKS].discard(task)
-        exc = crashed(task)
-        if exc is not None:
-            CallLog(call_id).error("unexpected error", exc_info=exc)
-
-    task = asyncio.create_task(coro)
+    task = asyncio.create_task(coro, name=call_id)
     app[TASKS].add(task)
-    task.add_done_callback(done)
+    task.add_done_callback(functools.partial(forget, app[TASKS]))
     return task
+
+
+def forget(tasks: set[asyncio.Task[Any]], task: asyncio.Task[Any]) -> None:
+    """Drop a finished task from `tasks`; if it died of an unexpected error, log the traceback (its name is the call id)."""
+    tasks.discard(task)
+    exc = crashed(task)
+    if exc is not None:
+        CallLog(task.get_name()).error("unexpected error", exc_info=exc)
 
 
 async def http_session(app: web.Application) -> AsyncIterator[None]:
