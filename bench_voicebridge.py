@@ -75,7 +75,7 @@ POLL_INTERVAL = 0.05  # /healthz poll period
 SIDEBAND_HEARTBEAT = 20.0  # as voicebridge's ws_connect, so the bare client holds comparable sockets
 VB_ENV_NAMES = (
     "OPENAI_", "OPENCLAW_", "ALLOWED_CALLERS", "HOST", "PORT", "REALTIME_MODEL", "VOICE", "INSTRUCTIONS",
-    "GREETING", "MAX_CALL_SECONDS", "SHUTDOWN_GRACE", "CALL_PIN", "LOG_LEVEL",
+    "GREETING", "MAX_CALL_SECONDS", "SHUTDOWN_GRACE", "CALL_PIN", "LOG_LEVEL", "PIN_TIMEOUT", "MAX_CONCURRENT_CALLS",
 )
 
 
@@ -365,6 +365,7 @@ class Run:
             OPENAI_API_KEY=API_KEY, OPENAI_WEBHOOK_SECRET=SECRET, OPENAI_BASE_URL=self.openai.url,
             OPENCLAW_URL=self.openclaw.url, OPENCLAW_TOKEN=CLAW_TOKEN, OPENCLAW_TIMEOUT="30",
             ALLOWED_CALLERS=ALICE, HOST="127.0.0.1", PORT=str(port), LOG_LEVEL="WARNING", MAX_CALL_SECONDS="86400",
+            MAX_CONCURRENT_CALLS="0",  # no cap: the benchmark holds 1000 calls at once
         )
         with self.vb_log.open("wb") as log:
             self.vb = await asyncio.create_subprocess_exec(

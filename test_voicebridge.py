@@ -27,7 +27,7 @@ import threading
 import time
 import tracemalloc
 from collections.abc import Awaitable, Callable
-from datetime import date
+from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -1167,7 +1167,7 @@ async def test_three_wrong_pins_hang_up(
 ) -> None:
     bridge = await start_bridge(CALL_PIN="2468")
     call = await connected_call(bridge, openai)
-    for attempt, keys in enumerate(["1111", "2467#", "2#2468"], 1):  # the right PIN after the third failure is too late
+    for attempt, keys in enumerate(["1111", "2467#", "1357#2468"], 1):  # the right PIN after the third failure is too late
         await call.press(keys)
         await eventually(lambda: len([e for e in call.received if e["type"] == "response.create"]) > attempt)
         await call.wait_idle()
@@ -1534,12 +1534,192 @@ async def test_shutdown_has_one_deadline(
     assert "shutting down: 1 call(s) not hung up in time" in caplog.text
 
 
+# --- Locks that hold across calls ----------------------------------------------------------------------------
+
+
+async def test_an_autodialler_locks_the_pin_line_for_every_new_call(
+    start_bridge: Bridge, openai: FakeOpenAI, openclaw: FakeOpenClaw, caplog: pytest.LogCaptureFixture
+) -> None:
+    bridge = await start_bridge(CALL_PIN="246813")
+    owner = await connected_call(bridge, openai, "rtc_owner")  # already in, before the attack starts
+    await owner.press("246813")
+    await eventually(lambda: owner.notes() == [voicebridge.PIN_ACCEPTED])
+    await owner.wait_idle()
+    assert voicebridge.PIN_LOCK_AFTER == 10
+    for n in range(5):  # 5 calls x 3 wrong PINs: the 10th wrong PIN (in the 4th call) locks the line
+        call = openai.ring(f"rtc_dialler_{n}")
+        await post_webhook(bridge, incoming_event(f"rtc_dialler_{n}"))
+        if n == 4:
+            await eventually(lambda: call.state == "rejected")
+            assert call.reject_body == {"status_code": 603} and call.accept_body is None  # never a billed session
+            break
+        await eventually(lambda: call.ws is not None and call.response_creates())
+        for attempt in range(3):
+            await call.wait_idle()
+            await call.press(f"{n}{attempt}0000")
+            await eventually(lambda: caplog.text.count("wrong PIN (") == 3 * n + attempt + 1)
+        await eventually(lambda: call.state == "ended")
+    [lock] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "10 wrong PINs within 3600s, across calls: new calls are turned away until 20" in lock.getMessage()
+    health = await (await bridge.get("/healthz")).json()
+    lifts = datetime.fromisoformat(health["pin_locked_until"])
+    assert 3500 < (lifts - datetime.now(timezone.utc)).total_seconds() <= 3600
+    assert "too many wrong PINs, the line is locked until" in caplog.text
+    # The owner, who typed the PIN before the lock, is not affected.
+    await owner.model_response([("ask_openclaw", '{"request": "still working?"}')])
+    await eventually(lambda: owner.outputs())
+    assert owner.outputs()[0]["output"] == "Answer to: still working?"
+
+
+def test_each_pin_lock_lasts_twice_as_long_as_the_one_before_up_to_a_day() -> None:
+    lock, now, lengths = voicebridge.PinLock(), 1_000_000.0, []
+    for _ in range(8):
+        for wrong in range(10):
+            now += 1
+            assert lock.wrong_pin(now) == (wrong == 9)
+        lengths.append(lock.until - now)
+        now = lock.until
+    assert lengths == [3600, 7200, 14400, 28800, 57600, 86400, 86400, 86400]
+    fresh = voicebridge.PinLock()
+    assert not any(fresh.wrong_pin(t * 400.0) for t in range(20))  # 9 an hour, spread out: never locks
+
+
+async def test_a_caller_who_types_no_pin_is_hung_up_after_pin_timeout(
+    start_bridge: Bridge, openai: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    bridge = await start_bridge(CALL_PIN="2468", pin_timeout=0.3)
+    call = await connected_call(bridge, openai)
+    await eventually(lambda: call.state == "ended", timeout=3)
+    assert any(voicebridge.PIN_TIMEOUT_GOODBYE in str(e.get("response")) for e in call.response_creates())
+    await eventually(lambda: "call summary" in caplog.text)
+    assert "no right PIN within PIN_TIMEOUT=0.3s" in caplog.text and "reason=pin_timeout" in caplog.text
+
+    typed = await connected_call(bridge, openai, "rtc_typed")  # one who types it in time stays on
+    await typed.press("2468")
+    await asyncio.sleep(0.5)
+    assert typed.state == "accepted"
+
+
+async def test_a_stray_key_costs_one_strike_and_a_pause_forgets_a_half_typed_pin(
+    start_bridge: Bridge, openai: FakeOpenAI, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(voicebridge, "PIN_IDLE", 0.3)
+    bridge = await start_bridge(CALL_PIN="2468")
+    call = await connected_call(bridge, openai)
+    await call.press("12468#")  # "1246" is one wrong PIN; the "8#" left over costs nothing
+    await eventually(lambda: call.notes())
+    await call.wait_idle()
+    await asyncio.sleep(0.1)
+    assert call.notes() == [voicebridge.PIN_WRONG] and caplog.text.count("wrong PIN (") == 1
+    await call.press("24")
+    await asyncio.sleep(0.5)  # the caller hesitates, then starts again
+    await call.press("2468")
+    await eventually(lambda: len(call.notes()) == 2)
+    assert call.notes()[-1] == voicebridge.PIN_ACCEPTED and caplog.text.count("wrong PIN (") == 1
+
+
+async def test_max_concurrent_calls_turns_the_next_caller_away_busy(
+    start_bridge: Bridge, openai: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    bridge = await start_bridge(MAX_CONCURRENT_CALLS="2")
+    first, second = await connected_call(bridge, openai, "rtc_one"), await connected_call(bridge, openai, "rtc_two")
+    third = openai.ring("rtc_three")
+    await post_webhook(bridge, incoming_event("rtc_three"))
+    await eventually(lambda: third.state == "rejected")
+    assert third.reject_body == {"status_code": 486} and third.accept_body is None
+    health = await (await bridge.get("/healthz")).json()
+    assert health["active_calls"] == 2 and health["max_concurrent_calls"] == 2
+    assert "MAX_CONCURRENT_CALLS=2 calls are already live" in caplog.text
+    await first.caller_hangs_up()
+    await eventually(lambda: bridge.app[voicebridge.CALLS].keys() == {"rtc_two"})
+    fourth = await connected_call(bridge, openai, "rtc_four")  # room again
+    assert fourth.state == "accepted" and second.state == "accepted"
+
+
+def test_settings_that_would_mean_something_else_to_systemd_or_break_later_are_refused() -> None:
+    good = {"OPENAI_API_KEY": "sk-x", "OPENAI_WEBHOOK_SECRET": SECRET}
+    cases = {
+        "OPENCLAW_TOKEN holds a ' #' comment": {**good, "OPENCLAW_TOKEN": "abc # the gateway token"},
+        "OPENAI_API_KEY holds a ' #' comment": {**good, "OPENAI_API_KEY": "sk-x\t#key"},
+        "MAX_CALL_SECONDS='nan' must be a number between 10 and": {**good, "MAX_CALL_SECONDS": "nan"},
+        "OPENCLAW_TIMEOUT='inf' must be a number between 1 and": {**good, "OPENCLAW_TIMEOUT": "inf"},
+        "PORT='70000' must be a number between 1 and 65,535": {**good, "PORT": "70000"},
+        "MAX_CONCURRENT_CALLS='-1'": {**good, "MAX_CONCURRENT_CALLS": "-1"},
+        "PIN_TIMEOUT='nan'": {**good, "PIN_TIMEOUT": "nan"},
+    }
+    for message, env in cases.items():
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            Config.from_env(env)
+    config = Config.from_env({**good, "OPENCLAW_TOKEN": "abc#not-a-comment", "MAX_CONCURRENT_CALLS": "0"})
+    assert config.openclaw_token == "abc#not-a-comment" and config.max_concurrent_calls == 0
+
+
+def test_only_the_env_file_beside_voicebridge_is_read(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("OPENAI_API_KEY=sk-from-a-parent-directory\n")
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "voicebridge.py").write_text((HERE / "voicebridge.py").read_text())
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "OPENCLAW_"))}
+    run = [sys.executable, str(tmp_path / "app" / "voicebridge.py"), "--check"]
+    result = subprocess.run(run, cwd=tmp_path / "app", env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and "OPENAI_API_KEY is not set" in result.stderr
+    (tmp_path / "app" / ".env").write_text("OPENAI_API_KEY=sk-beside\nOPENAI_WEBHOOK_SECRET=whsec_%%%\n")
+    result = subprocess.run(run, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
+    assert "OPENAI_WEBHOOK_SECRET is not valid base64" in result.stderr  # the key came from the .env beside it
+
+
+async def test_check_fails_on_an_empty_allowlist_and_warns_about_an_unknown_voice_and_a_short_pin(
+    openai: FakeOpenAI, openclaw: FakeOpenClaw
+) -> None:
+    code, output = await output_of(await run_voicebridge({**make_env(openai, openclaw), "ALLOWED_CALLERS": ""}, "--check"))
+    assert code == 1 and "FAIL  no setting makes every call fail" in output and "ALLOWED_CALLERS is empty" in output
+    env = {**make_env(openai, openclaw), "VOICE": "nova-2027", "CALL_PIN": "2468"}
+    code, output = await output_of(await run_voicebridge(env, "--check"))
+    assert code == 0 and "All good" in output, output
+    assert "WARN  VOICE=nova-2027 is not one of the documented voices" in output
+    assert "WARN  CALL_PIN has 4 digits: use 6 or more" in output
+
+
+async def test_small_exposures(bridge: Any, openai: FakeOpenAI, caplog: pytest.LogCaptureFixture) -> None:
+    # An unreadable caller number is not called "withheld", and is masked.
+    call = openai.ring("rtc_local")
+    await post_webhook(bridge, incoming_event("rtc_local", "<sip:0301234567@pbx.example.com>"))
+    await eventually(lambda: call.state == "rejected")
+    assert "from unreadable ('********67') with SIP 603" in caplog.text and "0301234567" not in caplog.text
+    anonymous = openai.ring("rtc_anon")
+    await post_webhook(bridge, incoming_event("rtc_anon", '"Anonymous" <sip:anonymous@anonymous.invalid>'))
+    await eventually(lambda: anonymous.state == "rejected")
+    assert "rejecting the call from withheld with SIP 603" in caplog.text
+    # An absurd timestamp is a bad signature, not "not a JSON event".
+    body = incoming_event("rtc_ts")
+    resp = await post_webhook(bridge, body, {**sign(body), "webhook-timestamp": "9" * 4300})
+    assert resp.status == 400 and "webhook-timestamp is not a number" in await resp.text()
+    # A call id with a trailing newline is malformed ("$" would have let it through).
+    assert (await post_webhook(bridge, incoming_event("rtc_nl\n"))).status == 200
+    assert "call_id is malformed" in caplog.text and ("accept", "rtc_nl\n") not in openai.rest
+
+
+async def test_barge_in_counts_as_the_goodbye_having_played(bridge: Any, openai: FakeOpenAI) -> None:
+    call = await connected_call(bridge, openai)
+    call.speak_seconds = 5  # a long goodbye ...
+    call_obj = bridge.app[voicebridge.CALLS]["rtc_happy"]
+    bye = asyncio.create_task(call_obj.hang_up_after_goodbye("shutdown", goodbye=voicebridge.SHUTDOWN_GOODBYE))
+    await eventually(lambda: len(call.response_creates()) == 2)
+    await asyncio.sleep(0.1)
+    started = time.monotonic()
+    await call.send({"type": "output_audio_buffer.cleared", "response_id": "resp_x"})  # ... cut short by the caller
+    await call.send({"type": "response.done", "response": {"id": "resp_x", "status": "cancelled", "output": [],
+                                                          "metadata": voicebridge.GOODBYE_TAG}})
+    await bye
+    assert time.monotonic() - started < 1 and call.state == "ended"
+
+
 # --- Health, configuration, the process --------------------------------------------------------------------------------
 
 
 async def test_healthz(bridge: Any) -> None:
     resp = await bridge.get("/healthz")
-    assert resp.status == 200 and await resp.json() == {"status": "ok", "active_calls": 0}
+    assert resp.status == 200 and await resp.json() == {
+        "status": "ok", "active_calls": 0, "max_concurrent_calls": 3, "pin_locked_until": None}
 
 
 def test_config_errors_name_the_variable() -> None:
@@ -1655,7 +1835,7 @@ async def test_sigterm_drains_live_calls_then_exits_0(openai: FakeOpenAI, opencl
                 if status == 503:
                     break
                 await asyncio.sleep(0.02)
-            assert (status, payload) == (503, {"status": "draining", "active_calls": 1})
+            assert (status, payload["status"], payload["active_calls"]) == (503, "draining", 1)
 
             # A new call while draining is turned away at once, not left ringing.
             late = openai.ring("rtc_late")
@@ -1746,7 +1926,7 @@ async def test_check_probes_both_sides_without_making_a_call(
     [
         (date(2027, 1, 19), "WARN  REALTIME_MODEL=gpt-realtime will be shut down by OpenAI on 2027-01-20: "
                             "set REALTIME_MODEL=gpt-realtime-2.1 before then", 0),
-        (date(2027, 1, 20), "FAIL  REALTIME_MODEL=gpt-realtime has not reached an announced shutdown date\n"
+        (date(2027, 1, 20), "FAIL  no setting makes every call fail (ALLOWED_CALLERS, REALTIME_MODEL's shutdown date)\n"
                             "      REALTIME_MODEL=gpt-realtime was shut down by OpenAI on 2027-01-20", 1),
     ],
 )
@@ -1795,8 +1975,9 @@ async def test_ask_runs_the_question_as_a_call_would(openai: FakeOpenAI, opencla
 
 
 async def test_100_concurrent_calls_3_questions_each_no_crossing_no_leaks(
-    bridge: Any, openai: FakeOpenAI, openclaw: FakeOpenClaw
+    start_bridge: Bridge, openai: FakeOpenAI, openclaw: FakeOpenClaw
 ) -> None:
+    bridge = await start_bridge(MAX_CONCURRENT_CALLS="0")  # no cap: this is a load test
     openclaw.delay = 0.01
     call_ids = [f"rtc_load_{i:03d}" for i in range(100)]
     calls = await asyncio.gather(*(connected_call(bridge, openai, call_id) for call_id in call_ids))

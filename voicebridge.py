@@ -73,8 +73,9 @@ import re
 import signal
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -118,6 +119,8 @@ class Config:
     max_call_seconds: float = 900.0
     shutdown_grace: float = 30.0
     call_pin: str = ""  # keypad PIN required before ask_openclaw; empty: none
+    pin_timeout: float = 60.0  # seconds to type the right PIN before the call is hung up
+    max_concurrent_calls: int = 3  # 0: no limit
     log_level: str = "INFO"
 
     @classmethod
@@ -125,16 +128,20 @@ class Config:
         """Build the config from environment variables; raise ConfigError naming what is wrong."""
 
         def get(name: str, default: str = "") -> str:
-            return env.get(name, "").strip() or default
+            value = env.get(name, "").strip()
+            if re.search(r"\s#", value):  # systemd's EnvironmentFile keeps it; dotenv and sh drop it
+                raise ConfigError(f"{name} holds a ' #' comment, which the systemd unit would keep as part of the "
+                                  "value: put comments on a line of their own")
+            return value or default
 
-        def number(name: str, default: float, minimum: float) -> float:
+        def number(name: str, default: float, minimum: float, maximum: float = 1e9) -> float:
             raw = get(name, str(default))
             try:
                 value = float(raw)
             except ValueError:
                 raise ConfigError(f"{name}={raw!r} is not a number") from None
-            if value < minimum:
-                raise ConfigError(f"{name}={raw!r} must be at least {minimum:g}")
+            if not minimum <= value <= maximum:  # also refuses nan and inf
+                raise ConfigError(f"{name}={raw!r} must be a number between {minimum:g} and {maximum:,.0f}")
             return value
 
         key = get("OPENAI_API_KEY")
@@ -165,7 +172,7 @@ class Config:
             openclaw_timeout=number("OPENCLAW_TIMEOUT", cls.openclaw_timeout, 1),
             allowed_callers=frozenset(callers),
             host=get("HOST", cls.host),
-            port=int(number("PORT", cls.port, 1)),
+            port=int(number("PORT", cls.port, 1, 65535)),
             model=get("REALTIME_MODEL", cls.model),
             voice=get("VOICE", cls.voice),
             instructions=get("INSTRUCTIONS"),
@@ -173,6 +180,8 @@ class Config:
             max_call_seconds=number("MAX_CALL_SECONDS", cls.max_call_seconds, 10),
             shutdown_grace=number("SHUTDOWN_GRACE", cls.shutdown_grace, 0),
             call_pin=pin,
+            pin_timeout=number("PIN_TIMEOUT", cls.pin_timeout, 10),
+            max_concurrent_calls=int(number("MAX_CONCURRENT_CALLS", cls.max_concurrent_calls, 0)),
             log_level=level,
         )
 
@@ -222,7 +231,15 @@ PIN_NEEDED = "Not sent: the caller has not typed their PIN yet. Ask them to type
 PIN_ACCEPTED = "The caller typed the correct PIN. Confirm briefly and carry on with what they asked for."
 PIN_WRONG = "The caller typed a wrong PIN. Ask them to type it again; star clears the entry."
 PIN_GOODBYE = "The PIN was wrong three times. Say politely that you cannot help without it, and goodbye."
-PIN_TRIES = 3
+PIN_TIMEOUT_GOODBYE = "The caller did not type the PIN in time. Say politely that you cannot help without it, and goodbye."
+PIN_TRIES = 3  # wrong PINs per call
+PIN_IDLE = 5.0  # seconds without a key after which a half-typed PIN is forgotten
+# Wrong PINs across all calls: PIN_LOCK_AFTER within PIN_LOCK_WINDOW turn every new call away for PIN_LOCK_SECONDS,
+# doubled at each further lock up to a day. A 4-digit PIN then takes years of dialling, not hours. In memory only.
+PIN_LOCK_AFTER = 10
+PIN_LOCK_WINDOW = 3600.0
+PIN_LOCK_SECONDS = 3600.0
+PIN_LOCK_LONGEST = 24 * 3600.0
 KEYPAD = tuple("0123456789*#")
 
 ASK_OPENCLAW_TOOL: dict[str, Any] = {
@@ -293,7 +310,8 @@ FILLER_EVERY = 9.0  # and then at most this often
 MAX_REQUEST_CHARS = 4000  # ask_openclaw arguments accepted
 MAX_ANSWER_CHARS = 4000  # OpenClaw answer passed to the model
 MAX_BODY_BYTES = 256 * 1024  # OpenClaw answers and all error bodies are read up to this, never whole
-CALL_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+CALL_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # used with fullmatch: "$" would let a trailing newline through
+VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar")
 
 
 # --- Small pure helpers --------------------------------------------------------------------------
@@ -310,7 +328,7 @@ def verify_signature(key: bytes, headers: Mapping[str, str], body: bytes, now: f
     signatures = headers.get("webhook-signature", "")
     if not (msg_id and timestamp and signatures):
         raise SignatureError("missing webhook-id, webhook-timestamp or webhook-signature header")
-    if not timestamp.isascii() or not timestamp.isdigit():
+    if not timestamp.isascii() or not timestamp.isdigit() or len(timestamp) > 12:
         raise SignatureError("webhook-timestamp is not a number")
     now = time.time() if now is None else now
     if abs(now - int(timestamp)) > SIGNATURE_TOLERANCE:
@@ -334,10 +352,10 @@ def normalise_number(text: str) -> str | None:
     return None
 
 
-def caller_number(sip_headers: Any) -> str | None:
-    """The caller's E.164 number from the From SIP header, or None if withheld or unreadable."""
+def from_user(sip_headers: Any) -> str:
+    """The user part of the From SIP header ("+1555...", "anonymous", ...), or "" if there is none."""
     if not isinstance(sip_headers, list):
-        return None
+        return ""
     for header in sip_headers:
         if isinstance(header, dict) and str(header.get("name", "")).lower() in ("from", "f"):
             # "Name" <sip:+1555...@host>;tag=x  |  <tel:+1555...>  |  sip:+1555...@host;tag=x
@@ -345,8 +363,13 @@ def caller_number(sip_headers: Any) -> str | None:
             uri = re.search(r"<([^<>]*)>", value)
             uri_text = uri.group(1) if uri else value.split(";")[0]
             match = re.match(r"\s*(?:sips?|tel):([^@;>]+)", uri_text, re.IGNORECASE)
-            return normalise_number(match.group(1)) if match else None
-    return None
+            return match.group(1) if match else ""
+    return ""
+
+
+def caller_number(sip_headers: Any) -> str | None:
+    """The caller's E.164 number from the From SIP header, or None if withheld or unreadable."""
+    return normalise_number(from_user(sip_headers))
 
 
 def mask(number: str | None) -> str:
@@ -356,25 +379,17 @@ def mask(number: str | None) -> str:
     return number[:2] + "*" * (len(number) - 6) + number[-4:]
 
 
+def describe_caller(sip_headers: Any) -> str:
+    """The caller for the log: a masked number, "withheld", or "unreadable" with the end of what was sent."""
+    user = from_user(sip_headers)
+    if normalise_number(user) or not re.search(r"\d", user):  # no digits: anonymous, restricted, nothing at all
+        return mask(normalise_number(user))
+    return f"unreadable ({'*' * min(len(user) - 2, 20) + user[-2:]!r})"  # repr: nothing raw reaches the log
+
+
 def caller_allowed(config: Config, number: str | None) -> bool:
     """The caller-ID screen: "*" lets anyone in; a list never matches a withheld number."""
     return "*" in config.allowed_callers or (number is not None and number in config.allowed_callers)
-
-
-def model_retirement(model: str, today: date) -> tuple[int, str]:
-    """(logging level, message) if OpenAI has announced a shutdown of `model`: WARNING before the date, ERROR after."""
-    if model not in RETIRING_MODELS:
-        return logging.NOTSET, ""
-    shutdown, replacement = RETIRING_MODELS[model]
-    if today < shutdown:
-        return logging.WARNING, (
-            f"REALTIME_MODEL={model} will be shut down by OpenAI on {shutdown}: "
-            f"set REALTIME_MODEL={replacement} before then"
-        )
-    return logging.ERROR, (
-        f"REALTIME_MODEL={model} was shut down by OpenAI on {shutdown}, so calls will fail: "
-        f"set REALTIME_MODEL={replacement}"
-    )
 
 
 def utc_today() -> date:
@@ -412,6 +427,30 @@ def first_time(seen: dict[str, None], key: str) -> bool:
     if len(seen) > RECENT_IDS:
         del seen[next(iter(seen))]
     return True
+
+
+@dataclass
+class PinLock:
+    """Wrong PINs across all calls: PIN_LOCK_AFTER of them within PIN_LOCK_WINDOW lock the PIN-gated line."""
+
+    failures: list[float] = field(default_factory=list)  # time.time() of recent wrong PINs
+    until: float = 0.0  # time.time() when the lock lifts
+    locks: int = 0
+
+    def wrong_pin(self, now: float) -> bool:
+        """Count one wrong PIN; True if that locks the line (each lock lasts twice as long as the one before)."""
+        self.failures = [at for at in self.failures if now - at < PIN_LOCK_WINDOW] + [now]
+        if len(self.failures) < PIN_LOCK_AFTER:
+            return False
+        self.until = now + min(PIN_LOCK_SECONDS * 2**self.locks, PIN_LOCK_LONGEST)
+        self.locks += 1
+        self.failures.clear()
+        return True
+
+
+def utc_text(timestamp: float) -> str:
+    """A time.time() value as ISO 8601 UTC, to the second."""
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
 
 
 def crashed(task: asyncio.Task[Any]) -> BaseException | None:
@@ -559,8 +598,9 @@ class Call:
         self.tool_calls = 0
         self.pin_ok = not self.config.call_pin
         self.pin_entry = ""  # keypad digits so far; never logged
+        self.pin_last_key = 0.0  # loop time of the last key
         self.pin_failures = 0
-        # caller_hung_up | end_call | max_duration | pin_failed | shutdown | sideband_lost | error
+        # caller_hung_up | end_call | max_duration | pin_failed | pin_timeout | shutdown | sideband_lost | error
         self.end_reason = ""
         self._event_ids = itertools.count(1)
 
@@ -614,6 +654,8 @@ class Call:
             return
         self.log.info("sideband connected")
         await self._request_response({"instructions": self.config.greeting or GREETING, "metadata": GREETING_TAG})
+        if not self.pin_ok:
+            self._start(self._pin_deadline())
         while True:
             async for msg in self.ws:
                 if msg.type == aiohttp.WSMsgType.TEXT:
@@ -748,18 +790,18 @@ class Call:
             self.owed = (body or {}) if self.response_active and not greeting else None
 
     async def _on_keypad(self, key: Any) -> None:
-        """Collect the PIN: it is checked at its last digit or at "#"; "*" starts again."""
+        """Collect the PIN, checked at its last digit; "*", "#" or a pause of PIN_IDLE start a new entry."""
         if self.pin_ok or self.pin_failures >= PIN_TRIES or key not in KEYPAD:
             return
-        if key == "*":
-            self.pin_entry = ""
+        now = asyncio.get_running_loop().time()
+        if key in "*#" or now - self.pin_last_key > PIN_IDLE:
+            self.pin_entry = ""  # so a stray key, or the "#" after a PIN, never costs a strike of its own
+        self.pin_last_key = now
+        if key in "*#":
             return
-        if key != "#":
-            self.pin_entry += key
-            if len(self.pin_entry) < len(self.config.call_pin):
-                return
-        elif not self.pin_entry:
-            return  # the "#" after a PIN already checked at its last digit
+        self.pin_entry += key
+        if len(self.pin_entry) < len(self.config.call_pin):
+            return
         entry, self.pin_entry = self.pin_entry, ""
         if hmac.compare_digest(entry.encode(), self.config.call_pin.encode()):
             self.pin_ok = True
@@ -768,10 +810,20 @@ class Call:
             return
         self.pin_failures += 1
         self.log.warning("wrong PIN (%d of %d)", self.pin_failures, PIN_TRIES)
+        if self.app[PIN_LOCK].wrong_pin(time.time()):
+            self.log.error("%d wrong PINs within %gs, across calls: new calls are turned away until %s "
+                           "(a restart lifts the lock)", PIN_LOCK_AFTER, PIN_LOCK_WINDOW, utc_text(self.app[PIN_LOCK].until))
         if self.pin_failures >= PIN_TRIES:
             self._start(self.hang_up_after_goodbye("pin_failed", goodbye=PIN_GOODBYE))
         else:
             await self._tell_model(PIN_WRONG)
+
+    async def _pin_deadline(self) -> None:
+        """Hang up on a caller who has not typed the right PIN within PIN_TIMEOUT: a silent call is billed too."""
+        await asyncio.sleep(self.config.pin_timeout)
+        if not self.pin_ok and self.pin_failures < PIN_TRIES:
+            self.log.warning("no right PIN within PIN_TIMEOUT=%gs: hanging up", self.config.pin_timeout)
+            await self.hang_up_after_goodbye("pin_timeout", goodbye=PIN_TIMEOUT_GOODBYE)
 
     async def _tell_model(self, text: str) -> None:
         """Add a system note to the conversation and let the model respond to it."""
@@ -952,32 +1004,41 @@ async def webhook(request: web.Request) -> web.Response:
     if call_id is None:
         log.info("webhook verified: %s, ignored", event.get("type"))
         return web.Response(text="ignored\n")
-    if not isinstance(call_id, str) or not CALL_ID.match(call_id):
+    if not isinstance(call_id, str) or not CALL_ID.fullmatch(call_id):
         log.warning("webhook verified, but its call_id is malformed, ignored")
         return web.Response(text="ignored\n")
     if not first_time(app[SEEN_CALLS], call_id):
         log.info("[%s] call already handled, duplicate delivery ignored", call_id)
         return web.Response(text="duplicate\n")
 
-    caller = caller_number(event["data"].get("sip_headers"))
+    config, sip_headers = app[CONFIG], event["data"].get("sip_headers")
+    caller, who = caller_number(sip_headers), describe_caller(sip_headers)
     if app[DRAINING].is_set():
-        log.warning("[%s] shutting down: rejecting new call from %s (486 busy)", call_id, mask(caller))
-        spawn(app, call_id, call_control(app[HTTP], app[CONFIG], call_id, "reject", {"status_code": 486}))
-    elif caller_allowed(app[CONFIG], caller):
-        log.info("[%s] webhook verified, caller %s allowed", call_id, mask(caller))
+        why, status = "shutting down", 486
+    elif not caller_allowed(config, caller):
+        why, status = "caller not in ALLOWED_CALLERS", 603
+    elif config.call_pin and app[PIN_LOCK].until > time.time():  # turned away before any billed session starts
+        why, status = f"too many wrong PINs, the line is locked until {utc_text(app[PIN_LOCK].until)}", 603
+    elif config.max_concurrent_calls and len(app[CALLS]) >= config.max_concurrent_calls:
+        why, status = f"MAX_CONCURRENT_CALLS={config.max_concurrent_calls} calls are already live", 486
+    else:
+        log.info("[%s] webhook verified, caller %s allowed", call_id, who)
         call = app[CALLS][call_id] = Call(app, call_id, caller, received)
         call.task = spawn(app, call_id, call.run())
-    else:
-        log.warning("[%s] webhook verified, caller %s not in ALLOWED_CALLERS: rejecting", call_id, mask(caller))
-        spawn(app, call_id, call_control(app[HTTP], app[CONFIG], call_id, "reject", {"status_code": 603}))
+        return web.Response(text="ok\n")
+    log.warning("[%s] rejecting the call from %s with SIP %d: %s", call_id, who, status, why)
+    spawn(app, call_id, call_control(app[HTTP], config, call_id, "reject", {"status_code": status}))
     return web.Response(text="ok\n")
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """Liveness and the number of calls in progress; 503 while shutting down."""
-    draining = request.app[DRAINING].is_set()
+    """Liveness, calls in progress and their cap, and the PIN lock; 503 while shutting down."""
+    app, draining = request.app, request.app[DRAINING].is_set()
+    locked = app[CONFIG].call_pin and app[PIN_LOCK].until > time.time()
     return web.json_response(
-        {"status": "draining" if draining else "ok", "active_calls": len(request.app[CALLS])},
+        {"status": "draining" if draining else "ok", "active_calls": len(app[CALLS]),
+         "max_concurrent_calls": app[CONFIG].max_concurrent_calls or None,
+         "pin_locked_until": utc_text(app[PIN_LOCK].until) if locked else None},
         status=503 if draining else 200,
     )
 
@@ -991,6 +1052,7 @@ TASKS = web.AppKey("tasks", set[asyncio.Task[Any]])
 SEEN_WEBHOOKS = web.AppKey("seen_webhooks", dict[str, None])  # recent webhook-ids
 SEEN_CALLS = web.AppKey("seen_calls", dict[str, None])  # recent call_ids: each is owned once
 DRAINING = web.AppKey("draining", asyncio.Event)
+PIN_LOCK = web.AppKey("pin_lock", PinLock)
 
 
 def spawn(app: web.Application, call_id: str, coro: Any) -> asyncio.Task[Any]:
@@ -1053,6 +1115,7 @@ def make_app(config: Config) -> web.Application:
     app[SEEN_WEBHOOKS] = {}
     app[SEEN_CALLS] = {}
     app[DRAINING] = asyncio.Event()
+    app[PIN_LOCK] = PinLock()
     app.cleanup_ctx.append(http_session)
     app.on_shutdown.append(hang_up_all)
     app.router.add_post("/webhook", webhook)
@@ -1081,14 +1144,29 @@ async def serve(config: Config) -> None:
 # --- The command line ------------------------------------------------------------------------------
 
 
-def policy_warning(config: Config) -> str:
-    """A loud warning when the caller screen lets nobody or everybody in."""
+def config_warnings(config: Config, today: date) -> list[tuple[int, str]]:
+    """What the banner and --check warn about: (WARNING, text), or (ERROR, text) for what makes calls fail."""
+    warnings = []
     if not config.allowed_callers:
-        return "ALLOWED_CALLERS is empty: EVERY CALL WILL BE REJECTED. List your own number(s)."
-    if "*" in config.allowed_callers:
-        return "ALLOWED_CALLERS=*: ANYONE WHO DIALS THE NUMBER CAN DRIVE YOUR OPENCLAW AGENT" + (
-            "." if config.call_pin else ", and CALL_PIN is not set.")
-    return ""
+        warnings.append((logging.ERROR, "ALLOWED_CALLERS is empty: EVERY CALL WILL BE REJECTED. List your own number(s)."))
+    elif "*" in config.allowed_callers:
+        warnings.append((logging.WARNING, "ALLOWED_CALLERS=*: ANYONE WHO DIALS THE NUMBER CAN DRIVE YOUR OPENCLAW AGENT"
+                         + ("." if config.call_pin else ", and CALL_PIN is not set.")))
+    if 0 < len(config.call_pin) < 6:
+        warnings.append((logging.WARNING, f"CALL_PIN has {len(config.call_pin)} digits: use 6 or more. Each extra digit "
+                         "makes guessing it ten times slower, and guessing is what the keypad is open to"))
+    if config.voice not in VOICES:
+        warnings.append((logging.WARNING, f"VOICE={config.voice} is not one of the documented voices ({', '.join(VOICES)}): "
+                         "fine if OpenAI has added it, otherwise every accept fails"))
+    if config.model in RETIRING_MODELS:
+        shutdown, replacement = RETIRING_MODELS[config.model]
+        if today < shutdown:
+            warnings.append((logging.WARNING, f"REALTIME_MODEL={config.model} will be shut down by OpenAI on {shutdown}: "
+                             f"set REALTIME_MODEL={replacement} before then"))
+        else:
+            warnings.append((logging.ERROR, f"REALTIME_MODEL={config.model} was shut down by OpenAI on {shutdown}, so "
+                             f"calls will fail: set REALTIME_MODEL={replacement}"))
+    return warnings
 
 
 def log_banner(config: Config, today: date | None = None) -> None:
@@ -1100,15 +1178,13 @@ def log_banner(config: Config, today: date | None = None) -> None:
         f"  session    model {config.model}, voice {config.voice}, max {config.max_call_seconds:g}s per call",
         f"  OpenClaw   {config.openclaw_url}  agent {config.openclaw_agent}  token {'set' if config.openclaw_token else 'NOT SET'}"
         f"  timeout {config.openclaw_timeout:g}s",
-        f"  callers    {policy or 'nobody'}; keypad PIN {'required' if config.call_pin else 'off'}",
+        f"  callers    {policy or 'nobody'}; keypad PIN {'required' if config.call_pin else 'off'}; "
+        f"at most {config.max_concurrent_calls or 'any number of'} call(s) at once",
         f"  shutdown   live calls get {config.shutdown_grace:g}s after SIGTERM",
     ):
         log.info("%s", line)
-    if policy_warning(config):
-        log.warning("%s", policy_warning(config))
-    level, retirement = model_retirement(config.model, today or utc_today())
-    if retirement:
-        log.log(level, "%s", retirement)  # an ERROR past the date, but the service still starts
+    for level, warning in config_warnings(config, today or utc_today()):
+        log.log(level, "%s", warning)  # the service still starts: the owner may be about to fix it
 
 
 async def probe(http: aiohttp.ClientSession, method: str, url: str, **kwargs: Any) -> tuple[int, str]:
@@ -1139,19 +1215,19 @@ async def check(config: Config, today: date | None = None) -> int:
         )
     else:
         openai_problem = f"HTTP {openai[0]}: {openai[1]} (check OPENAI_API_KEY and OPENAI_BASE_URL)"
-    level, retirement = model_retirement(config.model, today or utc_today())
+    warnings = config_warnings(config, today or utc_today())
     claw_ok = claw[0] == 400 and "user message" in claw[1].lower()
     checks = [
         ("configuration complete, OPENAI_WEBHOOK_SECRET well formed", ""),
+        ("no setting makes every call fail (ALLOWED_CALLERS, REALTIME_MODEL's shutdown date)",
+         "\n      ".join(text for level, text in warnings if level >= logging.ERROR)),
         (f"OpenAI accepts OPENAI_API_KEY and serves REALTIME_MODEL={config.model} (GET /models/{config.model})",
          openai_problem),
-        (f"REALTIME_MODEL={config.model} has not reached an announced shutdown date",
-         retirement if level >= logging.ERROR else ""),
         (f"OpenClaw at {config.openclaw_url}: reachable, token accepted, chat endpoint enabled",
          "" if claw_ok else f"HTTP {claw[0]}: {claw[1]} ({OPENCLAW_FIXES.get(claw[0], 'see the gateway log')})"),
     ]
-    for warning in (policy_warning(config), retirement if level == logging.WARNING else ""):
-        if warning:
+    for level, warning in warnings:
+        if level < logging.ERROR:
             print(f"WARN  {warning}")
     for what, problem in checks:
         print(f"FAIL  {what}\n      {problem}" if problem else f"ok    {what}")
@@ -1179,7 +1255,7 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="check the configuration and both services, then exit")
     parser.add_argument("--ask", metavar="QUESTION", help="ask OpenClaw as a call would, print the answer, exit")
     args = parser.parse_args()
-    load_dotenv()
+    load_dotenv(Path(__file__).with_name(".env"))  # exactly this one: no search through parent directories
     try:
         config = Config.from_env(os.environ, need_openai=args.ask is None)  # --ask needs only OpenClaw
     except ConfigError as exc:
