@@ -17,7 +17,7 @@ Run it:  cp .env.example .env  (fill it in), then  python voicebridge.py
          python voicebridge.py --ask "..."     ask OpenClaw exactly as a call would, print what the caller hears
 Routes:  POST /webhook (OpenAI's realtime.call.incoming), GET /healthz.
 
-Environment (a .env file beside this one is read too):
+Environment (the .env file beside this one is read too; no value may hold " #", see Config.from_env):
     OPENAI_API_KEY         required; Bearer for REST call control and the sideband
     OPENAI_WEBHOOK_SECRET  required; the project's webhook signing secret, "whsec_..."
     OPENAI_BASE_URL        REST base, default https://api.openai.com/v1 (sideband: http->ws, https->wss)
@@ -34,6 +34,8 @@ Environment (a .env file beside this one is read too):
     MAX_CALL_SECONDS       hang up after this long, default 900
     SHUTDOWN_GRACE         on SIGTERM/Ctrl-C, let live calls go on this long before hanging up, default 30
     CALL_PIN               4-12 digits the caller must type on the keypad before ask_openclaw works; empty: none
+    PIN_TIMEOUT            seconds to type the right PIN before the call is hung up, default 60
+    MAX_CONCURRENT_CALLS   calls at once, more are turned away busy (SIP 486); default 3, 0 = no limit
     LOG_LEVEL              default INFO
 """
 
@@ -390,11 +392,6 @@ def describe_caller(sip_headers: Any) -> str:
 def caller_allowed(config: Config, number: str | None) -> bool:
     """The caller-ID screen: "*" lets anyone in; a list never matches a withheld number."""
     return "*" in config.allowed_callers or (number is not None and number in config.allowed_callers)
-
-
-def utc_today() -> date:
-    """Today's date in UTC, for comparing with shutdown dates."""
-    return datetime.now(timezone.utc).date()
 
 
 def accept_payload(config: Config) -> dict[str, Any]:
@@ -1101,11 +1098,6 @@ async def drain(app: web.Application, grace: float) -> None:
     await asyncio.gather(*app[TASKS], return_exceptions=True)
 
 
-async def hang_up_all(app: web.Application) -> None:
-    """The last resort on shutdown (serve() drains with a grace period before this runs)."""
-    await drain(app, grace=0)
-
-
 def make_app(config: Config) -> web.Application:
     """The aiohttp application; tests build it with their own Config."""
     app = web.Application(client_max_size=MAX_WEBHOOK_BYTES)
@@ -1117,7 +1109,7 @@ def make_app(config: Config) -> web.Application:
     app[DRAINING] = asyncio.Event()
     app[PIN_LOCK] = PinLock()
     app.cleanup_ctx.append(http_session)
-    app.on_shutdown.append(hang_up_all)
+    app.on_shutdown.append(functools.partial(drain, grace=0))  # the last resort: serve() drains with a grace first
     app.router.add_post("/webhook", webhook)
     app.router.add_get("/healthz", healthz)
     return app
@@ -1183,7 +1175,7 @@ def log_banner(config: Config, today: date | None = None) -> None:
         f"  shutdown   live calls get {config.shutdown_grace:g}s after SIGTERM",
     ):
         log.info("%s", line)
-    for level, warning in config_warnings(config, today or utc_today()):
+    for level, warning in config_warnings(config, today or datetime.now(timezone.utc).date()):
         log.log(level, "%s", warning)  # the service still starts: the owner may be about to fix it
 
 
@@ -1215,7 +1207,7 @@ async def check(config: Config, today: date | None = None) -> int:
         )
     else:
         openai_problem = f"HTTP {openai[0]}: {openai[1]} (check OPENAI_API_KEY and OPENAI_BASE_URL)"
-    warnings = config_warnings(config, today or utc_today())
+    warnings = config_warnings(config, today or datetime.now(timezone.utc).date())
     claw_ok = claw[0] == 400 and "user message" in claw[1].lower()
     checks = [
         ("configuration complete, OPENAI_WEBHOOK_SECRET well formed", ""),
