@@ -381,9 +381,8 @@ def mask(number: str | None) -> str:
     return number[:2] + "*" * (len(number) - 6) + number[-4:]
 
 
-def describe_caller(sip_headers: Any) -> str:
-    """The caller for the log: a masked number, "withheld", or "unreadable" with the end of what was sent."""
-    user = from_user(sip_headers)
+def describe_caller(user: str) -> str:
+    """The From user part for the log: a masked number, "withheld", or "unreadable" with the end of what was sent."""
     if normalise_number(user) or not re.search(r"\d", user):  # no digits: anonymous, restricted, nothing at all
         return mask(normalise_number(user))
     return f"unreadable ({'*' * min(len(user) - 2, 20) + user[-2:]!r})"  # repr: nothing raw reaches the log
@@ -1008,8 +1007,8 @@ async def webhook(request: web.Request) -> web.Response:
         log.info("[%s] call already handled, duplicate delivery ignored", call_id)
         return web.Response(text="duplicate\n")
 
-    config, sip_headers = app[CONFIG], event["data"].get("sip_headers")
-    caller, who = caller_number(sip_headers), describe_caller(sip_headers)
+    config, user = app[CONFIG], from_user(event["data"].get("sip_headers"))
+    caller, who = normalise_number(user), describe_caller(user)
     if app[DRAINING].is_set():
         why, status = "shutting down", 486
     elif not caller_allowed(config, caller):
