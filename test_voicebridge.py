@@ -36,13 +36,20 @@ import pytest
 from aiohttp import web
 
 import voicebridge
-from voicebridge import Config, ConfigError, caller_number, make_app, verify_signature
+from voicebridge import Config, ConfigError, make_app, verify_signature
 
 SECRET = "whsec_" + base64.b64encode(b"voicebridge-test-signing-key-32b").decode()
 API_KEY = "sk-test-openai-key-never-logged"
 CLAW_TOKEN = "claw-token-never-logged"
 ALICE = "+15551234567"
 HERE = Path(__file__).parent
+
+
+def caller_number(sip_headers: Any) -> str | None:
+    """The caller's E.164 number as the webhook reads it from the From SIP header, or None."""
+    return voicebridge.normalise_number(voicebridge.from_user(sip_headers))
+
+
 # What the fake serves (openai-python 3.57.0 CallAcceptParams): the current models and those with a shutdown date.
 REALTIME_MODELS = {"gpt-realtime-2", "gpt-realtime-2.1", "gpt-realtime-2.1-mini", *voicebridge.RETIRING_MODELS}
 VOICES = {"alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar"}

@@ -369,11 +369,6 @@ def from_user(sip_headers: Any) -> str:
     return ""
 
 
-def caller_number(sip_headers: Any) -> str | None:
-    """The caller's E.164 number from the From SIP header, or None if withheld or unreadable."""
-    return normalise_number(from_user(sip_headers))
-
-
 def mask(number: str | None) -> str:
     """Show a phone number as +1******4567 in logs."""
     if not number:
