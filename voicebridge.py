@@ -575,7 +575,8 @@ class Call:
         self.tools: set[asyncio.Task[None]] = set()
         self.outbox: list[dict[str, Any]] = []  # conversation items waiting for no active response
         self.unconfirmed: dict[str, dict[str, Any]] = {}  # items sent, by our item id, until the server confirms them
-        self.response_active = False
+        self.idle = asyncio.Event()  # set while no response is active: see response_active below
+        self.idle.set()
         self.last_response: tuple[str, dict[str, Any] | None] = ("", None)  # our last response.create: event_id, body
         self.owed: dict[str, Any] | None = None  # a response.create refused as "active", to repeat after response.done
         self.playback_stopped = asyncio.Event()  # clear from output_audio_buffer.started to .stopped
@@ -594,6 +595,19 @@ class Call:
         # caller_hung_up | end_call | max_duration | pin_failed | pin_timeout | shutdown | sideband_lost | error
         self.end_reason = ""
         self._event_ids = itertools.count(1)
+
+    @property
+    def response_active(self) -> bool:
+        """A response is under way (or the sideband is down): a response.create now would be refused, or lost."""
+        return not self.idle.is_set()
+
+    @response_active.setter
+    def response_active(self, active: bool) -> None:
+        # The one place the flag changes, so that whoever waits on `idle` wakes exactly when it turns false.
+        if active:
+            self.idle.clear()
+        else:
+            self.idle.set()
 
     @property
     def connected(self) -> bool:
@@ -651,6 +665,7 @@ class Call:
             async for msg in self.ws:
                 if msg.type == aiohttp.WSMsgType.TEXT:
                     await self._on_message(msg.data)
+            self.response_active = True  # nothing can be sent until a reconnect: the filler and results wait
             code = None if self.ws.close_code is None else int(self.ws.close_code)  # 3.10 logs an IntEnum by name
             if self.end_reason or code in NORMAL_CLOSE:
                 self.end_reason = self.end_reason or "caller_hung_up"
@@ -676,7 +691,7 @@ class Call:
                 await self.hang_up("sideband_lost")  # does nothing if the call turned out to be over
                 return
             self.log.info("sideband reconnected")
-            self.response_active = False  # a response cut off by the drop never reports response.done
+            self.response_active = False  # (a response cut off by the drop never reports response.done)
             # Items the server never confirmed may have gone into a dead socket: send them again, under the same
             # ids, so one that did arrive is refused as a duplicate instead of being added twice.
             self.outbox[:0] = self.unconfirmed.values()
@@ -897,9 +912,8 @@ class Call:
         """While OpenClaw is slow, have the model tell the caller it is still checking, now and then."""
         await asyncio.sleep(FILLER_AFTER)
         while True:
-            if self.response_active or not self.connected:
-                await asyncio.sleep(0.2)
-                continue
+            while self.response_active:  # never over the model's own speech (a wait, not a poll)
+                await self.idle.wait()
             self.log.info("OpenClaw is slow: asking the model to say it is still checking")
             await self._request_response({"instructions": FILLER_INSTRUCTIONS, "tool_choice": "none"})
             await asyncio.sleep(FILLER_EVERY)
