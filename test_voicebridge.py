@@ -42,6 +42,7 @@ SECRET = "whsec_" + base64.b64encode(b"voicebridge-test-signing-key-32b").decode
 API_KEY = "sk-test-openai-key-never-logged"
 CLAW_TOKEN = "claw-token-never-logged"
 ALICE = "+15551234567"
+BOB = "+15557654321"
 HERE = Path(__file__).parent
 
 
@@ -417,6 +418,7 @@ class FakeOpenClaw:
         self.cancelled: list[dict[str, Any]] = []  # requests the client abandoned mid-answer
         self.delay = 0.0
         self.mode = "ok"  # ok | empty | garbage | 500 | disabled | huge (a 10 MiB answer) | huge 500 (a 10 MiB error)
+        self.agents = {"main"}  # the gateway's agents.entries; "main" is the default agent
         self.answer: Callable[[str], str] = lambda question: f"Answer to: {question}"
         self.app = web.Application()
         self.app.router.add_post("/v1/chat/completions", self.chat)
@@ -428,12 +430,22 @@ class FakeOpenClaw:
         if request.headers.get("Authorization") != f"Bearer {CLAW_TOKEN}":
             return web.json_response({"error": {"message": "Unauthorized", "type": "unauthorized"}}, status=401)
         body = await request.json()
-        model = body.get("model", "")
-        if not (model in ("openclaw", "openclaw:main", "openclaw/main")):
-            return web.json_response({"error": {"message": f"Unknown agent '{model.split(':')[-1]}'.", "type": "invalid_request_error"}}, status=400)
+        model = str(body.get("model", ""))
+
+        def invalid(message: str) -> web.Response:
+            return web.json_response({"error": {"message": message, "type": "invalid_request_error"}}, status=400)
+
+        # As OpenClaw 2026.9.6: the model names the agent, which is checked before the messages.
+        if not re.fullmatch(r"openclaw([:/].+)?", model):
+            return invalid("Invalid `model`. Use `openclaw` or `openclaw/<agentId>`.")
+        agent = model[len("openclaw:"):] or "default"
+        if agent == "default" and len(self.agents) > 1:
+            return invalid("Multiple agents are configured, but this operation has no explicit owner. Use `openclaw/<agentId>`.")
+        if agent.replace("default", "main") not in self.agents:
+            return invalid(f"Unknown agent '{agent}'.")
         questions = [m["content"] for m in body.get("messages", []) if m.get("role") == "user"]
         if not questions:
-            return web.json_response({"error": {"message": "Missing user message in `messages`.", "type": "invalid_request_error"}}, status=400)
+            return invalid("Missing user message in `messages`.")
         self.requests.append(body)
         try:
             await asyncio.sleep(self.delay)
@@ -731,6 +743,8 @@ async def test_allowed_caller_in_every_from_form_is_accepted(bridge: Any, openai
         ("<sip:restricted@host>", ALICE),
         ("", ALICE),
         (f"<tel:{ALICE}>", ""),  # empty list: nobody gets in
+        ('"Bob" <sip:+15559999999@sip.example.com>;tag=1', f"{ALICE},{BOB}=family"),  # routes, but no "*"
+        ('"Anonymous" <sip:anonymous@anonymous.invalid>;tag=1', f"{ALICE},{BOB}=family"),
     ],
 )
 async def test_screened_out_callers_are_rejected_with_603(
@@ -756,6 +770,78 @@ async def test_star_lets_withheld_numbers_in(start_bridge: Bridge, openai: FakeO
     await call.model_response([("ask_openclaw", '{"request": "hi"}')])
     await eventually(lambda: openclaw.requests)
     assert openclaw.requests[0]["user"] == "voicebridge:call:rtc_anon"  # withheld callers never share a session
+
+
+async def test_each_caller_reaches_their_own_agent(
+    start_bridge: Bridge, openai: FakeOpenAI, openclaw: FakeOpenClaw, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="voicebridge")
+    openclaw.agents = {"main", "family", "guest"}
+    bridge = await start_bridge(ALLOWED_CALLERS=f"{ALICE}, {BOB}=family, *=guest")
+    callers = {"rtc_owner": f"<tel:{ALICE}>", "rtc_family": f"<tel:{BOB}>", "rtc_stranger": "<tel:+15559999999>",
+               "rtc_withheld": '"Anonymous" <sip:anonymous@anonymous.invalid>'}
+    for call_id, from_value in callers.items():
+        call = openai.ring(call_id)
+        await post_webhook(bridge, incoming_event(call_id, from_value))
+        await eventually(lambda: call.ws is not None)
+        await call.wait_idle()
+        await call.model_response([("ask_openclaw", json.dumps({"request": f"who am I? ({call_id})"}))])
+        await eventually(lambda: call.outputs())
+        await call.caller_hangs_up()
+    asked = {r["messages"][1]["content"].split("(")[1][:-1]: (r["model"], r["user"], r["messages"][0]["content"])
+             for r in openclaw.requests}
+    assert {call_id: model for call_id, (model, _, _) in asked.items()} == {
+        "rtc_owner": "openclaw:main", "rtc_family": "openclaw:family",
+        "rtc_stranger": "openclaw:guest", "rtc_withheld": "openclaw:guest"}
+    assert {call_id: user for call_id, (_, user, _) in asked.items()} == {
+        "rtc_owner": f"voicebridge:{ALICE}", "rtc_family": f"voicebridge:{BOB}",
+        "rtc_stranger": "voicebridge:+15559999999", "rtc_withheld": "voicebridge:call:rtc_withheld"}
+    assert asked["rtc_family"][2].endswith(f"Caller ID: {BOB} (caller ID can be faked).")
+    assert asked["rtc_withheld"][2].endswith("Caller ID: withheld.")
+    await eventually(lambda: bridge.app[voicebridge.CALLS] == {})
+    for line in ("[rtc_family] webhook verified, caller +1******4321 allowed, agent family",
+                 "[rtc_withheld] webhook verified, caller withheld allowed, agent guest",
+                 "[rtc_stranger] call summary: caller=+1******9999 agent=guest"):
+        assert line in caplog.text
+    assert ALICE not in caplog.text and BOB not in caplog.text  # the numbers went to OpenClaw, not to the log
+
+
+async def test_an_agent_openclaw_does_not_know_is_named_in_the_log(
+    start_bridge: Bridge, openai: FakeOpenAI, openclaw: FakeOpenClaw, caplog: pytest.LogCaptureFixture
+) -> None:
+    bridge = await start_bridge(ALLOWED_CALLERS=f"{ALICE}=family")  # the gateway only has "main"
+    call = await connected_call(bridge, openai)
+    await call.model_response([("ask_openclaw", '{"request": "hello?"}')])
+    await eventually(lambda: call.outputs())
+    assert call.outputs()[0]["output"] == voicebridge.SAY_UNREACHABLE
+    assert ("OpenClaw failed: HTTP 400: Unknown agent 'family'. (check the ALLOWED_CALLERS entry +1******4567=family, "
+            "or add the agent to OpenClaw's agents.entries)") in caplog.text
+
+
+def test_routing_entries_are_checked_at_startup(caplog: pytest.LogCaptureFixture) -> None:
+    good = {"OPENAI_API_KEY": "sk-x", "OPENAI_WEBHOOK_SECRET": SECRET}
+    cases = {
+        "ALLOWED_CALLERS: in '+15557654321=Family', 'Family' is not an OpenClaw agent id (lowercase": f"{ALICE},{BOB}=Family",
+        "ALLOWED_CALLERS: in '*=', '' is not an OpenClaw agent id": "*=",
+        "ALLOWED_CALLERS: in '*=-guest', '-guest' is not": "*=-guest",
+        "ALLOWED_CALLERS: in '*=my guest', 'my guest' is not": "*=my guest",
+        f"ALLOWED_CALLERS: in '*={'a' * 65}'": f"*={'a' * 65}",
+        "ALLOWED_CALLERS: '' is not an E.164 number like +15551234567, nor *": "=family",
+        "ALLOWED_CALLERS lists +1******4567 twice, for agents 'main' and 'family': keep one entry": f"{ALICE},+1 555 123 4567=family",
+        "ALLOWED_CALLERS lists * twice, for agents 'guest' and 'main'": "*=guest,*",
+    }
+    for message, callers in cases.items():
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            Config.from_env({**good, "ALLOWED_CALLERS": callers})
+    with pytest.raises(ConfigError, match=re.escape("OPENCLAW_AGENT='Main' is not an OpenClaw agent id")):
+        Config.from_env({**good, "OPENCLAW_AGENT": "Main"})
+    config = Config.from_env({**good, "ALLOWED_CALLERS": f"{ALICE}=main,{ALICE}, {BOB}=fam_1-x ,*={'a' * 64}"})
+    assert config.allowed_callers == {ALICE: "main", BOB: "fam_1-x", "*": "a" * 64}  # the same route twice is fine
+    assert [voicebridge.agent_for(config, n) for n in (ALICE, BOB, "+15559999999", None)] == ["main", "fam_1-x", *["a" * 64] * 2]
+    caplog.set_level("INFO", logger="voicebridge")
+    voicebridge.log_banner(Config.from_env({**good, "OPENCLAW_AGENT": "me", "ALLOWED_CALLERS": f"{ALICE},{BOB}=family,*=guest"}))
+    assert "callers    +1******4567 -> me, +1******4321 -> family, * -> guest (caller -> OpenClaw agent)" in caplog.text
+    assert "ANYONE WHO DIALS THE NUMBER CAN DRIVE YOUR OPENCLAW AGENT 'guest'" in caplog.text
 
 
 def test_from_header_parser_edge_cases() -> None:
@@ -809,6 +895,7 @@ async def test_a_call_from_webhook_to_spoken_answer(
     [request] = openclaw.requests
     assert request["model"] == "openclaw:main" and request["user"] == f"voicebridge:{ALICE}"
     assert request["messages"][0]["role"] == "system" and "phone" in request["messages"][0]["content"]
+    assert f"Caller ID: {ALICE} " in request["messages"][0]["content"]  # the full number, to the owner's gateway only
     assert request["messages"][1] == {"role": "user", "content": "What is on my calendar tomorrow?"}
     await call.wait_idle()
     assert call.errors == []
@@ -819,10 +906,10 @@ async def test_a_call_from_webhook_to_spoken_answer(
 
     # The log tells the story, with the call id on every line, and no secrets or full numbers.
     story = [r.getMessage() for r in caplog.records if r.name == "voicebridge"]
-    for expected in ("webhook verified, caller +1******4567 allowed", "call accepted in", "sideband connected",
+    for expected in ("webhook verified, caller +1******4567 allowed, agent main", "call accepted in", "sideband connected",
                      "function call received: ask_openclaw", "OpenClaw answered in", "result sent for",
                      "sideband closed (code 1000)",
-                     "call summary: caller=+1******4567 duration=", "tool_calls=1 openclaw_seconds=0.0 reason=caller_hung_up"):
+                     "call summary: caller=+1******4567 agent=main duration=", "tool_calls=1 openclaw_seconds=0.0 reason=caller_hung_up"):
         assert any(expected in line for line in story), expected
     assert all(line.startswith("[rtc_479a275623b54bdb9b6fbae2f7cbd408]") for line in story)
     assert ALICE not in caplog.text and API_KEY not in caplog.text and CLAW_TOKEN not in caplog.text
@@ -1437,7 +1524,7 @@ async def test_a_repeated_item_is_refused_by_its_id_not_added_twice(bridge: Any,
 async def test_a_crash_is_logged_once_and_the_call_hung_up(
     bridge: Any, openai: FakeOpenAI, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
-    async def broken(*args: Any) -> str:
+    async def broken(*args: Any, **kwargs: Any) -> str:
         raise RuntimeError("injected failure")
 
     call = await connected_call(bridge, openai)
@@ -1731,7 +1818,7 @@ async def test_healthz(bridge: Any) -> None:
 
 def test_config_errors_name_the_variable() -> None:
     good = {"OPENAI_API_KEY": "sk-x", "OPENAI_WEBHOOK_SECRET": SECRET}
-    assert Config.from_env(good).allowed_callers == frozenset()
+    assert Config.from_env(good).allowed_callers == {}
     cases = {
         "OPENAI_API_KEY": {"OPENAI_WEBHOOK_SECRET": SECRET},
         "OPENAI_WEBHOOK_SECRET is not set": {"OPENAI_API_KEY": "sk-x"},
@@ -1746,7 +1833,7 @@ def test_config_errors_name_the_variable() -> None:
         with pytest.raises(ConfigError, match=message):
             Config.from_env(env)
     config = Config.from_env({**good, "ALLOWED_CALLERS": " +1 555 123 4567 ,*", "OPENAI_BASE_URL": "http://127.0.0.1:1/v1/"})
-    assert config.allowed_callers == {"+15551234567", "*"}
+    assert config.allowed_callers == {"+15551234567": "main", "*": "main"}
     assert voicebridge.sideband_url(config, "rtc_1") == "ws://127.0.0.1:1/v1/realtime?call_id=rtc_1"
     assert voicebridge.sideband_url(Config.from_env(good), "rtc_1") == "wss://api.openai.com/v1/realtime?call_id=rtc_1"
 
@@ -1976,6 +2063,41 @@ async def test_ask_runs_the_question_as_a_call_would(openai: FakeOpenAI, opencla
     code, output = await output_of(await run_voicebridge({**env, "OPENCLAW_TOKEN": "wrong"}, "--ask", "hello?"))
     assert code == 1
     assert f"The caller would hear: {voicebridge.SAY_UNREACHABLE}" in output and "check OPENCLAW_TOKEN" in output
+
+
+async def test_check_probes_every_agent_and_names_the_entry_of_a_missing_one(openai: FakeOpenAI, openclaw: FakeOpenClaw) -> None:
+    openclaw.agents = {"main", "family"}
+    env = make_env(openai, openclaw, ALLOWED_CALLERS=f"{ALICE},{BOB}=family,*=guest")
+    code, output = await output_of(await run_voicebridge(env, "--check"))
+    assert code == 1, output
+    url = openclaw.url
+    assert f"ok    OpenClaw at {url}: reachable, token accepted, chat endpoint enabled, agent 'main' exists" in output
+    assert f"ok    OpenClaw at {url}: reachable, token accepted, chat endpoint enabled, agent 'family' exists" in output
+    assert (f"FAIL  OpenClaw at {url}: reachable, token accepted, chat endpoint enabled, agent 'guest' exists\n"
+            "      HTTP 400: Unknown agent 'guest'. (check the ALLOWED_CALLERS entry *=guest, or add the agent to "
+            "OpenClaw's agents.entries)") in output
+    assert "1 problem(s) found." in output and openclaw.requests == []  # three probes, no agent run
+    openclaw.agents.add("guest")
+    code, output = await output_of(await run_voicebridge(env, "--check"))
+    assert code == 0 and "All good" in output, output
+
+
+async def test_ask_as_a_caller_uses_their_agent_and_session(openai: FakeOpenAI, openclaw: FakeOpenClaw) -> None:
+    openclaw.agents = {"main", "family"}
+    env = {k: v for k, v in make_env(openai, openclaw, ALLOWED_CALLERS=f"{ALICE},{BOB}=family").items()
+           if not k.startswith("OPENAI_")}
+    code, output = await output_of(await run_voicebridge(env, "--ask", "Any messages for me?", "--caller", "+1 555 765 4321"))
+    assert code == 0 and "The caller would hear: Answer to: Any messages for me?" in output and "(agent family, " in output
+    [request] = openclaw.requests
+    assert request["model"] == "openclaw:family" and request["user"] == f"voicebridge:{BOB}"
+    assert request["messages"][0]["content"] == voicebridge.openclaw_system(BOB) and BOB in voicebridge.openclaw_system(BOB)
+    for caller, problem in (("+15559999999", "--caller +15559999999: ALLOWED_CALLERS turns this caller away"),
+                            ("bob", "--caller bob: not an E.164 number like +15551234567")):
+        code, output = await output_of(await run_voicebridge(env, "--ask", "hello?", "--caller", caller))
+        assert code == 1 and problem in output, output
+    code, output = await output_of(await run_voicebridge(env, "--caller", BOB))
+    assert code == 2 and "--caller goes with --ask" in output
+    assert len(openclaw.requests) == 1
 
 
 # --- Load: many calls at once ---------------------------------------------------------------------------------

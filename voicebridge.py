@@ -15,6 +15,7 @@ Needs:   Python 3.10-3.13 and requirements.txt (aiohttp, python-dotenv; on 3.10 
 Run it:  cp .env.example .env  (fill it in), then  python voicebridge.py
          python voicebridge.py --check         probe the configuration, OpenAI and OpenClaw; no call made
          python voicebridge.py --ask "..."     ask OpenClaw exactly as a call would, print what the caller hears
+         python voicebridge.py --ask "..." --caller +1555...   ... as this caller's call would (their agent)
 Routes:  POST /webhook (OpenAI's realtime.call.incoming), GET /healthz.
 
 Environment (the .env file beside this one is read too; no value may hold " #", see Config.from_env):
@@ -23,9 +24,10 @@ Environment (the .env file beside this one is read too; no value may hold " #", 
     OPENAI_BASE_URL        REST base, default https://api.openai.com/v1 (sideband: http->ws, https->wss)
     OPENCLAW_URL           OpenClaw gateway, default http://127.0.0.1:18789
     OPENCLAW_TOKEN         gateway token; no Authorization header when empty
-    OPENCLAW_AGENT         agent id, default "main" (sent as model "openclaw:<agent>")
+    OPENCLAW_AGENT         agent id, default "main" (sent as model "openclaw:<agent>"); callers' default agent
     OPENCLAW_TIMEOUT       seconds before ask_openclaw gives up, default 30
-    ALLOWED_CALLERS        comma-separated E.164 numbers; "*" = anyone; empty (default) = reject every call
+    ALLOWED_CALLERS        who may call, and which agent answers them: comma-separated E.164 numbers, "*" = anyone
+                           else; NUMBER=AGENT or *=AGENT picks the agent. Empty (default): reject every call
     HOST, PORT             listen address, default 127.0.0.1 and 8080 (put a TLS proxy in front)
     REALTIME_MODEL         default gpt-realtime-2.1 (RETIRING_MODELS below lists announced shutdowns)
     VOICE                  default marin
@@ -111,7 +113,7 @@ class Config:
     openclaw_token: str = ""
     openclaw_agent: str = "main"
     openclaw_timeout: float = 30.0
-    allowed_callers: frozenset[str] = frozenset()  # E.164 numbers, or {"*"}
+    allowed_callers: dict[str, str] = field(default_factory=dict)  # E.164 number or "*" -> OpenClaw agent id
     host: str = "127.0.0.1"
     port: int = 8080
     model: str = "gpt-realtime-2.1"
@@ -149,15 +151,21 @@ class Config:
         key = get("OPENAI_API_KEY")
         if not key and need_openai:
             raise ConfigError("OPENAI_API_KEY is not set: put your OpenAI API key in .env")
-        callers = set()
-        for entry in get("ALLOWED_CALLERS").split(","):
-            if entry.strip() == "*":
-                callers.add("*")
-            elif entry.strip():
-                number_ = normalise_number(entry)
-                if number_ is None:
-                    raise ConfigError(f"ALLOWED_CALLERS: {entry.strip()!r} is not an E.164 number like +15551234567")
-                callers.add(number_)
+        agent = get("OPENCLAW_AGENT", cls.openclaw_agent)
+        if not AGENT_ID.fullmatch(agent):
+            raise ConfigError(f"OPENCLAW_AGENT={agent!r} is not an OpenClaw agent id ({AGENT_ID_RULE})")
+        callers: dict[str, str] = {}
+        for entry in filter(None, (entry.strip() for entry in get("ALLOWED_CALLERS").split(","))):
+            who, _, named = (part.strip() for part in entry.partition("="))
+            caller = "*" if who == "*" else normalise_number(who)
+            if caller is None:
+                raise ConfigError(f"ALLOWED_CALLERS: {who!r} is not an E.164 number like +15551234567, nor *")
+            if "=" in entry and not AGENT_ID.fullmatch(named):
+                raise ConfigError(f"ALLOWED_CALLERS: in {entry!r}, {named!r} is not an OpenClaw agent id ({AGENT_ID_RULE})")
+            if callers.setdefault(caller, named or agent) != (named or agent):
+                shown = caller if caller == "*" else mask(caller)
+                raise ConfigError(f"ALLOWED_CALLERS lists {shown} twice, for agents {callers[caller]!r} and "
+                                  f"{named or agent!r}: keep one entry")
         pin = get("CALL_PIN")
         if pin and not re.fullmatch(r"\d{4,12}", pin):
             raise ConfigError("CALL_PIN must be 4 to 12 digits (the caller types it on the keypad)")
@@ -170,9 +178,9 @@ class Config:
             openai_base_url=get("OPENAI_BASE_URL", cls.openai_base_url).rstrip("/"),
             openclaw_url=get("OPENCLAW_URL", cls.openclaw_url).rstrip("/"),
             openclaw_token=get("OPENCLAW_TOKEN"),
-            openclaw_agent=get("OPENCLAW_AGENT", cls.openclaw_agent),
+            openclaw_agent=agent,
             openclaw_timeout=number("OPENCLAW_TIMEOUT", cls.openclaw_timeout, 1),
-            allowed_callers=frozenset(callers),
+            allowed_callers=callers,
             host=get("HOST", cls.host),
             port=int(number("PORT", cls.port, 1, 65535)),
             model=get("REALTIME_MODEL", cls.model),
@@ -276,7 +284,6 @@ SAY_NO_ANSWER = "Your assistant didn't have an answer for that."
 SAY_TOO_LONG = "Your assistant's answer was far too long to read out. Please ask for something shorter."
 OPENCLAW_FIXES = {  # what the owner should do about an OpenClaw failure, by HTTP status (0: no answer at all)
     0: "is the gateway running? check OPENCLAW_URL",
-    400: "check OPENCLAW_AGENT",
     401: "check OPENCLAW_TOKEN",
     403: "check OPENCLAW_TOKEN",
     404: "enable gateway.http.endpoints.chatCompletions in the OpenClaw config, or check OPENCLAW_URL",
@@ -313,6 +320,8 @@ MAX_REQUEST_CHARS = 4000  # ask_openclaw arguments accepted
 MAX_ANSWER_CHARS = 4000  # OpenClaw answer passed to the model
 MAX_BODY_BYTES = 256 * 1024  # OpenClaw answers and all error bodies are read up to this, never whole
 CALL_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # used with fullmatch: "$" would let a trailing newline through
+AGENT_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # an OpenClaw agent id, also used with fullmatch
+AGENT_ID_RULE = "lowercase letters, digits, '-' and '_', starting with a letter or digit, at most 64"
 VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar")
 
 
@@ -383,9 +392,18 @@ def describe_caller(user: str) -> str:
     return f"unreadable ({'*' * min(len(user) - 2, 20) + user[-2:]!r})"  # repr: nothing raw reaches the log
 
 
-def caller_allowed(config: Config, number: str | None) -> bool:
-    """The caller-ID screen: "*" lets anyone in; a list never matches a withheld number."""
-    return "*" in config.allowed_callers or (number is not None and number in config.allowed_callers)
+def agent_for(config: Config, number: str | None) -> str | None:
+    """The caller-ID screen and routing: the agent that answers this caller, or None to turn them away.
+
+    The caller's own entry wins over "*"; a withheld number only ever matches "*".
+    """
+    own = config.allowed_callers.get(number) if number else None
+    return own or config.allowed_callers.get("*")
+
+
+def routing(config: Config) -> dict[str, str]:
+    """ALLOWED_CALLERS as logs show it: masked number (or "*") -> agent."""
+    return {who if who == "*" else mask(who): agent for who, agent in config.allowed_callers.items()}
 
 
 def accept_payload(config: Config) -> dict[str, Any]:
@@ -406,8 +424,26 @@ def sideband_url(config: Config, call_id: str) -> str:
 
 
 def openclaw_user(number: str | None, call_id: str) -> str:
-    """A stable OpenClaw session per caller; withheld callers never share one."""
+    """A stable OpenClaw session per caller (the agent id is part of OpenClaw's key); withheld callers never share one."""
     return f"voicebridge:{number}" if number else f"voicebridge:call:{call_id}"
+
+
+def openclaw_system(number: str | None) -> str:
+    """The system message for a caller's questions: how to answer, and who is calling (the full number goes to
+    the owner's own gateway only, so the agent can greet them, look them up, or refuse)."""
+    who = f"Caller ID: {number} (caller ID can be faked)." if number else "Caller ID: withheld."
+    return f"{OPENCLAW_SYSTEM_PROMPT} {who}"
+
+
+def openclaw_fix(config: Config, agent: str, status: int) -> str:
+    """What the owner should do about an OpenClaw failure with this HTTP status."""
+    if status != 400:
+        return OPENCLAW_FIXES.get(status, "the gateway or its model provider failed")
+    # We always name an agent, so a 400 means "Unknown agent 'x'.": point at the setting that named it.
+    if agent == config.openclaw_agent:
+        return "check OPENCLAW_AGENT"
+    entries = ", ".join(f"{who}={named}" for who, named in routing(config).items() if named == agent)
+    return f"check the ALLOWED_CALLERS entry {entries}, or add the agent to OpenClaw's agents.entries"
 
 
 def first_time(seen: dict[str, None], key: str) -> bool:
@@ -527,16 +563,18 @@ class OpenClawError(Exception):
         self.say = say
 
 
-async def ask_openclaw(http: aiohttp.ClientSession, config: Config, user: str, request: str) -> str:
-    """Ask the OpenClaw agent one question; return its answer or raise OpenClawError."""
+async def ask_openclaw(
+    http: aiohttp.ClientSession, config: Config, request: str, *, agent: str, user: str, system: str
+) -> str:
+    """Ask an OpenClaw agent one question, in the session `user`; return its answer or raise OpenClawError."""
     headers = {"Authorization": f"Bearer {config.openclaw_token}"} if config.openclaw_token else {}
-    messages = [{"role": "system", "content": OPENCLAW_SYSTEM_PROMPT}, {"role": "user", "content": request}]
-    body = {"model": f"openclaw:{config.openclaw_agent}", "user": user, "messages": messages}
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": request}]
+    body = {"model": f"openclaw:{agent}", "user": user, "messages": messages}
     timeout = aiohttp.ClientTimeout(total=config.openclaw_timeout)
     try:
         async with http.post(f"{config.openclaw_url}/v1/chat/completions", json=body, headers=headers, timeout=timeout) as resp:
             if resp.status != 200:
-                fix = OPENCLAW_FIXES.get(resp.status, "the gateway or its model provider failed")
+                fix = openclaw_fix(config, agent, resp.status)
                 raise OpenClawError(f"HTTP {resp.status}: {await error_text(resp)} ({fix})")
             raw = await read_body(resp)
             if raw is None:
@@ -562,12 +600,13 @@ async def ask_openclaw(http: aiohttp.ClientSession, config: Config, user: str, r
 class Call:
     """One live call: accepts it, owns its sideband and its tool tasks, under a MAX_CALL_SECONDS deadline."""
 
-    def __init__(self, app: web.Application, call_id: str, caller: str | None, received: float) -> None:
+    def __init__(self, app: web.Application, call_id: str, caller: str | None, agent: str, received: float) -> None:
         self.app = app
         self.config = app[CONFIG]
         self.http = app[HTTP]
         self.id = call_id
         self.caller = caller
+        self.agent = agent  # the OpenClaw agent that answers this caller
         self.received = received  # loop time the webhook arrived
         self.log = CallLog(call_id)
         self.task: asyncio.Task[None] | None = None  # run(), set by the webhook handler
@@ -637,8 +676,8 @@ class Call:
             if self.accepted and not self.end_reason:  # only a crash ends up here; spawn() logs its traceback
                 await self.hang_up("error")
             self.log.info(
-                "call summary: caller=%s duration=%.1fs tool_calls=%d openclaw_seconds=%s reason=%s",
-                mask(self.caller), asyncio.get_running_loop().time() - self.received, self.tool_calls,
+                "call summary: caller=%s agent=%s duration=%.1fs tool_calls=%d openclaw_seconds=%s reason=%s",
+                mask(self.caller), self.agent, asyncio.get_running_loop().time() - self.received, self.tool_calls,
                 ",".join(f"{s:.1f}" for s in self.latencies) or "-", self.end_reason or "error",
             )
             for task in self.tools:
@@ -897,7 +936,8 @@ class Call:
         filler = asyncio.create_task(self._filler())
         started = asyncio.get_running_loop().time()
         try:
-            answer = await ask_openclaw(self.http, self.config, openclaw_user(self.caller, self.id), request.strip())
+            answer = await ask_openclaw(self.http, self.config, request.strip(), agent=self.agent,
+                                        user=openclaw_user(self.caller, self.id), system=openclaw_system(self.caller))
         except OpenClawError as exc:
             self.log.warning("OpenClaw failed: %s", exc)
             return exc.say
@@ -1018,17 +1058,18 @@ async def webhook(request: web.Request) -> web.Response:
 
     config, user = app[CONFIG], from_user(event["data"].get("sip_headers"))
     caller, who = normalise_number(user), describe_caller(user)
+    agent = agent_for(config, caller)
     if app[DRAINING].is_set():
         why, status = "shutting down", 486
-    elif not caller_allowed(config, caller):
+    elif agent is None:
         why, status = "caller not in ALLOWED_CALLERS", 603
     elif config.call_pin and app[PIN_LOCK].until > time.time():  # turned away before any billed session starts
         why, status = f"too many wrong PINs, the line is locked until {utc_text(app[PIN_LOCK].until)}", 603
     elif config.max_concurrent_calls and len(app[CALLS]) >= config.max_concurrent_calls:
         why, status = f"MAX_CONCURRENT_CALLS={config.max_concurrent_calls} calls are already live", 486
     else:
-        log.info("[%s] webhook verified, caller %s allowed", call_id, who)
-        call = app[CALLS][call_id] = Call(app, call_id, caller, received)
+        log.info("[%s] webhook verified, caller %s allowed, agent %s", call_id, who, agent)
+        call = app[CALLS][call_id] = Call(app, call_id, caller, agent, received)
         call.task = spawn(app, call_id, call.run())
         return web.Response(text="ok\n")
     log.warning("[%s] rejecting the call from %s with SIP %d: %s", call_id, who, status, why)
@@ -1150,8 +1191,8 @@ def config_warnings(config: Config, today: date) -> list[tuple[int, str]]:
     if not config.allowed_callers:
         warnings.append((logging.ERROR, "ALLOWED_CALLERS is empty: EVERY CALL WILL BE REJECTED. List your own number(s)."))
     elif "*" in config.allowed_callers:
-        warnings.append((logging.WARNING, "ALLOWED_CALLERS=*: ANYONE WHO DIALS THE NUMBER CAN DRIVE YOUR OPENCLAW AGENT"
-                         + ("." if config.call_pin else ", and CALL_PIN is not set.")))
+        warnings.append((logging.WARNING, "ALLOWED_CALLERS has *: ANYONE WHO DIALS THE NUMBER CAN DRIVE YOUR OPENCLAW "
+                         f"AGENT {config.allowed_callers['*']!r}" + ("." if config.call_pin else ", and CALL_PIN is not set.")))
     if 0 < len(config.call_pin) < 6:
         warnings.append((logging.WARNING, f"CALL_PIN has {len(config.call_pin)} digits: use 6 or more. Each extra digit "
                          "makes guessing it ten times slower, and guessing is what the keypad is open to"))
@@ -1171,14 +1212,15 @@ def config_warnings(config: Config, today: date) -> list[tuple[int, str]]:
 
 def log_banner(config: Config, today: date | None = None) -> None:
     """One screen saying what this process will do; secrets are only said to be set or not."""
-    policy = "anyone (*)" if "*" in config.allowed_callers else ", ".join(sorted(map(mask, config.allowed_callers)))
+    routes = ", ".join(f"{who} -> {agent}" for who, agent in routing(config).items())
     for line in (
         f"voicebridge listening on http://{config.host}:{config.port} (POST /webhook, GET /healthz)",
         f"  OpenAI     {config.openai_base_url}  key {'set' if config.openai_api_key else 'NOT SET'}",
         f"  session    model {config.model}, voice {config.voice}, max {config.max_call_seconds:g}s per call",
-        f"  OpenClaw   {config.openclaw_url}  agent {config.openclaw_agent}  token {'set' if config.openclaw_token else 'NOT SET'}"
+        f"  OpenClaw   {config.openclaw_url}  token {'set' if config.openclaw_token else 'NOT SET'}"
         f"  timeout {config.openclaw_timeout:g}s",
-        f"  callers    {policy or 'nobody'}; keypad PIN {'required' if config.call_pin else 'off'}; "
+        f"  callers    {routes or 'nobody'} (caller -> OpenClaw agent)",
+        f"  limits     keypad PIN {'required' if config.call_pin else 'off'}; "
         f"at most {config.max_concurrent_calls or 'any number of'} call(s) at once",
         f"  shutdown   live calls get {config.shutdown_grace:g}s after SIGTERM",
     ):
@@ -1203,9 +1245,13 @@ async def check(config: Config, today: date | None = None) -> int:
         # Retrieving the model proves the key and that its project may use the model, in one request.
         model_url = f"{config.openai_base_url}/models/{quote(config.model, safe='')}"
         openai = await probe(http, "GET", model_url, headers={"Authorization": f"Bearer {config.openai_api_key}"})
-        # messages=[] makes the gateway check the token and the endpoint, then stop before any agent run.
-        body = {"model": f"openclaw:{config.openclaw_agent}", "messages": []}
-        claw = await probe(http, "POST", f"{config.openclaw_url}/v1/chat/completions", json=body, headers=claw_headers)
+        # messages=[] makes the gateway check the token, the endpoint and the agent, then stop before any agent run.
+        agents = list(dict.fromkeys([config.openclaw_agent, *config.allowed_callers.values()]))
+        claws = await asyncio.gather(*(
+            probe(http, "POST", f"{config.openclaw_url}/v1/chat/completions", headers=claw_headers,
+                  json={"model": f"openclaw:{agent}", "messages": []})
+            for agent in agents
+        ))
     if openai[0] == 200:
         openai_problem = ""
     elif openai[0] == 404:  # model_not_found: the key is fine, the model is not
@@ -1216,15 +1262,15 @@ async def check(config: Config, today: date | None = None) -> int:
     else:
         openai_problem = f"HTTP {openai[0]}: {openai[1]} (check OPENAI_API_KEY and OPENAI_BASE_URL)"
     warnings = config_warnings(config, today or datetime.now(timezone.utc).date())
-    claw_ok = claw[0] == 400 and "user message" in claw[1].lower()
     checks = [
         ("configuration complete, OPENAI_WEBHOOK_SECRET well formed", ""),
         ("no setting makes every call fail (ALLOWED_CALLERS, REALTIME_MODEL's shutdown date)",
          "\n      ".join(text for level, text in warnings if level >= logging.ERROR)),
         (f"OpenAI accepts OPENAI_API_KEY and serves REALTIME_MODEL={config.model} (GET /models/{config.model})",
          openai_problem),
-        (f"OpenClaw at {config.openclaw_url}: reachable, token accepted, chat endpoint enabled",
-         "" if claw_ok else f"HTTP {claw[0]}: {claw[1]} ({OPENCLAW_FIXES.get(claw[0], 'see the gateway log')})"),
+        *((f"OpenClaw at {config.openclaw_url}: reachable, token accepted, chat endpoint enabled, agent {agent!r} exists",
+           "" if status == 400 and "user message" in text.lower()
+           else f"HTTP {status}: {text} ({openclaw_fix(config, agent, status)})") for agent, (status, text) in zip(agents, claws)),
     ]
     for level, warning in warnings:
         if level < logging.ERROR:
@@ -1236,16 +1282,25 @@ async def check(config: Config, today: date | None = None) -> int:
     return 1 if failed else 0
 
 
-async def ask(config: Config, question: str) -> int:
-    """--ask: put one question to OpenClaw exactly as a call would and print what the caller would hear."""
+async def ask(config: Config, question: str, caller: str | None = None) -> int:
+    """--ask: put one question to OpenClaw as a call would (from `caller`, if given) and print what they would hear."""
+    agent, user, system = config.openclaw_agent, "voicebridge:cli", OPENCLAW_SYSTEM_PROMPT
+    if caller is not None:  # exactly as this caller's call: their agent, their session, their caller ID
+        number = normalise_number(caller)
+        routed = agent_for(config, number) if number else None
+        if number is None or routed is None:
+            print(f"--caller {caller}: " + ("not an E.164 number like +15551234567" if number is None else
+                                            "ALLOWED_CALLERS turns this caller away, so no call of theirs reaches OpenClaw"))
+            return 1
+        agent, user, system = routed, openclaw_user(number, "cli"), openclaw_system(number)
     started = time.monotonic()
     async with aiohttp.ClientSession() as http:
         try:
-            answer, problem = await ask_openclaw(http, config, "voicebridge:cli", question), ""
+            answer, problem = await ask_openclaw(http, config, question, agent=agent, user=user, system=system), ""
         except OpenClawError as exc:
             answer, problem = exc.say, str(exc)
     print(f"The caller would hear: {answer}")
-    print(f"({time.monotonic() - started:.1f}s{'; problem: ' + problem if problem else ''})")
+    print(f"(agent {agent}, {time.monotonic() - started:.1f}s{'; problem: ' + problem if problem else ''})")
     return 1 if problem else 0
 
 
@@ -1254,7 +1309,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Phone your OpenClaw assistant through OpenAI Realtime SIP.")
     parser.add_argument("--check", action="store_true", help="check the configuration and both services, then exit")
     parser.add_argument("--ask", metavar="QUESTION", help="ask OpenClaw as a call would, print the answer, exit")
+    parser.add_argument("--caller", metavar="NUMBER", help="with --ask: ask as this caller's call would (agent, session)")
     args = parser.parse_args()
+    if args.caller is not None and args.ask is None:
+        parser.error("--caller goes with --ask")
     load_dotenv(Path(__file__).with_name(".env"))  # exactly this one: no search through parent directories
     try:
         config = Config.from_env(os.environ, need_openai=args.ask is None)  # --ask needs only OpenClaw
@@ -1263,7 +1321,7 @@ def main() -> None:
     if args.check:
         sys.exit(asyncio.run(check(config)))
     if args.ask is not None:
-        sys.exit(asyncio.run(ask(config, args.ask)))
+        sys.exit(asyncio.run(ask(config, args.ask, args.caller)))
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     log_banner(config)
