@@ -54,6 +54,10 @@ def caller_number(sip_headers: Any) -> str | None:
 # What the fake serves (openai-python 3.57.0 CallAcceptParams): the current models and those with a shutdown date.
 REALTIME_MODELS = {"gpt-realtime-2", "gpt-realtime-2.1", "gpt-realtime-2.1-mini", *voicebridge.RETIRING_MODELS}
 VOICES = {"alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar"}
+TRANSCRIPTION_MODELS = {"whisper-1", "gpt-transcribe", "gpt-live-transcribe", "gpt-4o-mini-transcribe",
+                        "gpt-4o-mini-transcribe-2025-12-15", "gpt-4o-transcribe", "gpt-4o-transcribe-diarize",
+                        "gpt-realtime-whisper"}
+GREETING_SPOKEN = "Hi, this is your assistant. How can I help?"
 
 
 # --- Helpers ------------------------------------------------------------------------------------
@@ -245,6 +249,8 @@ class FakeCall:
         await asyncio.sleep(self.speak_seconds)
         self.response_active = False
         message = {"id": self.next_id("item"), "type": "message", "role": "assistant", "status": "completed", "content": []}
+        await self.send({"type": "response.output_audio_transcript.done", "response_id": response_id, "item_id": message["id"],
+                         "output_index": 0, "content_index": 0, "transcript": GREETING_SPOKEN})  # sent with no setting
         await self.send({"type": "response.done", "response": {**response, "status": "completed", "output": [message]}})
         await self.send({"type": "output_audio_buffer.stopped", "response_id": response_id})
 
@@ -346,8 +352,11 @@ class FakeOpenAI:
             audio = body.get("audio") or {}
             if any("format" in (audio.get(side) or {}) for side in ("input", "output")):
                 return web.json_response(error_body("Do not set audio format for SIP calls", "invalid_request_error"), status=400)
-            for param, value, known in (("model", body.get("model"), REALTIME_MODELS),
-                                        ("audio.output.voice", (audio.get("output") or {}).get("voice"), VOICES)):
+            checks = [("model", body.get("model"), REALTIME_MODELS),
+                      ("audio.output.voice", (audio.get("output") or {}).get("voice"), VOICES)]
+            if "input" in audio:  # input transcription is optional (and billed)
+                checks.append(("audio.input.transcription.model", audio["input"]["transcription"]["model"], TRANSCRIPTION_MODELS))
+            for param, value, known in checks:
                 if value not in known:
                     message = f"Invalid value: {value!r}. Supported values are: {', '.join(sorted(known))}."
                     return web.json_response(error_body(message, "invalid_request_error", "invalid_value", param), status=400)
@@ -844,6 +853,45 @@ def test_routing_entries_are_checked_at_startup(caplog: pytest.LogCaptureFixture
     assert "ANYONE WHO DIALS THE NUMBER CAN DRIVE YOUR OPENCLAW AGENT 'guest'" in caplog.text
 
 
+@pytest.mark.parametrize("setting", ["1", "", "0"])
+async def test_transcripts_are_logged_only_when_asked_for(
+    start_bridge: Bridge, openai: FakeOpenAI, openclaw: FakeOpenClaw, caplog: pytest.LogCaptureFixture, setting: str
+) -> None:
+    caplog.set_level("DEBUG", logger="voicebridge")
+    bridge = await start_bridge(LOG_TRANSCRIPTS=setting)
+    call = await connected_call(bridge, openai)
+    assert call.accept_body is not None
+    assert call.accept_body["audio"].get("input") == ({"transcription": {"model": "gpt-realtime-whisper"}} if setting == "1" else None)
+    said = "What's on my calendar?\n[rtc_other] forged line\u2028" + "blah " * 200
+    await call.send({"type": "conversation.item.input_audio_transcription.completed", "item_id": "item_u1",
+                     "content_index": 0, "transcript": said, "usage": {"type": "duration", "seconds": 3.1}})
+    await call.send({"type": "conversation.item.input_audio_transcription.failed", "item_id": "item_u2", "content_index": 0,
+                     "error": {"type": "transcription_error", "code": "audio_unintelligible", "message": "Audio could not be transcribed"}})
+    await call.model_response([("ask_openclaw", '{"request": "calendar"}')])
+    await eventually(lambda: call.outputs())  # so the events before have been handled
+    lines = [r for r in caplog.records if r.name == "voicebridge" and " said: " in r.getMessage()]
+    failed = [r for r in caplog.records if "audio_unintelligible" in r.getMessage()]
+    assert [r.levelname for r in failed] == ["DEBUG"] and not errors_logged(caplog)
+    if setting != "1":
+        assert lines == [] and "calendar?" not in caplog.text and GREETING_SPOKEN not in caplog.text
+        return
+    assistant, caller = (r.getMessage() for r in lines)  # the greeting came first
+    assert caller.startswith("[rtc_happy] caller said: What's on my calendar?\\n[rtc_other] forged line\\u2028blah blah")
+    assert caller.endswith("…") and len(caller) == len("[rtc_happy] caller said: ") + 500 + 1 and "\n" not in caller
+    assert assistant == f"[rtc_happy] assistant said: {GREETING_SPOKEN}" and lines[0].levelname == "INFO"
+
+
+def test_transcript_setting_is_checked_and_shown(caplog: pytest.LogCaptureFixture) -> None:
+    good = {"OPENAI_API_KEY": "sk-x", "OPENAI_WEBHOOK_SECRET": SECRET}
+    with pytest.raises(ConfigError, match=re.escape("LOG_TRANSCRIPTS='maybe': use 1 to log what is said on calls, or 0")):
+        Config.from_env({**good, "LOG_TRANSCRIPTS": "maybe"})
+    caplog.set_level("INFO", logger="voicebridge")
+    for value, shown in (("true", "transcripts LOGGED (LOG_TRANSCRIPTS=1)"), ("off", "transcripts off")):
+        caplog.clear()
+        voicebridge.log_banner(Config.from_env({**good, "LOG_TRANSCRIPTS": value}))
+        assert shown in caplog.text
+
+
 def test_from_header_parser_edge_cases() -> None:
     assert caller_number([{"name": "f", "value": f"<tel:{ALICE}>"}]) == ALICE  # compact form
     assert caller_number([{"name": "To", "value": f"<tel:{ALICE}>"}]) is None
@@ -978,7 +1026,7 @@ async def test_accept_400_names_the_settings_that_shape_the_accept_body(
     await eventually(lambda: bridge.app[voicebridge.CALLS] == {})
     [line] = [r.getMessage() for r in caplog.records if "accept failed" in r.getMessage()]
     assert f"HTTP 400: Invalid value: {next(iter(setting.values()))!r}" in line  # OpenAI's message, quoted
-    assert "(check REALTIME_MODEL, VOICE and INSTRUCTIONS: they shape the accept body)" in line
+    assert "(check REALTIME_MODEL, VOICE, INSTRUCTIONS and LOG_TRANSCRIPTS: they shape the accept body)" in line
     assert line.startswith("[rtc_badmodel]") and "reason=error" in caplog.text
     assert openai.rest == [("accept", "rtc_badmodel")] and call.sideband_attempts == []  # a 400 is not retried
 

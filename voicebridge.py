@@ -38,6 +38,8 @@ Environment (the .env file beside this one is read too; no value may hold " #", 
     CALL_PIN               4-12 digits the caller must type on the keypad before ask_openclaw works; empty: none
     PIN_TIMEOUT            seconds to type the right PIN before the call is hung up, default 60
     MAX_CONCURRENT_CALLS   calls at once, more are turned away busy (SIP 486); default 3, 0 = no limit
+    LOG_TRANSCRIPTS        1: log what the caller and the assistant say, one line per turn (the caller's side is
+                           transcribed by OpenAI, billed); default 0: no transcript text is ever logged
     LOG_LEVEL              default INFO
 """
 
@@ -125,6 +127,7 @@ class Config:
     call_pin: str = ""  # keypad PIN required before ask_openclaw; empty: none
     pin_timeout: float = 60.0  # seconds to type the right PIN before the call is hung up
     max_concurrent_calls: int = 3  # 0: no limit
+    log_transcripts: bool = False
     log_level: str = "INFO"
 
     @classmethod
@@ -169,6 +172,9 @@ class Config:
         pin = get("CALL_PIN")
         if pin and not re.fullmatch(r"\d{4,12}", pin):
             raise ConfigError("CALL_PIN must be 4 to 12 digits (the caller types it on the keypad)")
+        transcripts = get("LOG_TRANSCRIPTS", "0").lower()
+        if transcripts not in ("0", "1", "no", "yes", "false", "true", "off", "on"):
+            raise ConfigError(f"LOG_TRANSCRIPTS={transcripts!r}: use 1 to log what is said on calls, or 0 (the default)")
         level = get("LOG_LEVEL", "INFO").upper()
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"LOG_LEVEL={level!r}: use DEBUG, INFO, WARNING or ERROR")
@@ -192,6 +198,7 @@ class Config:
             call_pin=pin,
             pin_timeout=number("PIN_TIMEOUT", cls.pin_timeout, 10),
             max_concurrent_calls=int(number("MAX_CONCURRENT_CALLS", cls.max_concurrent_calls, 0)),
+            log_transcripts=transcripts in ("1", "yes", "true", "on"),
             log_level=level,
         )
 
@@ -318,6 +325,14 @@ FILLER_AFTER = 4.0  # seconds of OpenClaw silence before the model says "still c
 FILLER_EVERY = 9.0  # and then at most this often
 MAX_REQUEST_CHARS = 4000  # ask_openclaw arguments accepted
 MAX_ANSWER_CHARS = 4000  # OpenClaw answer passed to the model
+# With LOG_TRANSCRIPTS: the caller's side is transcribed by this model (openai-python 3.57.0 gives it no shutdown
+# date, unlike whisper-1 and gpt-4o-*-transcribe: 2027-02-26), and each turn is logged as one line of at most:
+TRANSCRIPTION_MODEL = "gpt-realtime-whisper"
+MAX_TRANSCRIPT_CHARS = 500
+TRANSCRIPTS = {  # sideband event -> who spoke
+    "conversation.item.input_audio_transcription.completed": "caller",
+    "response.output_audio_transcript.done": "assistant",  # sent whether or not transcription is on
+}
 MAX_BODY_BYTES = 256 * 1024  # OpenClaw answers and all error bodies are read up to this, never whole
 CALL_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # used with fullmatch: "$" would let a trailing newline through
 AGENT_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # an OpenClaw agent id, also used with fullmatch
@@ -408,11 +423,14 @@ def routing(config: Config) -> dict[str, str]:
 
 def accept_payload(config: Config) -> dict[str, Any]:
     """The session config sent with /accept. No audio format: SIP negotiates the codec."""
+    audio: dict[str, Any] = {"output": {"voice": config.voice}}
+    if config.log_transcripts:  # otherwise no input transcription: it is billed, and we would have no use for it
+        audio["input"] = {"transcription": {"model": TRANSCRIPTION_MODEL}}
     return {
         "type": "realtime",  # required: without it accept answers 200 and the sideband then 404s
         "model": config.model,
         "instructions": (config.instructions or INSTRUCTIONS) + (PIN_INSTRUCTIONS if config.call_pin else ""),
-        "audio": {"output": {"voice": config.voice}},
+        "audio": audio,
         "tools": [ASK_OPENCLAW_TOOL, END_CALL_TOOL],
         "tool_choice": "auto",
     }
@@ -421,6 +439,12 @@ def accept_payload(config: Config) -> dict[str, Any]:
 def sideband_url(config: Config, call_id: str) -> str:
     """wss://.../v1/realtime?call_id=... for a REST base of https://.../v1."""
     return re.sub(r"^http", "ws", config.openai_base_url) + f"/realtime?call_id={call_id}"
+
+
+def one_line(text: Any, limit: int = MAX_TRANSCRIPT_CHARS) -> str:
+    """Text for one log line: control characters and line breaks escaped (so no text can forge a line), cut short."""
+    text = re.sub(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", lambda char: repr(char.group())[1:-1], str(text))
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def openclaw_user(number: str | None, call_id: str) -> str:
@@ -542,7 +566,7 @@ async def call_control(
                     if status in (401, 403):
                         hint = " (check OPENAI_API_KEY)"
                     elif action == "accept" and status == 400:  # the session config was refused
-                        hint = " (check REALTIME_MODEL, VOICE and INSTRUCTIONS: they shape the accept body)"
+                        hint = " (check REALTIME_MODEL, VOICE, INSTRUCTIONS and LOG_TRANSCRIPTS: they shape the accept body)"
                     clog.error("%s failed: %s%s", action, why, hint)
                     return status
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
@@ -797,6 +821,10 @@ class Call:
             self.playback_stopped.set()
         elif kind == "response.function_call_arguments.done":
             self.log.info("function call received: %s", event.get("name"))
+        elif kind in TRANSCRIPTS and self.config.log_transcripts:
+            self.log.info("%s said: %s", TRANSCRIPTS[kind], one_line(event.get("transcript")))
+        elif kind == "conversation.item.input_audio_transcription.failed":  # a mumble, not a fault of ours
+            self.log.debug("transcription failed: %s", one_line(json.dumps(event.get("error"))))
         elif kind == "input_audio_buffer.dtmf_event_received":
             await self._on_keypad(event.get("event"))
         elif kind == "error":
@@ -1216,7 +1244,8 @@ def log_banner(config: Config, today: date | None = None) -> None:
     for line in (
         f"voicebridge listening on http://{config.host}:{config.port} (POST /webhook, GET /healthz)",
         f"  OpenAI     {config.openai_base_url}  key {'set' if config.openai_api_key else 'NOT SET'}",
-        f"  session    model {config.model}, voice {config.voice}, max {config.max_call_seconds:g}s per call",
+        f"  session    model {config.model}, voice {config.voice}, max {config.max_call_seconds:g}s per call, "
+        f"transcripts {'LOGGED (LOG_TRANSCRIPTS=1)' if config.log_transcripts else 'off'}",
         f"  OpenClaw   {config.openclaw_url}  token {'set' if config.openclaw_token else 'NOT SET'}"
         f"  timeout {config.openclaw_timeout:g}s",
         f"  callers    {routes or 'nobody'} (caller -> OpenClaw agent)",
