@@ -645,7 +645,6 @@ class Call:
         self.playback_stopped = asyncio.Event()  # clear from output_audio_buffer.started to .stopped
         self.playback_stopped.set()
         self.playing: Any = None  # the response_id of the latest output_audio_buffer.started
-        self.goodbye_done: asyncio.Future[None] | None = None  # while we wait for our goodbye's response.done
         self.accepted = False
         self.reconnects: list[float] = []  # loop times of recent reconnects, for the budget
         self.asking = False  # one OpenClaw question in flight per call
@@ -716,15 +715,24 @@ class Call:
         Whenever we give up on a call that may still be live, we hang it up: a caller must never be left
         talking to a model that can no longer reach OpenClaw.
         """
-        self.ws = await self._connect_sideband(SIDEBAND_RETRY_DELAYS, retry_404=True)
-        if self.ws is None:
-            await self.hang_up("sideband_lost")
-            return
-        self.log.info("sideband connected")
-        await self._request_response({"instructions": self.config.greeting or GREETING, "metadata": GREETING_TAG})
-        if not self.pin_ok:
-            self._start(self._pin_deadline())
         while True:
+            first = self.ws is None
+            self.ws = await self._connect_sideband(SIDEBAND_RETRY_DELAYS if first else RECONNECT_DELAYS, retry_404=first)
+            if self.ws is None:
+                break
+            if first:
+                self.log.info("sideband connected")
+                await self._request_response({"instructions": self.config.greeting or GREETING, "metadata": GREETING_TAG})
+                if not self.pin_ok:
+                    self._start(self._pin_deadline())
+            else:
+                self.log.info("sideband reconnected")
+                self.response_active = False  # (a response cut off by the drop never reports response.done)
+                # Items the server never confirmed may have gone into a dead socket: send them again, under the same
+                # ids, so one that did arrive is refused as a duplicate instead of being added twice.
+                self.outbox[:0] = self.unconfirmed.values()
+                self.unconfirmed.clear()
+                await self._flush()
             async for msg in self.ws:
                 if msg.type == aiohttp.WSMsgType.TEXT:
                     await self._on_message(msg.data)
@@ -738,28 +746,16 @@ class Call:
             self.reconnects = [at for at in self.reconnects if now - at < RECONNECT_WINDOW]
             if code == 1008 or (code or 0) >= 4000:  # 1008, 4xxx (4000: beta_api_shape_disabled): retrying won't help
                 self.log.error("sideband closed with code %s: the server refuses this session, not reconnecting", code)
-                await self.hang_up("sideband_lost")
-                return
+                break
             if len(self.reconnects) == len(RECONNECT_BACKOFF):
                 self.log.error("sideband dropped (code %s) after %d reconnects within %gs: giving up",
                                code, len(self.reconnects), RECONNECT_WINDOW)
-                await self.hang_up("sideband_lost")
-                return
+                break
             delay = RECONNECT_BACKOFF[len(self.reconnects)]
             self.reconnects.append(now)
             self.log.warning("sideband dropped (code %s), reconnecting in %gs", code, delay)
             await asyncio.sleep(delay)
-            self.ws = await self._connect_sideband(RECONNECT_DELAYS, retry_404=False)
-            if self.ws is None:
-                await self.hang_up("sideband_lost")  # does nothing if the call turned out to be over
-                return
-            self.log.info("sideband reconnected")
-            self.response_active = False  # (a response cut off by the drop never reports response.done)
-            # Items the server never confirmed may have gone into a dead socket: send them again, under the same
-            # ids, so one that did arrive is refused as a duplicate instead of being added twice.
-            self.outbox[:0] = self.unconfirmed.values()
-            self.unconfirmed.clear()
-            await self._flush()
+        await self.hang_up("sideband_lost")  # we gave up on a call that may be live (or nothing, if it is over)
 
     async def _connect_sideband(
         self, delays: tuple[float, ...], retry_404: bool
@@ -837,8 +833,6 @@ class Call:
         status = response.get("status")
         if status in ("failed", "incomplete"):  # otherwise the caller just hears silence, and we would never know
             self.log.warning("response %s: %s", status, json.dumps(response.get("status_details"))[:500])
-        if response.get("metadata") == GOODBYE_TAG and self.goodbye_done and not self.goodbye_done.done():
-            self.goodbye_done.set_result(None)
         output = response.get("output")
         calls = [item for item in (output if isinstance(output, list) else [])
                  if isinstance(item, dict) and item.get("type") == "function_call"]
@@ -925,19 +919,13 @@ class Call:
             if item.get("name") == "end_call":
                 self.log.info("end_call: hanging up after the goodbye")
                 await self.hang_up_after_goodbye("end_call")
+            elif not isinstance(item.get("call_id"), str) or not item["call_id"]:
+                self.log.warning("function call %s has no call_id, ignored", item.get("name"))
             else:
-                await self._run_tool(item)
-
-    async def _run_tool(self, item: dict[str, Any]) -> None:
-        """Run one function call and queue its output for the model."""
-        call_id = item.get("call_id")
-        if not isinstance(call_id, str) or not call_id:
-            self.log.warning("function call %s has no call_id, ignored", item.get("name"))
-            return
-        self.tool_calls += 1
-        output = await self._tool_output(item.get("name"), item.get("arguments"))
-        self.outbox.append({"type": "function_call_output", "call_id": call_id, "output": output})
-        await self._flush()
+                self.tool_calls += 1
+                output = await self._tool_output(item.get("name"), item.get("arguments"))
+                self.outbox.append({"type": "function_call_output", "call_id": item["call_id"], "output": output})
+                await self._flush()
 
     async def _tool_output(self, name: Any, arguments: Any) -> str:
         """The output string for one function call; errors become outputs the model can act on."""
@@ -947,16 +935,13 @@ class Call:
         if not self.pin_ok:
             self.log.info("ask_openclaw before the PIN was entered: not sent")
             return PIN_NEEDED
-        if not isinstance(arguments, str) or len(arguments) > MAX_REQUEST_CHARS + 100:
-            self.log.warning("ask_openclaw arguments missing or too long, not sent")
-            return "Error: the request was missing or too long. Ask again in one or two sentences."
-        try:
-            request = json.loads(arguments).get("request")
-        except (ValueError, AttributeError):
+        try:  # a JSON object in a string of a sane size
+            request = json.loads(arguments).get("request") if len(arguments) <= MAX_REQUEST_CHARS + 100 else None
+        except (ValueError, AttributeError, TypeError):
             request = None
         if not isinstance(request, str) or not request.strip():
-            self.log.warning("ask_openclaw arguments invalid, not sent: need {\"request\": \"...\"}")
-            return 'Error: call ask_openclaw with JSON arguments {"request": "<the question>"}.'
+            self.log.warning('ask_openclaw arguments missing, invalid or too long, not sent: need {"request": "..."}')
+            return 'Error: call ask_openclaw with JSON arguments {"request": "<the question in one or two sentences>"}.'
         if self.asking:
             self.log.info("ask_openclaw while the previous question is still running: not sent")
             return "The previous question is still being worked on. Wait for that answer before asking again."
@@ -994,12 +979,12 @@ class Call:
             async with timeout(GOODBYE_TIMEOUT):
                 if goodbye and self.connected:
                     # Owed like a refused request: it goes out now, or after the active response's response.done,
-                    # ahead of any results still waiting.
-                    self.goodbye_done = asyncio.get_running_loop().create_future()
+                    # ahead of any results still waiting. Then wait for its response.done.
                     self.playback_stopped.clear()
                     self.owed = {"instructions": goodbye, "tool_choice": "none", "metadata": GOODBYE_TAG}
                     await self._flush()
-                    await self.goodbye_done
+                    while self.owed is not None or self.response_active:
+                        await self.idle.wait()
                 await self.playback_stopped.wait()
         except asyncio.TimeoutError:
             self.log.info("goodbye still playing after %.0fs, hanging up anyway", GOODBYE_TIMEOUT)
@@ -1071,7 +1056,7 @@ async def webhook(request: web.Request) -> web.Response:
         log.warning("webhook rejected: signed, but not a JSON event with data.call_id")
         return web.Response(status=400, text="body is not a realtime.call.incoming event\n")
 
-    if not first_time(app[SEEN_WEBHOOKS], request.headers["webhook-id"]):
+    if not first_time(app[SEEN], request.headers["webhook-id"]):
         log.info("webhook %s already handled, ignored", request.headers["webhook-id"])
         return web.Response(text="duplicate\n")
     if call_id is None:
@@ -1080,7 +1065,7 @@ async def webhook(request: web.Request) -> web.Response:
     if not isinstance(call_id, str) or not CALL_ID.fullmatch(call_id):
         log.warning("webhook verified, but its call_id is malformed, ignored")
         return web.Response(text="ignored\n")
-    if not first_time(app[SEEN_CALLS], call_id):
+    if not first_time(app[SEEN], f"call:{call_id}"):  # each call is owned once, whatever its deliveries
         log.info("[%s] call already handled, duplicate delivery ignored", call_id)
         return web.Response(text="duplicate\n")
 
@@ -1123,8 +1108,7 @@ CONFIG = web.AppKey("config", Config)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 CALLS = web.AppKey("calls", dict[str, Call])
 TASKS = web.AppKey("tasks", set[asyncio.Task[Any]])
-SEEN_WEBHOOKS = web.AppKey("seen_webhooks", dict[str, None])  # recent webhook-ids
-SEEN_CALLS = web.AppKey("seen_calls", dict[str, None])  # recent call_ids: each is owned once
+SEEN = web.AppKey("seen", dict[str, None])  # recent webhook-ids and "call:<call_id>"s, for deduplication
 DRAINING = web.AppKey("draining", asyncio.Event)
 PIN_LOCK = web.AppKey("pin_lock", PinLock)
 
@@ -1181,8 +1165,7 @@ def make_app(config: Config) -> web.Application:
     app[CONFIG] = config
     app[CALLS] = {}
     app[TASKS] = set()
-    app[SEEN_WEBHOOKS] = {}
-    app[SEEN_CALLS] = {}
+    app[SEEN] = {}
     app[DRAINING] = asyncio.Event()
     app[PIN_LOCK] = PinLock()
     app.cleanup_ctx.append(http_session)
@@ -1270,36 +1253,31 @@ async def probe(http: aiohttp.ClientSession, method: str, url: str, **kwargs: An
 async def check(config: Config, today: date | None = None) -> int:
     """--check: probe OpenAI and OpenClaw with the configuration, without making a call."""
     claw_headers = {"Authorization": f"Bearer {config.openclaw_token}"} if config.openclaw_token else {}
+    agents = list(dict.fromkeys([config.openclaw_agent, *config.allowed_callers.values()]))
     async with aiohttp.ClientSession() as http:
-        # Retrieving the model proves the key and that its project may use the model, in one request.
-        model_url = f"{config.openai_base_url}/models/{quote(config.model, safe='')}"
-        openai = await probe(http, "GET", model_url, headers={"Authorization": f"Bearer {config.openai_api_key}"})
+        # Retrieving the model proves the key and that its project may use the model, in one request; and
         # messages=[] makes the gateway check the token, the endpoint and the agent, then stop before any agent run.
-        agents = list(dict.fromkeys([config.openclaw_agent, *config.allowed_callers.values()]))
-        claws = await asyncio.gather(*(
-            probe(http, "POST", f"{config.openclaw_url}/v1/chat/completions", headers=claw_headers,
-                  json={"model": f"openclaw:{agent}", "messages": []})
-            for agent in agents
-        ))
-    if openai[0] == 200:
-        openai_problem = ""
-    elif openai[0] == 404:  # model_not_found: the key is fine, the model is not
-        openai_problem = (
-            f"HTTP 404: {openai[1]} (REALTIME_MODEL={config.model} is not available to this key's project: "
-            f"check the spelling and the project's model permissions in the OpenAI dashboard; the default is {Config.model})"
+        (status, error), *claws = await asyncio.gather(
+            probe(http, "GET", f"{config.openai_base_url}/models/{quote(config.model, safe='')}",
+                  headers={"Authorization": f"Bearer {config.openai_api_key}"}),
+            *(probe(http, "POST", f"{config.openclaw_url}/v1/chat/completions", headers=claw_headers,
+                    json={"model": f"openclaw:{agent}", "messages": []}) for agent in agents),
         )
-    else:
-        openai_problem = f"HTTP {openai[0]}: {openai[1]} (check OPENAI_API_KEY and OPENAI_BASE_URL)"
+    openai_fix = (  # a 404 is model_not_found: the key is fine, the model is not
+        f"REALTIME_MODEL={config.model} is not available to this key's project: check the spelling and the project's "
+        f"model permissions in the OpenAI dashboard; the default is {Config.model}" if status == 404
+        else "check OPENAI_API_KEY and OPENAI_BASE_URL"
+    )
     warnings = config_warnings(config, today or datetime.now(timezone.utc).date())
     checks = [
         ("configuration complete, OPENAI_WEBHOOK_SECRET well formed", ""),
         ("no setting makes every call fail (ALLOWED_CALLERS, REALTIME_MODEL's shutdown date)",
          "\n      ".join(text for level, text in warnings if level >= logging.ERROR)),
         (f"OpenAI accepts OPENAI_API_KEY and serves REALTIME_MODEL={config.model} (GET /models/{config.model})",
-         openai_problem),
+         "" if status == 200 else f"HTTP {status}: {error} ({openai_fix})"),
         *((f"OpenClaw at {config.openclaw_url}: reachable, token accepted, chat endpoint enabled, agent {agent!r} exists",
-           "" if status == 400 and "user message" in text.lower()
-           else f"HTTP {status}: {text} ({openclaw_fix(config, agent, status)})") for agent, (status, text) in zip(agents, claws)),
+           "" if claw == 400 and "user message" in text.lower()
+           else f"HTTP {claw}: {text} ({openclaw_fix(config, agent, claw)})") for agent, (claw, text) in zip(agents, claws)),
     ]
     for level, warning in warnings:
         if level < logging.ERROR:
