@@ -14,8 +14,8 @@ The call path, top to bottom in this file:
 Needs:   Python 3.10-3.13 and requirements.txt (aiohttp, python-dotenv; on 3.10 also async-timeout)
 Run it:  cp .env.example .env  (fill it in), then  python voicebridge.py
          python voicebridge.py --check         probe the configuration, OpenAI and OpenClaw; no call made
-         python voicebridge.py --ask "..."     ask OpenClaw exactly as a call would, print what the caller hears
-         python voicebridge.py --ask "..." --caller +1555...   ... as this caller's call would (their agent)
+         python voicebridge.py --ask "..." [--caller +1555...]   ask OpenClaw exactly as a call (from that caller)
+                                               would, print what the caller hears
 Routes:  POST /webhook (OpenAI's realtime.call.incoming), GET /healthz.
 
 Environment (the .env file beside this one is read too; no value may hold " #", see Config.from_env):
@@ -38,8 +38,7 @@ Environment (the .env file beside this one is read too; no value may hold " #", 
     CALL_PIN               4-12 digits the caller must type on the keypad before ask_openclaw works; empty: none
     PIN_TIMEOUT            seconds to type the right PIN before the call is hung up, default 60
     MAX_CONCURRENT_CALLS   calls at once, more are turned away busy (SIP 486); default 3, 0 = no limit
-    LOG_TRANSCRIPTS        1: log what the caller and the assistant say, one line per turn (the caller's side is
-                           transcribed by OpenAI, billed); default 0: no transcript text is ever logged
+    LOG_TRANSCRIPTS        1: log what caller and assistant say (input transcription is billed); default 0: never
     LOG_LEVEL              default INFO
 """
 
@@ -222,12 +221,9 @@ def parse_webhook_secret(secret: str) -> bytes:
 # Models with an announced shutdown (openai-python 3.57.0, the `model` docs of realtime.calls.accept):
 # model -> (shutdown date, the replacement we suggest). See https://developers.openai.com/api/docs/deprecations
 RETIRING_MODELS: dict[str, tuple[date, str]] = {
-    "gpt-realtime": (date(2027, 1, 20), "gpt-realtime-2.1"),
-    "gpt-realtime-2025-08-28": (date(2027, 1, 20), "gpt-realtime-2.1"),
-    "gpt-realtime-mini": (date(2027, 1, 20), "gpt-realtime-2.1-mini"),
-    "gpt-realtime-mini-2025-12-15": (date(2027, 1, 20), "gpt-realtime-2.1-mini"),
-    "gpt-audio-mini": (date(2027, 1, 20), "gpt-realtime-2.1-mini"),
-    "gpt-audio-mini-2025-12-15": (date(2027, 1, 20), "gpt-realtime-2.1-mini"),
+    model: (date(2027, 1, 20), "gpt-realtime-2.1-mini" if "mini" in model else "gpt-realtime-2.1")
+    for model in ("gpt-realtime", "gpt-realtime-2025-08-28", "gpt-realtime-mini", "gpt-realtime-mini-2025-12-15",
+                  "gpt-audio-mini", "gpt-audio-mini-2025-12-15")
 }
 
 INSTRUCTIONS = """\
@@ -307,7 +303,7 @@ GOODBYE_TAG = {"voicebridge": "goodbye"}
 
 MAX_WEBHOOK_BYTES = 64 * 1024
 SIGNATURE_TOLERANCE = 300  # seconds either side of now, as in Standard Webhooks
-RECENT_IDS = 4096  # webhook-ids and call_ids remembered for deduplication
+RECENT_IDS = 4096  # call_ids remembered for deduplication
 REST_TIMEOUT = aiohttp.ClientTimeout(total=5)
 REST_RETRY_DELAYS = (0.25, 0.5, 1.0, 2.0)  # transient accept/reject failures; ~4 s in all (the phone is ringing)
 # A call we fail to hang up stays open, billed, until OpenAI's 60-minute cap: keep trying for ~16 s.
@@ -329,10 +325,6 @@ MAX_ANSWER_CHARS = 4000  # OpenClaw answer passed to the model
 # date, unlike whisper-1 and gpt-4o-*-transcribe: 2027-02-26), and each turn is logged as one line of at most:
 TRANSCRIPTION_MODEL = "gpt-realtime-whisper"
 MAX_TRANSCRIPT_CHARS = 500
-TRANSCRIPTS = {  # sideband event -> who spoke
-    "conversation.item.input_audio_transcription.completed": "caller",
-    "response.output_audio_transcript.done": "assistant",  # sent whether or not transcription is on
-}
 MAX_BODY_BYTES = 256 * 1024  # OpenClaw answers and all error bodies are read up to this, never whole
 CALL_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # used with fullmatch: "$" would let a trailing newline through
 AGENT_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # an OpenClaw agent id, also used with fullmatch
@@ -408,10 +400,7 @@ def describe_caller(user: str) -> str:
 
 
 def agent_for(config: Config, number: str | None) -> str | None:
-    """The caller-ID screen and routing: the agent that answers this caller, or None to turn them away.
-
-    The caller's own entry wins over "*"; a withheld number only ever matches "*".
-    """
+    """The caller-ID screen: the agent for this caller, or None to turn them away (a withheld number only matches "*")."""
     own = config.allowed_callers.get(number) if number else None
     return own or config.allowed_callers.get("*")
 
@@ -453,8 +442,7 @@ def openclaw_user(number: str | None, call_id: str) -> str:
 
 
 def openclaw_system(number: str | None) -> str:
-    """The system message for a caller's questions: how to answer, and who is calling (the full number goes to
-    the owner's own gateway only, so the agent can greet them, look them up, or refuse)."""
+    """The system message: how to answer, and who calls (the full number, so the agent can greet, look up or refuse)."""
     who = f"Caller ID: {number} (caller ID can be faked)." if number else "Caller ID: withheld."
     return f"{OPENCLAW_SYSTEM_PROMPT} {who}"
 
@@ -710,14 +698,10 @@ class Call:
                 await self.ws.close()
 
     async def _attach_and_listen(self) -> None:
-        """Open the sideband, greet, read events; reconnect after an abnormal drop, within a budget.
-
-        Whenever we give up on a call that may still be live, we hang it up: a caller must never be left
-        talking to a model that can no longer reach OpenClaw.
-        """
+        """Open the sideband, greet, read events; reconnect after an abnormal drop, within a budget."""
         while True:
             first = self.ws is None
-            self.ws = await self._connect_sideband(SIDEBAND_RETRY_DELAYS if first else RECONNECT_DELAYS, retry_404=first)
+            self.ws = await self._connect_sideband(first)
             if self.ws is None:
                 break
             if first:
@@ -755,12 +739,12 @@ class Call:
             self.reconnects.append(now)
             self.log.warning("sideband dropped (code %s), reconnecting in %gs", code, delay)
             await asyncio.sleep(delay)
-        await self.hang_up("sideband_lost")  # we gave up on a call that may be live (or nothing, if it is over)
+        # Giving up on a call that may be live: hang it up, never leave a caller with a model that can't reach OpenClaw.
+        await self.hang_up("sideband_lost")
 
-    async def _connect_sideband(
-        self, delays: tuple[float, ...], retry_404: bool
-    ) -> aiohttp.ClientWebSocketResponse | None:
-        """Open ?call_id= (Bearer only, no OpenAI-Beta), retrying with the given delays."""
+    async def _connect_sideband(self, first: bool) -> aiohttp.ClientWebSocketResponse | None:
+        """Open ?call_id= (Bearer only, no OpenAI-Beta), retrying a while; `first`: right after the accept."""
+        delays = SIDEBAND_RETRY_DELAYS if first else RECONNECT_DELAYS
         url = sideband_url(self.config, self.id)
         headers = {"Authorization": f"Bearer {self.config.openai_api_key}"}
         for delay in (*delays, None):
@@ -771,7 +755,7 @@ class Call:
                     )
             except aiohttp.WSServerHandshakeError as exc:
                 why = f"HTTP {exc.status}"
-                if exc.status in (404, 410) and not retry_404:
+                if exc.status in (404, 410) and not first:
                     # Right after accept a 404 can be a race; later it means the call is over.
                     self.log.info("sideband refused (%s): the call is over", why)
                     self.end_reason = self.end_reason or "caller_hung_up"
@@ -817,8 +801,10 @@ class Call:
             self.playback_stopped.set()
         elif kind == "response.function_call_arguments.done":
             self.log.info("function call received: %s", event.get("name"))
-        elif kind in TRANSCRIPTS and self.config.log_transcripts:
-            self.log.info("%s said: %s", TRANSCRIPTS[kind], one_line(event.get("transcript")))
+        elif kind == "conversation.item.input_audio_transcription.completed" and self.config.log_transcripts:
+            self.log.info("caller said: %s", one_line(event.get("transcript")))
+        elif kind == "response.output_audio_transcript.done" and self.config.log_transcripts:  # sent in any case
+            self.log.info("assistant said: %s", one_line(event.get("transcript")))
         elif kind == "conversation.item.input_audio_transcription.failed":  # a mumble, not a fault of ours
             self.log.debug("transcription failed: %s", one_line(json.dumps(event.get("error"))))
         elif kind == "input_audio_buffer.dtmf_event_received":
@@ -908,9 +894,8 @@ class Call:
     def _tool_done(self, task: asyncio.Task[None]) -> None:
         """Forget a finished tool task; if it crashed, log its traceback (once) and hang up."""
         self.tools.discard(task)
-        exc = crashed(task)
-        if exc is not None:
-            self.log.error("unexpected error in a tool, hanging up", exc_info=exc)
+        if crashed(task):
+            self.log.error("unexpected error in a tool, hanging up", exc_info=task.exception())
             self._start(self.hang_up("error"))
 
     async def _run_calls(self, items: list[dict[str, Any]]) -> None:
@@ -1011,11 +996,10 @@ class Call:
             item.setdefault("id", f"vb_item_{next(self._event_ids)}")  # ours: a repeat can't add it twice
             self.unconfirmed[item["id"]] = item
             await self._send(self._event("conversation.item.create", item=item))
-        goodbye = owed is not None and owed.get("metadata") == GOODBYE_TAG
-        await self._request_response(owed if goodbye or not items else None)  # new results beat a stale filler
-        for item in items:
             if "call_id" in item:
                 self.log.info("result sent for %s", item["call_id"])
+        goodbye = owed is not None and owed.get("metadata") == GOODBYE_TAG
+        await self._request_response(owed if goodbye or not items else None)  # new results beat a stale filler
 
     async def _request_response(self, response: dict[str, Any] | None = None) -> None:
         """Send response.create and count the response as active until response.done."""
@@ -1042,7 +1026,7 @@ class Call:
 
 
 async def webhook(request: web.Request) -> web.Response:
-    """OpenAI's webhook: verify, deduplicate, then accept or reject the call in the background."""
+    """OpenAI's webhook: verify, deduplicate by call_id, then accept or reject the call in the background."""
     app, received = request.app, asyncio.get_running_loop().time()
     body = await request.read()  # over MAX_WEBHOOK_BYTES (client_max_size): 413 as soon as the limit is passed
     try:
@@ -1056,16 +1040,13 @@ async def webhook(request: web.Request) -> web.Response:
         log.warning("webhook rejected: signed, but not a JSON event with data.call_id")
         return web.Response(status=400, text="body is not a realtime.call.incoming event\n")
 
-    if not first_time(app[SEEN], request.headers["webhook-id"]):
-        log.info("webhook %s already handled, ignored", request.headers["webhook-id"])
-        return web.Response(text="duplicate\n")
     if call_id is None:
         log.info("webhook verified: %s, ignored", event.get("type"))
         return web.Response(text="ignored\n")
     if not isinstance(call_id, str) or not CALL_ID.fullmatch(call_id):
         log.warning("webhook verified, but its call_id is malformed, ignored")
         return web.Response(text="ignored\n")
-    if not first_time(app[SEEN], f"call:{call_id}"):  # each call is owned once, whatever its deliveries
+    if not first_time(app[SEEN_CALLS], call_id):  # a retried delivery, or a replay: each call is owned once
         log.info("[%s] call already handled, duplicate delivery ignored", call_id)
         return web.Response(text="duplicate\n")
 
@@ -1108,7 +1089,7 @@ CONFIG = web.AppKey("config", Config)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 CALLS = web.AppKey("calls", dict[str, Call])
 TASKS = web.AppKey("tasks", set[asyncio.Task[Any]])
-SEEN = web.AppKey("seen", dict[str, None])  # recent webhook-ids and "call:<call_id>"s, for deduplication
+SEEN_CALLS = web.AppKey("seen_calls", dict[str, None])  # recent call_ids, for deduplication
 DRAINING = web.AppKey("draining", asyncio.Event)
 PIN_LOCK = web.AppKey("pin_lock", PinLock)
 
@@ -1124,9 +1105,8 @@ def spawn(app: web.Application, call_id: str, coro: Any) -> asyncio.Task[Any]:
 def forget(tasks: set[asyncio.Task[Any]], task: asyncio.Task[Any]) -> None:
     """Drop a finished task from `tasks`; if it died of an unexpected error, log the traceback (its name is the call id)."""
     tasks.discard(task)
-    exc = crashed(task)
-    if exc is not None:
-        CallLog(task.get_name()).error("unexpected error", exc_info=exc)
+    if crashed(task):
+        CallLog(task.get_name()).error("unexpected error", exc_info=task.exception())
 
 
 async def http_session(app: web.Application) -> AsyncIterator[None]:
@@ -1138,13 +1118,10 @@ async def http_session(app: web.Application) -> AsyncIterator[None]:
 
 
 async def drain(app: web.Application, grace: float) -> None:
-    """Refuse new calls, let live ones go on for `grace` seconds, then say goodbye and hang up the rest.
-
-    All within grace + SHUTDOWN_AFTER_GRACE, so that systemd (TimeoutStopSec) never has to SIGKILL us mid-hangup.
-    """
+    """Refuse new calls, let live ones go on for `grace` seconds, then say goodbye and hang up the rest."""
     app[DRAINING].set()
     try:
-        async with timeout(grace + SHUTDOWN_AFTER_GRACE):
+        async with timeout(grace + SHUTDOWN_AFTER_GRACE):  # one deadline, so systemd never SIGKILLs us mid-hangup
             if app[CALLS] and grace > 0:
                 log.info("shutting down: %d live call(s) may go on for up to %gs", len(app[CALLS]), grace)
                 await asyncio.wait({call.task for call in app[CALLS].values() if call.task}, timeout=grace)
@@ -1165,7 +1142,7 @@ def make_app(config: Config) -> web.Application:
     app[CONFIG] = config
     app[CALLS] = {}
     app[TASKS] = set()
-    app[SEEN] = {}
+    app[SEEN_CALLS] = {}
     app[DRAINING] = asyncio.Event()
     app[PIN_LOCK] = PinLock()
     app.cleanup_ctx.append(http_session)
