@@ -1446,6 +1446,23 @@ async def test_a_filler_does_not_talk_over_the_model(
     assert call.errors == []
 
 
+async def test_a_filler_due_while_the_sideband_is_down_waits_for_the_reconnect(
+    bridge: Any, openai: FakeOpenAI, openclaw: FakeOpenClaw, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG", logger="voicebridge")
+    monkeypatch.setattr(voicebridge, "FILLER_AFTER", 0.1)
+    monkeypatch.setattr(voicebridge, "RECONNECT_BACKOFF", (0.6, 1.0))
+    openclaw.delay = 1.5
+    call = await connected_call(bridge, openai)
+    await call.model_response([("ask_openclaw", '{"request": "slow"}')])
+    await call.drop(1011)  # before the filler is due, and the reconnect only comes 0.6 s later
+    dropped = time.monotonic()
+    await eventually(lambda: call.outputs(), timeout=5)
+    fillers = [e for e in call.response_creates() if e.get("response", {}).get("tool_choice") == "none"]
+    assert fillers and fillers[0]["_at"] - dropped >= 0.6  # said on the new sideband, not lost in the gap
+    assert "not sent" not in caplog.text and call.errors == []
+
+
 # --- Never strand a caller, never lose an answer --------------------------------------------------------------
 
 

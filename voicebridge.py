@@ -14,8 +14,7 @@ The call path, top to bottom in this file:
 Needs:   Python 3.10-3.13 and requirements.txt (aiohttp, python-dotenv; on 3.10 also async-timeout)
 Run it:  cp .env.example .env  (fill it in), then  python voicebridge.py
          python voicebridge.py --check         probe the configuration, OpenAI and OpenClaw; no call made
-         python voicebridge.py --ask "..." [--caller +1555...]   ask OpenClaw exactly as a call (from that caller)
-                                               would, print what the caller hears
+         python voicebridge.py --ask "..." [--caller N]   ask OpenClaw as a call (from N) would, print the reply
 Routes:  POST /webhook (OpenAI's realtime.call.incoming), GET /healthz.
 
 Environment (the .env file beside this one is read too; no value may hold " #", see Config.from_env):
@@ -46,12 +45,9 @@ from __future__ import annotations
 
 import sys
 
-MIN_PYTHON = (3, 10)
-
-
 def python_problem(version: tuple[int, ...]) -> str:
     """Why this Python cannot run voicebridge, or "" if it can (checked before anything else is imported)."""
-    if version[:2] >= MIN_PYTHON:
+    if version[:2] >= (3, 10):
         return ""
     return (
         f"voicebridge needs Python 3.10 or newer, and this is Python {version[0]}.{version[1]}. Install Python "
@@ -165,8 +161,7 @@ class Config:
             if "=" in entry and not AGENT_ID.fullmatch(named):
                 raise ConfigError(f"ALLOWED_CALLERS: in {entry!r}, {named!r} is not an OpenClaw agent id ({AGENT_ID_RULE})")
             if callers.setdefault(caller, named or agent) != (named or agent):
-                shown = caller if caller == "*" else mask(caller)
-                raise ConfigError(f"ALLOWED_CALLERS lists {shown} twice, for agents {callers[caller]!r} and "
+                raise ConfigError(f"ALLOWED_CALLERS lists {mask(caller)} twice, for agents {callers[caller]!r} and "
                                   f"{named or agent!r}: keep one entry")
         pin = get("CALL_PIN")
         if pin and not re.fullmatch(r"\d{4,12}", pin):
@@ -372,9 +367,7 @@ def normalise_number(text: str) -> str | None:
 
 def from_user(sip_headers: Any) -> str:
     """The user part of the From SIP header ("+1555...", "anonymous", ...), or "" if there is none."""
-    if not isinstance(sip_headers, list):
-        return ""
-    for header in sip_headers:
+    for header in sip_headers if isinstance(sip_headers, list) else []:
         if isinstance(header, dict) and str(header.get("name", "")).lower() in ("from", "f"):
             # "Name" <sip:+1555...@host>;tag=x  |  <tel:+1555...>  |  sip:+1555...@host;tag=x
             value = re.sub(r'^\s*"(?:[^"\\]|\\.)*"', "", str(header.get("value", "")))  # a display name may hold "<"
@@ -386,9 +379,11 @@ def from_user(sip_headers: Any) -> str:
 
 
 def mask(number: str | None) -> str:
-    """Show a phone number as +1******4567 in logs."""
+    """Show a phone number as +1******4567 in logs (and ALLOWED_CALLERS' "*" as itself)."""
     if not number:
         return "withheld"
+    if number == "*":
+        return number
     return number[:2] + "*" * (len(number) - 6) + number[-4:]
 
 
@@ -403,11 +398,6 @@ def agent_for(config: Config, number: str | None) -> str | None:
     """The caller-ID screen: the agent for this caller, or None to turn them away (a withheld number only matches "*")."""
     own = config.allowed_callers.get(number) if number else None
     return own or config.allowed_callers.get("*")
-
-
-def routing(config: Config) -> dict[str, str]:
-    """ALLOWED_CALLERS as logs show it: masked number (or "*") -> agent."""
-    return {who if who == "*" else mask(who): agent for who, agent in config.allowed_callers.items()}
 
 
 def accept_payload(config: Config) -> dict[str, Any]:
@@ -454,7 +444,7 @@ def openclaw_fix(config: Config, agent: str, status: int) -> str:
     # We always name an agent, so a 400 means "Unknown agent 'x'.": point at the setting that named it.
     if agent == config.openclaw_agent:
         return "check OPENCLAW_AGENT"
-    entries = ", ".join(f"{who}={named}" for who, named in routing(config).items() if named == agent)
+    entries = ", ".join(f"{mask(who)}={named}" for who, named in config.allowed_callers.items() if named == agent)
     return f"check the ALLOWED_CALLERS entry {entries}, or add the agent to OpenClaw's agents.entries"
 
 
@@ -550,10 +540,8 @@ async def call_control(
                     clog.info("%s: call is gone, the caller probably hung up (%s)", action, why)
                     return status
                 if status < 500 and status != 429:
-                    hint = ""
-                    if status in (401, 403):
-                        hint = " (check OPENAI_API_KEY)"
-                    elif action == "accept" and status == 400:  # the session config was refused
+                    hint = " (check OPENAI_API_KEY)" if status in (401, 403) else ""
+                    if action == "accept" and status == 400:  # the session config was refused
                         hint = " (check REALTIME_MODEL, VOICE, INSTRUCTIONS and LOG_TRANSCRIPTS: they shape the accept body)"
                     clog.error("%s failed: %s%s", action, why, hint)
                     return status
@@ -626,8 +614,7 @@ class Call:
         self.tools: set[asyncio.Task[None]] = set()
         self.outbox: list[dict[str, Any]] = []  # conversation items waiting for no active response
         self.unconfirmed: dict[str, dict[str, Any]] = {}  # items sent, by our item id, until the server confirms them
-        self.idle = asyncio.Event()  # set while no response is active: see response_active below
-        self.idle.set()
+        self.idle = asyncio.Event()  # set while no response is active: see response_active below (clear until attached)
         self.last_response: tuple[str, dict[str, Any] | None] = ("", None)  # our last response.create: event_id, body
         self.owed: dict[str, Any] | None = None  # a response.create refused as "active", to repeat after response.done
         self.playback_stopped = asyncio.Event()  # clear from output_audio_buffer.started to .stopped
@@ -658,11 +645,6 @@ class Call:
             self.idle.clear()
         else:
             self.idle.set()
-
-    @property
-    def connected(self) -> bool:
-        """The sideband is open (not before attach, nor during a reconnect)."""
-        return self.ws is not None and not self.ws.closed
 
     async def run(self) -> None:
         """The whole life of the call: accept, attach, handle events until the call is over."""
@@ -962,7 +944,7 @@ class Call:
         """Let the goodbye play out (bounded), then hang up; with `goodbye`, ask the model for it first."""
         try:
             async with timeout(GOODBYE_TIMEOUT):
-                if goodbye and self.connected:
+                if goodbye and self.ws is not None and not self.ws.closed:  # a sideband to say it on
                     # Owed like a refused request: it goes out now, or after the active response's response.done,
                     # ahead of any results still waiting. Then wait for its response.done.
                     self.playback_stopped.clear()
@@ -988,8 +970,8 @@ class Call:
 
     async def _flush(self) -> None:
         """Send queued tool outputs and one response.create, but only while no response is active."""
-        if self.response_active or not (self.outbox or self.owed is not None) or not self.connected:
-            return  # a result that finished during a reconnect waits here for the new sideband
+        if self.response_active or not (self.outbox or self.owed is not None):
+            return  # (a dropped sideband counts as active: a result that finishes during a reconnect waits for it)
         items, owed, self.outbox, self.owed = self.outbox, self.owed, [], None
         self.response_active = True  # claimed before the first await, so a concurrent flush waits
         for item in items:
@@ -1200,7 +1182,7 @@ def config_warnings(config: Config, today: date) -> list[tuple[int, str]]:
 
 def log_banner(config: Config, today: date | None = None) -> None:
     """One screen saying what this process will do; secrets are only said to be set or not."""
-    routes = ", ".join(f"{who} -> {agent}" for who, agent in routing(config).items())
+    routes = ", ".join(f"{mask(who)} -> {agent}" for who, agent in config.allowed_callers.items())
     for line in (
         f"voicebridge listening on http://{config.host}:{config.port} (POST /webhook, GET /healthz)",
         f"  OpenAI     {config.openai_base_url}  key {'set' if config.openai_api_key else 'NOT SET'}",
