@@ -134,7 +134,7 @@ class FakeCall:
         self.hangup_at: float | None = None
         self.sideband_attempts: list[tuple[float, str, dict[str, str]]] = []  # (time, query, headers)
         self.ws: web.WebSocketResponse | None = None
-        self.transport: asyncio.BaseTransport | None = None
+        self.transport: Any = None  # the asyncio.Transport under the sideband (BaseTransport has no abort())
         self.received: list[dict[str, Any]] = []  # client events, in order
         self.sent: list[dict[str, Any]] = []  # server events, in order
         self.errors: list[dict[str, Any]] = []  # error events the fake had to send
