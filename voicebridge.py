@@ -946,7 +946,7 @@ class Call:
             async with timeout(GOODBYE_TIMEOUT):
                 if goodbye and self.ws is not None and not self.ws.closed:  # a sideband to say it on
                     # Owed like a refused request: it goes out now, or after the active response's response.done,
-                    # ahead of any results still waiting. Then wait for its response.done.
+                    # ahead of any results still waiting. Then wait until it, and anything before it, is done.
                     self.playback_stopped.clear()
                     self.owed = {"instructions": goodbye, "tool_choice": "none", "metadata": GOODBYE_TAG}
                     await self._flush()
