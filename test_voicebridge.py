@@ -1212,7 +1212,7 @@ async def test_a_refused_response_create_is_sent_again(bridge: Any, openai: Fake
     call_obj = bridge.app[voicebridge.CALLS]["rtc_happy"]
     call.response_active = True  # the server has started one, but its response.created is still in flight
     goodbye = {"instructions": voicebridge.SHUTDOWN_GOODBYE, "tool_choice": "none"}
-    await call_obj._request_response(goodbye)
+    await call_obj.sideband.request_response(goodbye)
     await eventually(lambda: call.errors)
     call.response_active = False
     await call.model_response()  # that in-flight response now shows up and finishes
@@ -1578,7 +1578,7 @@ async def test_a_repeated_item_is_refused_by_its_id_not_added_twice(bridge: Any,
     await eventually(lambda: call.outputs())
     await call.wait_idle()
     [sent] = [e["item"] for e in call.received if e["type"] == "conversation.item.create"]
-    call_obj.unconfirmed[sent["id"]] = dict(sent)  # as if conversation.item.added had not come back
+    call_obj.sideband.unconfirmed[sent["id"]] = dict(sent)  # as if conversation.item.added had not come back
     await call.drop(1006)
     await eventually(lambda: call.errors)
     assert "already exists" in call.errors[0]["error"]["message"]
@@ -1634,7 +1634,7 @@ async def test_an_owed_goodbye_goes_out_before_the_hangup_even_with_results_wait
     call.response_active = True  # the server has just started a response: our goodbye will be refused
     bye = asyncio.create_task(call_obj.hang_up_after_goodbye("shutdown", goodbye=voicebridge.SHUTDOWN_GOODBYE))
     await eventually(lambda: call.errors)
-    await eventually(lambda: call_obj.outbox)  # and meanwhile the answer is in, waiting
+    await eventually(lambda: call_obj.sideband.outbox)  # and meanwhile the answer is in, waiting
     call.response_active = False
     await call.model_response()  # the server's response shows up and ends
     await bye
@@ -2399,3 +2399,128 @@ async def test_raw_non_utf8_header_bytes_are_a_clear_400(bridge: Any, openai: Fa
     writer.close()
     assert status_line.split()[1] == b"400", status_line
     assert openai.rest == []
+
+
+# --- The keypad and the sideband's sending rules, driven directly (no event loop for the keypad, no socket for
+# the rules: PROTOCOL.md section 5 is checked line by line against a recorder of what would be sent) -----------------
+
+
+def test_the_keypad_accepts_the_pin_counts_wrong_ones_and_ignores_what_is_not_a_key() -> None:
+    pad = voicebridge.Keypad("2468")
+    assert [pad.press(key, 1.0) for key in "246"] == ["", "", ""] and not pad.ok
+    for junk in ("A", None, 7, "12", "", "١"):  # not a key of a phone keypad: no strike, no state
+        assert pad.press(junk, 1.1) == "" and pad.failures == 0
+    assert pad.press("8", 1.2) == "accepted" and pad.ok and not pad.waiting
+    assert pad.press("1", 1.3) == ""  # nothing more is checked once it is accepted
+
+    pad = voicebridge.Keypad("2468")
+    outcomes = [pad.press(key, 2.0) for key in "1111#*2222#3333"]
+    assert [o for o in outcomes if o] == ["wrong", "wrong", "out of tries"] and pad.failures == 3
+    assert not pad.waiting and pad.press("2", 2.0) == "" and [pad.press(k, 3.0) for k in "2468"] == [""] * 4
+
+    pad = voicebridge.Keypad("2468")
+    assert [pad.press(k, t) for k, t in [("2", 0.0), ("4", 1.0), ("6", 1.0 + voicebridge.PIN_IDLE + 0.1)]] == [""] * 3
+    assert [pad.press(k, 9.0) for k in "468"] == ["", "", "wrong"]  # "6" began a new entry: "6468"
+    assert voicebridge.Keypad("").ok and not voicebridge.Keypad("").waiting  # no PIN set: nothing to type
+
+
+@given(pin=st.from_regex(r"\d{4,8}", fullmatch=True),
+       presses=st.lists(st.tuples(st.sampled_from([*voicebridge.KEYPAD, "A", "", "00", None]),
+                                  st.floats(0, 2 * voicebridge.PIN_IDLE)), max_size=60))
+@PROPERTY
+def test_no_sequence_of_keys_accepts_anything_but_the_pin(pin: str, presses: list[tuple[Any, float]]) -> None:
+    pad, now, last, entry, strikes = voicebridge.Keypad(pin), 0.0, float("-inf"), "", 0
+    for key, pause in presses:
+        now += pause
+        outcome = pad.press(key, now)
+        if key not in voicebridge.KEYPAD:
+            assert outcome == "" and pad.failures == strikes  # a stray key never costs a strike, nor resets anything
+            continue
+        if key in "*#" or now - last > voicebridge.PIN_IDLE:
+            entry = ""  # what the caller typed since the last * or # or pause
+        last, entry = now, entry + key.strip("*#")
+        if len(entry) < len(pin):
+            assert outcome == ""
+            continue
+        assert outcome == ("accepted" if entry == pin else "wrong" if strikes < 2 else "out of tries")
+        if outcome == "accepted":
+            break
+        strikes, entry = strikes + 1, ""
+        if strikes == 3:
+            assert not pad.waiting and all(pad.press(k, now) == "" for k in pin)  # out of tries: the PIN is not taken
+            break
+    assert pad.failures == strikes and pad.ok == (outcome == "accepted" if presses else False)
+
+
+class Recorder:
+    """Stands in for the sideband's WebSocket: records what the sending rules put on the wire."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self.closed = False
+
+    async def send_json(self, event: dict[str, Any]) -> None:
+        self.sent.append(event)
+
+    def kinds(self) -> list[str]:
+        return [e["type"] for e in self.sent]
+
+
+async def test_the_sending_rules_never_send_a_response_create_while_a_response_is_active() -> None:
+    rules, wire = voicebridge.Sideband(voicebridge.CallLog("rtc_rules")), Recorder()
+    await rules.attach(wire, again=False)  # type: ignore[arg-type]
+    await rules.request_response({"instructions": "greet"})
+    await rules.queue({"type": "function_call_output", "call_id": "call_1", "output": "one"})
+    await rules.on_event("response.created", {})
+    await rules.queue({"type": "function_call_output", "call_id": "call_2", "output": "two"})
+    assert wire.kinds() == ["response.create"]  # the results wait for the active response
+    await rules.on_event("response.done", {})
+    assert wire.kinds() == ["response.create", "conversation.item.create", "conversation.item.create", "response.create"]
+    assert [e["item"]["output"] for e in wire.sent[1:3]] == ["one", "two"] and "response" not in wire.sent[-1]
+    await rules.queue({"type": "function_call_output", "call_id": "call_3", "output": "three"})
+    assert len(wire.sent) == 4  # our own response.create is active until its response.done
+    ids = [e["event_id"] for e in wire.sent]
+    assert len(set(ids)) == len(ids)  # every client event has its own id, so an error can point back at it
+
+
+async def test_a_refused_response_create_is_repeated_once_after_response_done_and_a_greeting_never() -> None:
+    rules, wire = voicebridge.Sideband(voicebridge.CallLog("rtc_rules")), Recorder()
+    await rules.attach(wire, again=False)  # type: ignore[arg-type]
+    refused: dict[str, Any] = {"code": "conversation_already_has_active_response"}
+    await rules.request_response({"instructions": "filler", "tool_choice": "none"})
+    await rules.on_event("error", {"error": {**refused, "event_id": wire.sent[-1]["event_id"]}})
+    assert rules.response_active and len(wire.sent) == 1  # the server's own response is under way
+    await rules.on_event("response.done", {})
+    assert [e["response"] for e in wire.sent] == [{"instructions": "filler", "tool_choice": "none"}] * 2
+    await rules.on_event("response.done", {})
+    await rules.on_event("response.done", {})
+    assert len(wire.sent) == 2  # once, not on every response.done
+
+    await rules.request_response({"instructions": "greet", "metadata": voicebridge.GREETING_TAG})
+    await rules.on_event("error", {"error": {**refused, "event_id": wire.sent[-1]["event_id"]}})
+    await rules.on_event("response.done", {})
+    assert len(wire.sent) == 3  # a greeting after the model has already answered the caller would be stale
+    await rules.on_event("error", {"error": {"code": "other", "event_id": "vb_not_ours"}})
+    assert not rules.response_active  # an error about something else changes nothing
+
+
+async def test_unconfirmed_items_are_resent_once_in_order_under_their_ids_after_a_reconnect() -> None:
+    rules, old, new, newer = voicebridge.Sideband(voicebridge.CallLog("rtc_rules")), Recorder(), Recorder(), Recorder()
+    await rules.attach(old, again=False)  # type: ignore[arg-type]
+    await rules.on_event("response.done", {})
+    await rules.queue({"type": "function_call_output", "call_id": "call_1", "output": "one"})
+    await rules.on_event("response.done", {})
+    await rules.queue({"type": "function_call_output", "call_id": "call_2", "output": "two"})
+    sent = [e["item"] for e in old.sent if e["type"] == "conversation.item.create"]
+    await rules.on_event("conversation.item.added", {"item": sent[0]})  # the first was confirmed, the second not
+    rules.response_active = True  # the drop: nothing can be sent until the reconnect
+    await rules.queue({"type": "function_call_output", "call_id": "call_3", "output": "three"})
+    assert len(old.sent) == 4
+    await rules.attach(new, again=True)  # type: ignore[arg-type]
+    items = [e["item"] for e in new.sent if e["type"] == "conversation.item.create"]
+    assert [i["call_id"] for i in items] == ["call_2", "call_3"] and items[0]["id"] == sent[1]["id"]
+    assert new.kinds()[-1] == "response.create" and new.kinds().count("response.create") == 1
+    for item in items:
+        await rules.on_event("conversation.item.added", {"item": item})
+    await rules.attach(newer, again=True)  # type: ignore[arg-type]
+    assert newer.sent == []  # all confirmed: nothing to resend, no response to ask for

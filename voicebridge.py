@@ -159,7 +159,8 @@ class Config:
             if caller is None:
                 raise ConfigError(f"ALLOWED_CALLERS: {who!r} is not an E.164 number like +15551234567, nor *")
             if "=" in entry and not AGENT_ID.fullmatch(named):
-                raise ConfigError(f"ALLOWED_CALLERS: in {entry!r}, {named!r} is not an OpenClaw agent id ({AGENT_ID_RULE})")
+                raise ConfigError(f"ALLOWED_CALLERS: in {entry!r}, {named!r} is not an OpenClaw agent id "
+                                  f"({AGENT_ID_RULE})")
             if callers.setdefault(caller, named or agent) != (named or agent):
                 raise ConfigError(f"ALLOWED_CALLERS lists {mask(caller)} twice, for agents {callers[caller]!r} and "
                                   f"{named or agent!r}: keep one entry")
@@ -168,7 +169,7 @@ class Config:
             raise ConfigError("CALL_PIN must be 4 to 12 digits (the caller types it on the keypad)")
         transcripts = get("LOG_TRANSCRIPTS", "0").lower()
         if transcripts not in ("0", "1", "no", "yes", "false", "true", "off", "on"):
-            raise ConfigError(f"LOG_TRANSCRIPTS={transcripts!r}: use 1 to log what is said on calls, or 0 (the default)")
+            raise ConfigError(f"LOG_TRANSCRIPTS={transcripts!r}: use 1 to log what is said on calls, or 0 (default)")
         level = get("LOG_LEVEL", "INFO").upper()
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"LOG_LEVEL={level!r}: use DEBUG, INFO, WARNING or ERROR")
@@ -201,7 +202,7 @@ def parse_webhook_secret(secret: str) -> bytes:
     """Decode a "whsec_<base64>" webhook secret into the HMAC key."""
     if not secret.startswith("whsec_"):
         problem = "must start with 'whsec_'" if secret else "is not set"
-        raise ConfigError(f"OPENAI_WEBHOOK_SECRET {problem}: copy the webhook's signing secret from the OpenAI dashboard")
+        raise ConfigError(f"OPENAI_WEBHOOK_SECRET {problem}: copy the webhook's signing secret from OpenAI's dashboard")
     try:
         key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
     except ValueError:  # binascii.Error
@@ -239,7 +240,8 @@ PIN_NEEDED = "Not sent: the caller has not typed their PIN yet. Ask them to type
 PIN_ACCEPTED = "The caller typed the correct PIN. Confirm briefly and carry on with what they asked for."
 PIN_WRONG = "The caller typed a wrong PIN. Ask them to type it again; star clears the entry."
 PIN_GOODBYE = "The PIN was wrong three times. Say politely that you cannot help without it, and goodbye."
-PIN_TIMEOUT_GOODBYE = "The caller did not type the PIN in time. Say politely that you cannot help without it, and goodbye."
+PIN_TIMEOUT_GOODBYE = ("The caller did not type the PIN in time. Say politely that you cannot help without it, "
+                       "and goodbye.")
 PIN_TRIES = 3  # wrong PINs per call
 PIN_IDLE = 5.0  # seconds without a key after which a half-typed PIN is forgotten
 # Wrong PINs across all calls: PIN_LOCK_AFTER within PIN_LOCK_WINDOW turn every new call away for PIN_LOCK_SECONDS,
@@ -260,7 +262,9 @@ ASK_OPENCLAW_TOOL: dict[str, Any] = {
     ),
     "parameters": {
         "type": "object",
-        "properties": {"request": {"type": "string", "description": "The caller's request, complete and self-contained."}},
+        "properties": {
+            "request": {"type": "string", "description": "The caller's request, complete and self-contained."},
+        },
         "required": ["request"],
     },
 }
@@ -395,7 +399,7 @@ def describe_caller(user: str) -> str:
 
 
 def agent_for(config: Config, number: str | None) -> str | None:
-    """The caller-ID screen: the agent for this caller, or None to turn them away (a withheld number only matches "*")."""
+    """The caller-ID screen: this caller's agent, or None to turn them away (a withheld number only matches "*")."""
     own = config.allowed_callers.get(number) if number else None
     return own or config.allowed_callers.get("*")
 
@@ -427,7 +431,7 @@ def one_line(text: Any, limit: int = MAX_TRANSCRIPT_CHARS) -> str:
 
 
 def openclaw_user(number: str | None, call_id: str) -> str:
-    """A stable OpenClaw session per caller (the agent id is part of OpenClaw's key); withheld callers never share one."""
+    """A stable OpenClaw session per caller (OpenClaw keys it by agent too); withheld callers never share one."""
     return f"voicebridge:{number}" if number else f"voicebridge:call:{call_id}"
 
 
@@ -542,7 +546,8 @@ async def call_control(
                 if status < 500 and status != 429:
                     hint = " (check OPENAI_API_KEY)" if status in (401, 403) else ""
                     if action == "accept" and status == 400:  # the session config was refused
-                        hint = " (check REALTIME_MODEL, VOICE, INSTRUCTIONS and LOG_TRANSCRIPTS: they shape the accept body)"
+                        hint = (" (check REALTIME_MODEL, VOICE, INSTRUCTIONS and LOG_TRANSCRIPTS: "
+                                "they shape the accept body)")
                     clog.error("%s failed: %s%s", action, why, hint)
                     return status
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
@@ -570,20 +575,22 @@ async def ask_openclaw(
     headers = {"Authorization": f"Bearer {config.openclaw_token}"} if config.openclaw_token else {}
     messages = [{"role": "system", "content": system}, {"role": "user", "content": request}]
     body = {"model": f"openclaw:{agent}", "user": user, "messages": messages}
-    timeout = aiohttp.ClientTimeout(total=config.openclaw_timeout)
+    url, timeout = f"{config.openclaw_url}/v1/chat/completions", aiohttp.ClientTimeout(total=config.openclaw_timeout)
     try:
-        async with http.post(f"{config.openclaw_url}/v1/chat/completions", json=body, headers=headers, timeout=timeout) as resp:
+        async with http.post(url, json=body, headers=headers, timeout=timeout) as resp:
             if resp.status != 200:
                 fix = openclaw_fix(config, agent, resp.status)
                 raise OpenClawError(f"HTTP {resp.status}: {await error_text(resp)} ({fix})")
             raw = await read_body(resp)
             if raw is None:
-                raise OpenClawError(f"the answer was over {MAX_BODY_BYTES // 1024} KiB, so it was not read", SAY_TOO_LONG)
+                too_long = f"the answer was over {MAX_BODY_BYTES // 1024} KiB, so it was not read"
+                raise OpenClawError(too_long, SAY_TOO_LONG)
             answer = json.loads(raw)["choices"][0]["message"]["content"]
     except asyncio.TimeoutError:
         raise OpenClawError(f"no answer within OPENCLAW_TIMEOUT={config.openclaw_timeout:g}s", SAY_TOO_SLOW) from None
     except aiohttp.ClientError as exc:
-        raise OpenClawError(f"cannot reach {config.openclaw_url} ({type(exc).__name__}: {exc}); {OPENCLAW_FIXES[0]}") from None
+        why = f"cannot reach {config.openclaw_url} ({type(exc).__name__}: {exc}); {OPENCLAW_FIXES[0]}"
+        raise OpenClawError(why) from None
     except (ValueError, LookupError, TypeError):
         answer = None
     if not isinstance(answer, str):
@@ -592,6 +599,165 @@ async def ask_openclaw(
     if not answer or answer == "No response from OpenClaw.":
         raise OpenClawError("the agent returned an empty answer", SAY_NO_ANSWER)
     return answer if len(answer) <= MAX_ANSWER_CHARS else answer[:MAX_ANSWER_CHARS] + " ... (the rest was cut off)"
+
+
+# --- The keypad and the sideband's sending rules: one concern each ------------------------------------
+
+
+class Keypad:
+    """The caller's PIN on the phone keypad, with no I/O: press() takes a key and says what happened."""
+
+    def __init__(self, pin: str) -> None:
+        self.pin = pin
+        self.ok = not pin  # the right PIN was typed (or none is needed)
+        self.failures = 0
+        self.entry = ""  # digits so far; never logged
+        self.last_key = float("-inf")  # when the last key came
+
+    @property
+    def waiting(self) -> bool:
+        """The PIN is still to be typed, and tries are left."""
+        return not self.ok and self.failures < PIN_TRIES
+
+    def press(self, key: Any, now: float) -> str:
+        """One key at `now` (seconds): "accepted", "wrong", "out of tries", or "" (nothing yet)."""
+        if not self.waiting or key not in KEYPAD:
+            return ""
+        if key in "*#" or now - self.last_key > PIN_IDLE:
+            self.entry = ""  # so a stray key, or the "#" after a PIN, never costs a strike of its own
+        self.last_key = now
+        if key in "*#":
+            return ""
+        self.entry += key
+        if len(self.entry) < len(self.pin):
+            return ""
+        entry, self.entry = self.entry, ""
+        if hmac.compare_digest(entry.encode(), self.pin.encode()):
+            self.ok = True
+            return "accepted"
+        self.failures += 1
+        return "wrong" if self.failures < PIN_TRIES else "out of tries"
+
+
+class Sideband:
+    """The call's control WebSocket, under the sending rules of PROTOCOL.md section 5."""
+
+    # One response at a time, every conversation item delivered once, and each client event with an id that an
+    # error event can point back at.
+
+    def __init__(self, log: CallLog) -> None:
+        self.log = log
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.idle = asyncio.Event()  # set while no response is active: see response_active (clear until attached)
+        self.outbox: list[dict[str, Any]] = []  # conversation items waiting for no active response
+        self.unconfirmed: dict[str, dict[str, Any]] = {}  # items sent, by our item id, until the server confirms them
+        self.owed: dict[str, Any] | None = None  # a response.create to send as soon as no response is active
+        self.last_response: tuple[str, dict[str, Any] | None] = ("", None)  # our last response.create: event_id, body
+        self._ids = itertools.count(1)
+
+    @property
+    def response_active(self) -> bool:
+        """A response is under way (or the sideband is down): a response.create now would be refused, or lost."""
+        return not self.idle.is_set()
+
+    @response_active.setter
+    def response_active(self, active: bool) -> None:
+        # The one place the flag changes, so that whoever waits on `idle` wakes exactly when it turns false.
+        if active:
+            self.idle.clear()
+        else:
+            self.idle.set()
+
+    @property
+    def open(self) -> bool:
+        return self.ws is not None and not self.ws.closed
+
+    async def attach(self, ws: aiohttp.ClientWebSocketResponse, again: bool) -> None:
+        """Use a newly opened sideband; `again` (a reconnect): send what may have been lost with the old one."""
+        self.ws = ws
+        if again:
+            self.response_active = False  # (a response cut off by the drop never reports response.done)
+            # Items the server never confirmed may have gone into a dead socket: send them again, under the same
+            # ids, so one that did arrive is refused as a duplicate instead of being added twice.
+            self.outbox[:0] = self.unconfirmed.values()
+            self.unconfirmed.clear()
+            await self.flush()
+
+    async def close(self) -> None:
+        if self.ws is not None:
+            await self.ws.close()
+
+    async def queue(self, item: dict[str, Any]) -> None:
+        """Add a conversation item, followed by a response.create, as soon as no response is active."""
+        self.outbox.append(item)
+        await self.flush()
+
+    async def owe(self, response: dict[str, Any]) -> None:
+        """Ask for this response now, or after the active one's response.done, ahead of any results waiting."""
+        self.owed = response
+        await self.flush()
+
+    async def wait_idle(self, settled: bool = False) -> None:
+        """Wait (not poll) until no response is active; `settled`: and nothing is owed, so all asked for is done."""
+        while self.response_active or (settled and self.owed is not None):
+            await self.idle.wait()
+
+    async def on_event(self, kind: Any, event: dict[str, Any]) -> None:
+        """Follow the server events that the sending rules depend on."""
+        if kind == "response.created":
+            self.response_active = True
+        elif kind == "response.done":
+            self.response_active = False
+            await self.flush()
+        elif kind in ("conversation.item.added", "conversation.item.created"):  # .created: the pre-GA name
+            item = event.get("item")
+            if isinstance(item, dict) and isinstance(item.get("id"), str):
+                self.unconfirmed.pop(item["id"], None)  # the server has it: no need to send it again
+        elif kind == "error":  # logged; if it refused our response.create, that is repeated after the active one
+            error = event["error"] if isinstance(event.get("error"), dict) else {}
+            self.log.warning("server error %s: %s", error.get("code"), error.get("message"))
+            event_id, body = self.last_response
+            if event_id and error.get("event_id") == event_id:
+                # Our response.create lost a race with a response the server just started: repeat it after that
+                # one, except a greeting, which would come after the model has already answered the caller.
+                self.response_active = error.get("code") == "conversation_already_has_active_response"
+                greeting = (body or {}).get("metadata") == GREETING_TAG
+                self.owed = (body or {}) if self.response_active and not greeting else None
+
+    async def flush(self) -> None:
+        """Send queued items and one response.create, but only while no response is active."""
+        if self.response_active or not (self.outbox or self.owed is not None):
+            return  # (a dropped sideband counts as active: a result that finishes during a reconnect waits for it)
+        items, owed, self.outbox, self.owed = self.outbox, self.owed, [], None
+        self.response_active = True  # claimed before the first await, so a concurrent flush waits
+        for item in items:
+            item.setdefault("id", f"vb_item_{next(self._ids)}")  # ours: a repeat can't add it twice
+            self.unconfirmed[item["id"]] = item
+            await self._send(self._event("conversation.item.create", item=item))
+            if "call_id" in item:
+                self.log.info("result sent for %s", item["call_id"])
+        goodbye = owed is not None and owed.get("metadata") == GOODBYE_TAG
+        await self.request_response(owed if goodbye or not items else None)  # new results beat a stale filler
+
+    async def request_response(self, response: dict[str, Any] | None = None) -> None:
+        """Send response.create and count the response as active until response.done."""
+        event = self._event("response.create", **({"response": response} if response else {}))
+        self.response_active, self.last_response = True, (event["event_id"], response)
+        await self._send(event)
+
+    def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
+        """A client event with an event_id, so an error event can point back at it."""
+        return {"type": kind, "event_id": f"vb_{next(self._ids)}", **fields}
+
+    async def _send(self, event: dict[str, Any]) -> None:
+        """Send one client event; a sideband that is closing is not an error."""
+        if self.ws is None or self.ws.closed:  # (spelled out, so the type checker sees ws is set below)
+            self.log.debug("sideband closed, %s not sent", event["type"])
+            return
+        try:
+            await self.ws.send_json(event)
+        except ConnectionError as exc:
+            self.log.debug("sideband closing, %s not sent (%s)", event["type"], exc)
 
 
 # --- One live call --------------------------------------------------------------------------------
@@ -610,13 +776,9 @@ class Call:
         self.received = received  # loop time the webhook arrived
         self.log = CallLog(call_id)
         self.task: asyncio.Task[None] | None = None  # run(), set by the webhook handler
-        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.sideband = Sideband(self.log)
+        self.keypad = Keypad(self.config.call_pin)
         self.tools: set[asyncio.Task[None]] = set()
-        self.outbox: list[dict[str, Any]] = []  # conversation items waiting for no active response
-        self.unconfirmed: dict[str, dict[str, Any]] = {}  # items sent, by our item id, until the server confirms them
-        self.idle = asyncio.Event()  # set while no response is active: see response_active below (clear until attached)
-        self.last_response: tuple[str, dict[str, Any] | None] = ("", None)  # our last response.create: event_id, body
-        self.owed: dict[str, Any] | None = None  # a response.create refused as "active", to repeat after response.done
         self.playback_stopped = asyncio.Event()  # clear from output_audio_buffer.started to .stopped
         self.playback_stopped.set()
         self.playing: Any = None  # the response_id of the latest output_audio_buffer.started
@@ -625,26 +787,8 @@ class Call:
         self.asking = False  # one OpenClaw question in flight per call
         self.latencies: list[float] = []  # seconds per OpenClaw answer, for the summary
         self.tool_calls = 0
-        self.pin_ok = not self.config.call_pin
-        self.pin_entry = ""  # keypad digits so far; never logged
-        self.pin_last_key = 0.0  # loop time of the last key
-        self.pin_failures = 0
         # caller_hung_up | end_call | max_duration | pin_failed | pin_timeout | shutdown | sideband_lost | error
         self.end_reason = ""
-        self._event_ids = itertools.count(1)
-
-    @property
-    def response_active(self) -> bool:
-        """A response is under way (or the sideband is down): a response.create now would be refused, or lost."""
-        return not self.idle.is_set()
-
-    @response_active.setter
-    def response_active(self, active: bool) -> None:
-        # The one place the flag changes, so that whoever waits on `idle` wakes exactly when it turns false.
-        if active:
-            self.idle.clear()
-        else:
-            self.idle.set()
 
     async def run(self) -> None:
         """The whole life of the call: accept, attach, handle events until the call is over."""
@@ -676,34 +820,27 @@ class Call:
             for task in self.tools:
                 task.cancel()  # also closes an in-flight OpenClaw request, which stops the agent run
             await asyncio.gather(*self.tools, return_exceptions=True)
-            if self.ws is not None:
-                await self.ws.close()
+            await self.sideband.close()
 
     async def _attach_and_listen(self) -> None:
         """Open the sideband, greet, read events; reconnect after an abnormal drop, within a budget."""
         while True:
-            first = self.ws is None
-            self.ws = await self._connect_sideband(first)
-            if self.ws is None:
+            first = self.sideband.ws is None
+            ws = await self._connect_sideband(first)
+            if ws is None:
                 break
+            self.log.info("sideband connected" if first else "sideband reconnected")
+            await self.sideband.attach(ws, again=not first)
             if first:
-                self.log.info("sideband connected")
-                await self._request_response({"instructions": self.config.greeting or GREETING, "metadata": GREETING_TAG})
-                if not self.pin_ok:
+                greeting = {"instructions": self.config.greeting or GREETING, "metadata": GREETING_TAG}
+                await self.sideband.request_response(greeting)
+                if self.keypad.waiting:
                     self._start(self._pin_deadline())
-            else:
-                self.log.info("sideband reconnected")
-                self.response_active = False  # (a response cut off by the drop never reports response.done)
-                # Items the server never confirmed may have gone into a dead socket: send them again, under the same
-                # ids, so one that did arrive is refused as a duplicate instead of being added twice.
-                self.outbox[:0] = self.unconfirmed.values()
-                self.unconfirmed.clear()
-                await self._flush()
-            async for msg in self.ws:
+            async for msg in ws:
                 if msg.type == aiohttp.WSMsgType.TEXT:
                     await self._on_message(msg.data)
-            self.response_active = True  # nothing can be sent until a reconnect: the filler and results wait
-            code = None if self.ws.close_code is None else int(self.ws.close_code)  # 3.10 logs an IntEnum by name
+            self.sideband.response_active = True  # nothing can be sent until a reconnect: the filler and results wait
+            code = None if ws.close_code is None else int(ws.close_code)  # 3.10 logs an IntEnum by name
             if self.end_reason or code in NORMAL_CLOSE:
                 self.end_reason = self.end_reason or "caller_hung_up"
                 self.log.info("sideband closed (code %s)", code)
@@ -766,20 +903,15 @@ class Call:
         if not isinstance(event, dict):
             return
         kind = event.get("type")
-        if kind == "response.created":
-            self.response_active = True
-        elif kind == "response.done":
+        await self.sideband.on_event(kind, event)
+        if kind == "response.done":
             await self._on_response_done(event.get("response"))
-        elif kind in ("conversation.item.added", "conversation.item.created"):  # .created: the pre-GA name
-            item = event.get("item")
-            if isinstance(item, dict) and isinstance(item.get("id"), str):
-                self.unconfirmed.pop(item["id"], None)  # the server has it: no need to send it again
         elif kind == "output_audio_buffer.started":
             self.playing = event.get("response_id")
             self.playback_stopped.clear()
-        elif kind == "output_audio_buffer.stopped" and event.get("response_id") in (None, self.playing):
-            self.playback_stopped.set()  # (an earlier response's audio ending while a later one's plays is not silence)
-        elif kind == "output_audio_buffer.cleared":  # the caller barged in
+        elif kind == "output_audio_buffer.cleared" or (  # .cleared: the caller barged in
+            kind == "output_audio_buffer.stopped" and event.get("response_id") in (None, self.playing)
+        ):  # (an earlier response's audio ending while a later one's plays is not silence)
             self.playback_stopped.set()
         elif kind == "response.function_call_arguments.done":
             self.log.info("function call received: %s", event.get("name"))
@@ -791,12 +923,9 @@ class Call:
             self.log.debug("transcription failed: %s", one_line(json.dumps(event.get("error"))))
         elif kind == "input_audio_buffer.dtmf_event_received":
             await self._on_keypad(event.get("event"))
-        elif kind == "error":
-            self._on_error(event.get("error"))
 
     async def _on_response_done(self, response: Any) -> None:
-        """Run the function calls of a completed response; then send anything that waited."""
-        self.response_active = False
+        """Run the function calls of a completed response (the sideband has already sent anything that waited)."""
         response = response if isinstance(response, dict) else {}
         status = response.get("status")
         if status in ("failed", "incomplete"):  # otherwise the caller just hears silence, and we would never know
@@ -809,61 +938,35 @@ class Call:
         elif calls:  # the caller interrupted: the model never finished asking, so nothing is run
             names = ", ".join(str(item.get("name")) for item in calls)
             self.log.info("function call %s not run: its response was %s", names, status)
-        await self._flush()
-
-    def _on_error(self, error: Any) -> None:
-        """Log a server error event; recover if it refused our response.create."""
-        error = error if isinstance(error, dict) else {}
-        code = error.get("code")
-        self.log.warning("server error %s: %s", code, error.get("message"))
-        event_id, body = self.last_response
-        if event_id and error.get("event_id") == event_id:
-            # Our response.create lost a race with a response the server just started: repeat it after that
-            # one, except a greeting, which would come after the model has already answered the caller.
-            self.response_active = code == "conversation_already_has_active_response"
-            greeting = (body or {}).get("metadata") == GREETING_TAG
-            self.owed = (body or {}) if self.response_active and not greeting else None
 
     async def _on_keypad(self, key: Any) -> None:
-        """Collect the PIN, checked at its last digit; "*", "#" or a pause of PIN_IDLE start a new entry."""
-        if self.pin_ok or self.pin_failures >= PIN_TRIES or key not in KEYPAD:
-            return
-        now = asyncio.get_running_loop().time()
-        if key in "*#" or now - self.pin_last_key > PIN_IDLE:
-            self.pin_entry = ""  # so a stray key, or the "#" after a PIN, never costs a strike of its own
-        self.pin_last_key = now
-        if key in "*#":
-            return
-        self.pin_entry += key
-        if len(self.pin_entry) < len(self.config.call_pin):
-            return
-        entry, self.pin_entry = self.pin_entry, ""
-        if hmac.compare_digest(entry.encode(), self.config.call_pin.encode()):
-            self.pin_ok = True
+        """Turn what the keypad says into a note for the model, the process-wide PIN lock, or the goodbye."""
+        outcome = self.keypad.press(key, asyncio.get_running_loop().time())
+        if outcome == "accepted":
             self.log.info("PIN accepted")
             await self._tell_model(PIN_ACCEPTED)
-            return
-        self.pin_failures += 1
-        self.log.warning("wrong PIN (%d of %d)", self.pin_failures, PIN_TRIES)
-        if self.app[PIN_LOCK].wrong_pin(time.time()):
-            self.log.error("%d wrong PINs within %gs, across calls: new calls are turned away until %s "
-                           "(a restart lifts the lock)", PIN_LOCK_AFTER, PIN_LOCK_WINDOW, utc_text(self.app[PIN_LOCK].until))
-        if self.pin_failures >= PIN_TRIES:
-            self._start(self.hang_up_after_goodbye("pin_failed", goodbye=PIN_GOODBYE))
-        else:
-            await self._tell_model(PIN_WRONG)
+        elif outcome:
+            self.log.warning("wrong PIN (%d of %d)", self.keypad.failures, PIN_TRIES)
+            if self.app[PIN_LOCK].wrong_pin(time.time()):
+                self.log.error("%d wrong PINs within %gs, across calls: new calls are turned away until %s "
+                               "(a restart lifts the lock)", PIN_LOCK_AFTER, PIN_LOCK_WINDOW,
+                               utc_text(self.app[PIN_LOCK].until))
+            if outcome == "out of tries":
+                self._start(self.hang_up_after_goodbye("pin_failed", goodbye=PIN_GOODBYE))
+            else:
+                await self._tell_model(PIN_WRONG)
 
     async def _pin_deadline(self) -> None:
         """Hang up on a caller who has not typed the right PIN within PIN_TIMEOUT: a silent call is billed too."""
         await asyncio.sleep(self.config.pin_timeout)
-        if not self.pin_ok and self.pin_failures < PIN_TRIES:
+        if self.keypad.waiting:
             self.log.warning("no right PIN within PIN_TIMEOUT=%gs: hanging up", self.config.pin_timeout)
             await self.hang_up_after_goodbye("pin_timeout", goodbye=PIN_TIMEOUT_GOODBYE)
 
     async def _tell_model(self, text: str) -> None:
         """Add a system note to the conversation and let the model respond to it."""
-        self.outbox.append({"type": "message", "role": "system", "content": [{"type": "input_text", "text": text}]})
-        await self._flush()
+        note = {"type": "message", "role": "system", "content": [{"type": "input_text", "text": text}]}
+        await self.sideband.queue(note)
 
     # Tools.
 
@@ -891,15 +994,15 @@ class Call:
             else:
                 self.tool_calls += 1
                 output = await self._tool_output(item.get("name"), item.get("arguments"))
-                self.outbox.append({"type": "function_call_output", "call_id": item["call_id"], "output": output})
-                await self._flush()
+                await self.sideband.queue({"type": "function_call_output", "call_id": item["call_id"],
+                                           "output": output})
 
     async def _tool_output(self, name: Any, arguments: Any) -> str:
         """The output string for one function call; errors become outputs the model can act on."""
         if name != "ask_openclaw":
             self.log.warning("unknown tool %r called", name)
             return f"Error: there is no tool named {name!r}. Use ask_openclaw or end_call."
-        if not self.pin_ok:
+        if not self.keypad.ok:
             self.log.info("ask_openclaw before the PIN was entered: not sent")
             return PIN_NEEDED
         try:  # a JSON object in a string of a sane size
@@ -932,10 +1035,9 @@ class Call:
         """While OpenClaw is slow, have the model tell the caller it is still checking, now and then."""
         await asyncio.sleep(FILLER_AFTER)
         while True:
-            while self.response_active:  # never over the model's own speech (a wait, not a poll)
-                await self.idle.wait()
+            await self.sideband.wait_idle()  # never over the model's own speech
             self.log.info("OpenClaw is slow: asking the model to say it is still checking")
-            await self._request_response({"instructions": FILLER_INSTRUCTIONS, "tool_choice": "none"})
+            await self.sideband.request_response({"instructions": FILLER_INSTRUCTIONS, "tool_choice": "none"})
             await asyncio.sleep(FILLER_EVERY)
 
     # Hanging up.
@@ -944,14 +1046,12 @@ class Call:
         """Let the goodbye play out (bounded), then hang up; with `goodbye`, ask the model for it first."""
         try:
             async with timeout(GOODBYE_TIMEOUT):
-                if goodbye and self.ws is not None and not self.ws.closed:  # a sideband to say it on
+                if goodbye and self.sideband.open:
                     # Owed like a refused request: it goes out now, or after the active response's response.done,
                     # ahead of any results still waiting. Then wait until it, and anything before it, is done.
                     self.playback_stopped.clear()
-                    self.owed = {"instructions": goodbye, "tool_choice": "none", "metadata": GOODBYE_TAG}
-                    await self._flush()
-                    while self.owed is not None or self.response_active:
-                        await self.idle.wait()
+                    await self.sideband.owe({"instructions": goodbye, "tool_choice": "none", "metadata": GOODBYE_TAG})
+                    await self.sideband.wait_idle(settled=True)
                 await self.playback_stopped.wait()
         except asyncio.TimeoutError:
             self.log.info("goodbye still playing after %.0fs, hanging up anyway", GOODBYE_TIMEOUT)
@@ -963,45 +1063,7 @@ class Call:
             return
         self.end_reason = reason
         await call_control(self.http, self.config, self.id, "hangup", delays=HANGUP_RETRY_DELAYS)
-        if self.ws is not None:
-            await self.ws.close()
-
-    # Sending, under the one-active-response rule.
-
-    async def _flush(self) -> None:
-        """Send queued tool outputs and one response.create, but only while no response is active."""
-        if self.response_active or not (self.outbox or self.owed is not None):
-            return  # (a dropped sideband counts as active: a result that finishes during a reconnect waits for it)
-        items, owed, self.outbox, self.owed = self.outbox, self.owed, [], None
-        self.response_active = True  # claimed before the first await, so a concurrent flush waits
-        for item in items:
-            item.setdefault("id", f"vb_item_{next(self._event_ids)}")  # ours: a repeat can't add it twice
-            self.unconfirmed[item["id"]] = item
-            await self._send(self._event("conversation.item.create", item=item))
-            if "call_id" in item:
-                self.log.info("result sent for %s", item["call_id"])
-        goodbye = owed is not None and owed.get("metadata") == GOODBYE_TAG
-        await self._request_response(owed if goodbye or not items else None)  # new results beat a stale filler
-
-    async def _request_response(self, response: dict[str, Any] | None = None) -> None:
-        """Send response.create and count the response as active until response.done."""
-        event = self._event("response.create", **({"response": response} if response else {}))
-        self.response_active, self.last_response = True, (event["event_id"], response)
-        await self._send(event)
-
-    def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
-        """A client event with an event_id, so an error event can point back at it."""
-        return {"type": kind, "event_id": f"vb_{next(self._event_ids)}", **fields}
-
-    async def _send(self, event: dict[str, Any]) -> None:
-        """Send one client event; a sideband that is closing is not an error."""
-        if self.ws is None or self.ws.closed:  # (spelled out, so the type checker sees ws is set below)
-            self.log.debug("sideband closed, %s not sent", event["type"])
-            return
-        try:
-            await self.ws.send_json(event)
-        except ConnectionError as exc:
-            self.log.debug("sideband closing, %s not sent (%s)", event["type"], exc)
+        await self.sideband.close()
 
 
 # --- HTTP handlers ---------------------------------------------------------------------------------
@@ -1085,7 +1147,7 @@ def spawn(app: web.Application, call_id: str, coro: Any) -> asyncio.Task[Any]:
 
 
 def forget(tasks: set[asyncio.Task[Any]], task: asyncio.Task[Any]) -> None:
-    """Drop a finished task from `tasks`; if it died of an unexpected error, log the traceback (its name is the call id)."""
+    """Drop a finished task from `tasks`; log the traceback of an unexpected error (the task's name is the call id)."""
     tasks.discard(task)
     if crashed(task):
         CallLog(task.get_name()).error("unexpected error", exc_info=task.exception())
@@ -1110,7 +1172,8 @@ async def drain(app: web.Application, grace: float) -> None:
             calls = list(app[CALLS].values())
             if calls:
                 log.info("shutting down: hanging up %d call(s)", len(calls))
-                await asyncio.gather(*(call.hang_up_after_goodbye("shutdown", goodbye=SHUTDOWN_GOODBYE) for call in calls))
+                goodbyes = (call.hang_up_after_goodbye("shutdown", goodbye=SHUTDOWN_GOODBYE) for call in calls)
+                await asyncio.gather(*goodbyes)
     except asyncio.TimeoutError:
         log.error("shutting down: %d call(s) not hung up in time; OpenAI ends them within 60 minutes", len(app[CALLS]))
     for task in app[TASKS]:
@@ -1157,25 +1220,27 @@ async def serve(config: Config) -> None:
 
 def config_warnings(config: Config, today: date) -> list[tuple[int, str]]:
     """What the banner and --check warn about: (WARNING, text), or (ERROR, text) for what makes calls fail."""
+    warn, fail = logging.WARNING, logging.ERROR
     warnings = []
     if not config.allowed_callers:
-        warnings.append((logging.ERROR, "ALLOWED_CALLERS is empty: EVERY CALL WILL BE REJECTED. List your own number(s)."))
+        warnings.append((fail, "ALLOWED_CALLERS is empty: EVERY CALL WILL BE REJECTED. List your own number(s)."))
     elif "*" in config.allowed_callers:
-        warnings.append((logging.WARNING, "ALLOWED_CALLERS has *: ANYONE WHO DIALS THE NUMBER CAN DRIVE YOUR OPENCLAW "
-                         f"AGENT {config.allowed_callers['*']!r}" + ("." if config.call_pin else ", and CALL_PIN is not set.")))
+        pin = "." if config.call_pin else ", and CALL_PIN is not set."
+        warnings.append((warn, "ALLOWED_CALLERS has *: ANYONE WHO DIALS THE NUMBER CAN DRIVE YOUR OPENCLAW AGENT "
+                         f"{config.allowed_callers['*']!r}{pin}"))
     if 0 < len(config.call_pin) < 6:
-        warnings.append((logging.WARNING, f"CALL_PIN has {len(config.call_pin)} digits: use 6 or more. Each extra digit "
-                         "makes guessing it ten times slower, and guessing is what the keypad is open to"))
+        warnings.append((warn, f"CALL_PIN has {len(config.call_pin)} digits: use 6 or more. Each extra digit makes "
+                         "guessing it ten times slower, and guessing is what the keypad is open to"))
     if config.voice not in VOICES:
-        warnings.append((logging.WARNING, f"VOICE={config.voice} is not one of the documented voices ({', '.join(VOICES)}): "
+        warnings.append((warn, f"VOICE={config.voice} is not one of the documented voices ({', '.join(VOICES)}): "
                          "fine if OpenAI has added it, otherwise every accept fails"))
     if config.model in RETIRING_MODELS:
         shutdown, replacement = RETIRING_MODELS[config.model]
         if today < shutdown:
-            warnings.append((logging.WARNING, f"REALTIME_MODEL={config.model} will be shut down by OpenAI on {shutdown}: "
+            warnings.append((warn, f"REALTIME_MODEL={config.model} will be shut down by OpenAI on {shutdown}: "
                              f"set REALTIME_MODEL={replacement} before then"))
         else:
-            warnings.append((logging.ERROR, f"REALTIME_MODEL={config.model} was shut down by OpenAI on {shutdown}, so "
+            warnings.append((fail, f"REALTIME_MODEL={config.model} was shut down by OpenAI on {shutdown}, so "
                              f"calls will fail: set REALTIME_MODEL={replacement}"))
     return warnings
 
@@ -1234,9 +1299,10 @@ async def check(config: Config, today: date | None = None) -> int:
          "\n      ".join(text for level, text in warnings if level >= logging.ERROR)),
         (f"OpenAI accepts OPENAI_API_KEY and serves REALTIME_MODEL={config.model} (GET /models/{config.model})",
          "" if status == 200 else f"HTTP {status}: {error} ({openai_fix})"),
-        *((f"OpenClaw at {config.openclaw_url}: reachable, token accepted, chat endpoint enabled, agent {agent!r} exists",
-           "" if claw == 400 and "user message" in text.lower()
-           else f"HTTP {claw}: {text} ({openclaw_fix(config, agent, claw)})") for agent, (claw, text) in zip(agents, claws)),
+        *((f"OpenClaw at {config.openclaw_url}: reachable, token accepted, chat endpoint enabled, agent {agent!r} "
+           "exists", "" if claw == 400 and "user message" in text.lower()
+           else f"HTTP {claw}: {text} ({openclaw_fix(config, agent, claw)})")
+          for agent, (claw, text) in zip(agents, claws)),
     ]
     for level, warning in warnings:
         if level < logging.ERROR:
@@ -1255,8 +1321,9 @@ async def ask(config: Config, question: str, caller: str | None = None) -> int:
         number = normalise_number(caller)
         routed = agent_for(config, number) if number else None
         if number is None or routed is None:
-            print(f"--caller {caller}: " + ("not an E.164 number like +15551234567" if number is None else
-                                            "ALLOWED_CALLERS turns this caller away, so no call of theirs reaches OpenClaw"))
+            why = ("not an E.164 number like +15551234567" if number is None
+                   else "ALLOWED_CALLERS turns this caller away, so no call of theirs reaches OpenClaw")
+            print(f"--caller {caller}: {why}")
             return 1
         agent, user, system = routed, openclaw_user(number, "cli"), openclaw_system(number)
     started = time.monotonic()
@@ -1275,7 +1342,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Phone your OpenClaw assistant through OpenAI Realtime SIP.")
     parser.add_argument("--check", action="store_true", help="check the configuration and both services, then exit")
     parser.add_argument("--ask", metavar="QUESTION", help="ask OpenClaw as a call would, print the answer, exit")
-    parser.add_argument("--caller", metavar="NUMBER", help="with --ask: ask as this caller's call would (agent, session)")
+    parser.add_argument("--caller", metavar="NUMBER", help="with --ask: ask as this caller's call would")
     args = parser.parse_args()
     if args.caller is not None and args.ask is None:
         parser.error("--caller goes with --ask")
