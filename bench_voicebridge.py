@@ -76,6 +76,7 @@ SIDEBAND_HEARTBEAT = 20.0  # as voicebridge's ws_connect, so the bare client hol
 VB_ENV_NAMES = (
     "OPENAI_", "OPENCLAW_", "ALLOWED_CALLERS", "HOST", "PORT", "REALTIME_MODEL", "VOICE", "INSTRUCTIONS",
     "GREETING", "MAX_CALL_SECONDS", "SHUTDOWN_GRACE", "CALL_PIN", "LOG_LEVEL", "PIN_TIMEOUT", "MAX_CONCURRENT_CALLS",
+    "IDLE_SECONDS", "STATE_DIR", "STATE_DIRECTORY",
 )
 
 
@@ -366,6 +367,8 @@ class Run:
             OPENCLAW_URL=self.openclaw.url, OPENCLAW_TOKEN=CLAW_TOKEN, OPENCLAW_TIMEOUT="30",
             ALLOWED_CALLERS=ALICE, HOST="127.0.0.1", PORT=str(port), LOG_LEVEL="WARNING", MAX_CALL_SECONDS="86400",
             MAX_CONCURRENT_CALLS="0",  # no cap: the benchmark holds 1000 calls at once
+            IDLE_SECONDS="86400",  # the silence timer runs for every call, but never fires while they are held
+            STATE_DIR=tempfile.mkdtemp(prefix="voicebridge-bench-state-"),  # a fresh store: nothing to resume
         )
         with self.vb_log.open("wb") as log:
             self.vb = await asyncio.create_subprocess_exec(

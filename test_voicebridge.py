@@ -21,8 +21,10 @@ import logging
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import tracemalloc
@@ -128,6 +130,7 @@ class FakeCall:
         self.close_on_connect: int | None = None  # complete the upgrade, then close at once with this code
         self.handshake_hangs = False  # accept the TCP connection, never answer the upgrade
         self.hangup_script: list[int] = []  # statuses to answer the next hangups with, before success
+        self.answers_lost = 0  # accepts that take effect but whose answer is lost (a 502 from a proxy in the way)
         self.accepted_at: float | None = None
         self.accept_body: dict[str, Any] | None = None
         self.reject_body: Any = None
@@ -272,7 +275,7 @@ class FakeCall:
             if e.get("type") == "conversation.item.create" and e["item"].get("type") == "message"
         ]
 
-    async def drop(self, code: int) -> None:
+    async def drop(self, code: int, reason: str = "") -> None:
         """The sideband breaks while the call goes on: a close frame with `code`, or (1006) a dead TCP connection."""
         assert self.ws is not None and self.transport is not None
         ws, self.ws = self.ws, None
@@ -281,14 +284,31 @@ class FakeCall:
         if code == 1006:
             self.transport.abort()
         else:
-            await ws.close(code=code)
+            await ws.close(code=code, message=reason.encode())
         self.response_active = False  # the fake's model is cut off mid-response too
 
-    async def caller_hangs_up(self) -> None:
-        """The caller puts the phone down: the sideband just closes."""
+    async def caller_hangs_up(self, clean: bool = False) -> None:
+        """The caller puts the phone down: the sideband just dies, no close frame (PROTOCOL.md section 8), unless
+        `clean`; from then on a handshake or a hangup gets 404."""
         self.state = "ended"
-        if self.ws is not None:
+        if self.ws is not None and clean:
             await self.ws.close(code=aiohttp.WSCloseCode.OK)
+        elif self.ws is not None:
+            await self.drop(1006)
+
+    async def caller_speaks(self, function_calls: list[tuple[str, str]] = ()) -> list[str]:  # type: ignore[assignment]
+        """Server VAD hears the caller: speech_started, speech_stopped, committed, the caller's item, then a response
+        nobody asked for."""
+        await self.wait_idle()
+        item_id = self.next_id("item")
+        await self.send({"type": "input_audio_buffer.speech_started", "audio_start_ms": 1000, "item_id": item_id})
+        await self.send({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": 2000, "item_id": item_id})
+        await self.send({"type": "input_audio_buffer.committed", "previous_item_id": None, "item_id": item_id})
+        item = {"id": item_id, "type": "message", "role": "user", "status": "completed",
+                "content": [{"type": "input_audio", "transcript": None}]}
+        await self.send({"type": "conversation.item.added", "previous_item_id": None, "item": item})
+        await self.send({"type": "conversation.item.done", "previous_item_id": None, "item": item})
+        return await self.model_response(function_calls, audio_seconds=0.05)
 
 
 class FakeOpenAI:
@@ -352,6 +372,10 @@ class FakeOpenAI:
             audio = body.get("audio") or {}
             if any("format" in (audio.get(side) or {}) for side in ("input", "output")):
                 return web.json_response(error_body("Do not set audio format for SIP calls", "invalid_request_error"), status=400)
+            for field in set((audio.get("input") or {}).get("turn_detection") or {}) - {"type", "idle_timeout_ms"}:
+                param = f"session.audio.input.turn_detection.{field}"  # as seen on SIP (openai-agents-js#741)
+                message = f"Unknown parameter: '{param}'."
+                return web.json_response(error_body(message, "invalid_request_error", "unknown_parameter", param), status=400)
             checks = [("model", body.get("model"), REALTIME_MODELS),
                       ("audio.output.voice", (audio.get("output") or {}).get("voice"), VOICES)]
             if "input" in audio:  # input transcription is optional (and billed)
@@ -361,6 +385,9 @@ class FakeOpenAI:
                     message = f"Invalid value: {value!r}. Supported values are: {', '.join(sorted(known))}."
                     return web.json_response(error_body(message, "invalid_request_error", "invalid_value", param), status=400)
             call.accept_body, call.state, call.accepted_at = body, "accepted", time.monotonic()
+            if call.answers_lost:
+                call.answers_lost -= 1
+                return web.Response(status=502, text="Bad Gateway")
         elif action == "reject":
             if call.state != "ringing":
                 return not_found
@@ -557,6 +584,7 @@ def make_env(openai: FakeOpenAI, openclaw: FakeOpenClaw, **overrides: str) -> di
         "OPENCLAW_URL": openclaw.url,
         "OPENCLAW_TOKEN": CLAW_TOKEN,
         "ALLOWED_CALLERS": ALICE,
+        "STATE_DIR": tempfile.mkdtemp(prefix="voicebridge-test-state-"),  # each bridge its own: no restart to resume
         **overrides,
     }
 
@@ -956,10 +984,13 @@ async def test_a_call_from_webhook_to_spoken_answer(
     story = [r.getMessage() for r in caplog.records if r.name == "voicebridge"]
     for expected in ("webhook verified, caller +1******4567 allowed, agent main", "call accepted in", "sideband connected",
                      "function call received: ask_openclaw", "OpenClaw answered in", "result sent for",
-                     "sideband closed (code 1000)",
+                     "sideband closed (code 1006)", "sideband refused (HTTP 404): the call is over",
                      "call summary: caller=+1******4567 agent=main duration=", "tool_calls=1 openclaw_seconds=0.0 reason=caller_hung_up"):
         assert any(expected in line for line in story), expected
     assert all(line.startswith("[rtc_479a275623b54bdb9b6fbae2f7cbd408]") for line in story)
+    # An ordinary hangup (no close frame, then 404) is no fault: nothing above INFO, and still a /hangup of ours.
+    assert not [r for r in caplog.records if r.name == "voicebridge" and r.levelno > logging.INFO]
+    assert openai.rest[-1] == ("hangup", "rtc_479a275623b54bdb9b6fbae2f7cbd408")
     assert ALICE not in caplog.text and API_KEY not in caplog.text and CLAW_TOKEN not in caplog.text
     assert "Traceback" not in caplog.text
 
@@ -1005,7 +1036,9 @@ async def test_accept_that_keeps_failing_gives_up_within_seconds(bridge: Any, op
     await eventually(lambda: "giving up" in caplog.text, timeout=10)
     assert time.monotonic() - started < 6
     assert 2 <= openai.rest.count(("accept", "rtc_down")) <= 6
-    assert call.sideband_attempts == [] and await active_calls(bridge) == 0
+    # Its outcome is unknown (an accept can take effect while its answer is lost): one look, then a hangup.
+    await eventually(lambda: ("hangup", "rtc_down") in openai.rest)
+    assert len(call.sideband_attempts) == 1 and await active_calls(bridge) == 0
 
 
 async def test_accept_401_says_check_the_key(start_bridge: Bridge, openai: FakeOpenAI, caplog: pytest.LogCaptureFixture) -> None:
@@ -1043,9 +1076,11 @@ async def test_sideband_that_stays_404_is_given_up(bridge: Any, openai: FakeOpen
     call = openai.ring("rtc_never")
     call.sideband_404s = 100
     await post_webhook(bridge, incoming_event("rtc_never"))
-    await eventually(lambda: bridge.app[voicebridge.CALLS] == {})
+    await eventually(lambda: bridge.app[voicebridge.CALLS] == {}, timeout=20)
     assert "sideband unavailable, giving up" in caplog.text
-    assert 3 <= len(call.sideband_attempts) <= 6 and await active_calls(bridge) == 0
+    assert 8 <= len(call.sideband_attempts) <= 12 and await active_calls(bridge) == 0
+    assert call.sideband_attempts[-1][0] - call.sideband_attempts[0][0] >= 7.5  # nobody has measured the race: ~8 s
+    assert not [r for r in caplog.records if "sideband not ready" in r.getMessage() and r.levelno > logging.DEBUG]
     # OpenAI may still hold the call: it is hung up, not left to a model that cannot reach OpenClaw.
     assert call.state == "ended" and "reason=sideband_lost" in caplog.text
 
@@ -1064,6 +1099,14 @@ async def test_the_fake_refuses_what_the_real_server_refuses(openai: FakeOpenAI)
         async with http.ws_connect(f"{ws_base}?call_id=rtc_strict", headers={**auth, "OpenAI-Beta": "realtime=v1"}) as ws:
             await ws.receive()
             assert ws.close_code == 4000
+        # The SIP accept refuses turn-detection tuning (PROTOCOL.md section 8), so voicebridge never sends any.
+        tuned = {"type": "realtime", "model": "gpt-realtime-2.1", "audio": {"output": {"voice": "marin"},
+                 "input": {"turn_detection": {"type": "server_vad", "threshold": 0.6}}}}
+        openai.ring("rtc_tuned")
+        async with http.post(f"{openai.url}/realtime/calls/rtc_tuned/accept", json=tuned, headers=auth) as resp:
+            assert resp.status == 400
+            assert (await resp.json())["error"]["message"] == "Unknown parameter: 'session.audio.input.turn_detection.threshold'."
+    assert "turn_detection" not in json.dumps(voicebridge.accept_payload(Config.from_env(make_env(openai, FakeOpenClaw()))))
 
 
 # --- Tool calls -------------------------------------------------------------------------------------------------
@@ -1352,7 +1395,7 @@ async def test_sideband_reconnects_after_an_abnormal_drop(
     await call.drop(code)
     await eventually(lambda: call.ws is not None)
     assert len(call.sideband_attempts) == 2 and call.sideband_attempts[1][1] == "call_id=rtc_happy"
-    assert f"sideband dropped (code {code}), reconnecting" in caplog.text and "sideband reconnected" in caplog.text
+    assert f"sideband closed (code {code})" in caplog.text and "sideband reconnected" in caplog.text
     # The call carries on over the new socket, and the greeting is not repeated.
     await call.model_response([("ask_openclaw", '{"request": "still there?"}')])
     await eventually(lambda: call.outputs())
@@ -1379,7 +1422,7 @@ async def test_a_result_that_finishes_while_disconnected_is_delivered_after_the_
     assert call.errors == []
 
 
-@pytest.mark.parametrize("how", ["404 on reconnect", "normal close", "after our hangup"])
+@pytest.mark.parametrize("how", ["404 on reconnect", "normal close", "hangup without a close frame", "after our hangup"])
 async def test_no_reconnect_when_the_call_is_over(
     bridge: Any, openai: FakeOpenAI, caplog: pytest.LogCaptureFixture, how: str
 ) -> None:
@@ -1388,13 +1431,16 @@ async def test_no_reconnect_when_the_call_is_over(
         call.state = "ended"  # OpenAI has dropped the call: the handshake will be 404
         await call.drop(1011)
     elif how == "normal close":
+        await call.caller_hangs_up(clean=True)
+    elif how == "hangup without a close frame":
         await call.caller_hangs_up()
     else:
         await call.model_response([("end_call", "{}")])
     await eventually(lambda: bridge.app[voicebridge.CALLS] == {})
     await asyncio.sleep(0.3)
-    assert len(call.sideband_attempts) == (2 if how == "404 on reconnect" else 1)
-    assert "giving up" not in caplog.text
+    # A clean close is checked with one handshake (404: over); after our own hangup there is nothing to check.
+    assert len(call.sideband_attempts) == (1 if how == "after our hangup" else 2)
+    assert "giving up" not in caplog.text and not errors_logged(caplog)
 
 
 async def test_reconnect_is_bounded(
@@ -1408,7 +1454,8 @@ async def test_reconnect_is_bounded(
     await eventually(lambda: bridge.app[voicebridge.CALLS] == {})
     assert len(call.sideband_attempts) == 1 + 4
     assert "sideband unavailable, giving up: HTTP 503" in caplog.text
-    assert call.state == "ended" and ("hangup", "rtc_happy") in openai.rest and "reason=sideband_lost" in caplog.text
+    await eventually(lambda: call.state == "ended")  # (the hangup goes out as the call's last act)
+    assert ("hangup", "rtc_happy") in openai.rest and "reason=sideband_lost" in caplog.text
 
 
 async def test_slow_openclaw_gets_a_filler_now_and_then(
@@ -1559,7 +1606,7 @@ async def test_a_result_written_into_a_dead_connection_is_delivered_after_the_re
         await eventually(lambda: "result sent for" in caplog.text)  # written into the void
         assert call.outputs() == []
         await eventually(lambda: call.outputs(), timeout=5)
-        assert "sideband dropped (code 1006)" in caplog.text and len(call.sideband_attempts) == 2
+        assert "sideband closed (code 1006)" in caplog.text and len(call.sideband_attempts) == 2
         await call.wait_idle()
         await asyncio.sleep(0.2)
         assert call.outputs() == [{"type": "function_call_output", "call_id": fc_id, "output": "Answer to: long one"}]
@@ -1870,6 +1917,182 @@ async def test_barge_in_counts_as_the_goodbye_having_played(bridge: Any, openai:
                                                           "metadata": voicebridge.GOODBYE_TAG}})
     await bye
     assert time.monotonic() - started < 1 and call.state == "ended"
+
+
+# --- Every call ends on purpose: clean closes checked, silent lines hung up, state kept -------------------------
+
+
+@pytest.mark.parametrize("code", [1000, 1001])
+async def test_a_clean_close_of_a_live_call_is_checked_and_the_call_goes_on(
+    bridge: Any, openai: FakeOpenAI, openclaw: FakeOpenClaw, caplog: pytest.LogCaptureFixture, code: int
+) -> None:
+    call = await connected_call(bridge, openai)
+    await call.drop(code)  # a proxy or backend rotating: the call itself is still live
+    await eventually(lambda: call.ws is not None)
+    assert len(call.sideband_attempts) == 2 and bridge.app[voicebridge.CALLS]["rtc_happy"].reconnects  # in the budget
+    [fc_id] = await call.model_response([("ask_openclaw", '{"request": "still there?"}')])
+    await eventually(lambda: call.outputs())
+    assert call.outputs() == [{"type": "function_call_output", "call_id": fc_id, "output": "Answer to: still there?"}]
+    assert ("hangup", "rtc_happy") not in openai.rest and f"sideband closed (code {code})" in caplog.text
+
+
+async def test_the_60_minute_cap_ends_the_call_without_a_new_handshake(
+    bridge: Any, openai: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    call = await connected_call(bridge, openai)
+    await call.drop(1001, "Your session hit the maximum duration of 60 minutes.")
+    await eventually(lambda: bridge.app[voicebridge.CALLS] == {})
+    assert len(call.sideband_attempts) == 1 and openai.rest[-1] == ("hangup", "rtc_happy")
+    assert "reason 'Your session hit the maximum duration of 60 minutes.'" in caplog.text
+    assert "reason=max_duration" in caplog.text and not errors_logged(caplog)
+
+
+async def test_an_accept_whose_answer_was_lost_is_looked_at_once_and_the_call_goes_on(
+    bridge: Any, openai: FakeOpenAI, openclaw: FakeOpenClaw, caplog: pytest.LogCaptureFixture
+) -> None:
+    call = openai.ring("rtc_lost")
+    call.answers_lost = 1  # the accept takes effect, a proxy turns its answer into a 502, and the retry gets 404
+    await post_webhook(bridge, incoming_event("rtc_lost"))
+    await eventually(lambda: call.ws is not None and call.response_creates())
+    assert openai.rest.count(("accept", "rtc_lost")) == 2 and len(call.sideband_attempts) == 1
+    assert "accept's outcome is unknown (HTTP 404 after a failed try): trying the sideband once" in caplog.text
+    await call.wait_idle()
+    [fc_id] = await call.model_response([("ask_openclaw", '{"request": "are we on?"}')])
+    await eventually(lambda: call.outputs())
+    assert call.outputs()[0]["output"] == "Answer to: are we on?" and ("hangup", "rtc_lost") not in openai.rest
+
+
+def idle_checks(call: FakeCall) -> list[dict[str, Any]]:
+    return [e for e in call.response_creates() if (e.get("response") or {}).get("instructions") == voicebridge.IDLE_CHECK]
+
+
+async def test_a_line_with_nobody_on_it_is_asked_once_then_hung_up(
+    start_bridge: Bridge, openai: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    bridge = await start_bridge(idle_seconds=0.5)
+    call = await connected_call(bridge, openai)  # accepted, greeted, and then: nothing (the caller hung up ringing)
+    greeting_heard = max(e["_at"] for e in call.sent if e["type"] == "output_audio_buffer.stopped")
+    await eventually(lambda: idle_checks(call), timeout=3)
+    [check] = idle_checks(call)
+    assert check["response"]["tool_choice"] == "none" and check["_at"] - greeting_heard >= 0.45
+    await eventually(lambda: call.state == "ended", timeout=3)
+    goodbye = call.response_creates()[-1]
+    assert goodbye["response"]["instructions"] == voicebridge.IDLE_GOODBYE and goodbye["_at"] - check["_at"] >= 0.45
+    assert call.hangup_at is not None and call.hangup_at > goodbye["_at"]
+    await eventually(lambda: "call summary" in caplog.text)
+    assert "reason=idle" in caplog.text and len(idle_checks(call)) == 1
+
+
+async def test_a_caller_who_keeps_talking_or_waits_for_a_slow_answer_is_never_hung_up_as_idle(
+    start_bridge: Bridge, openai: FakeOpenAI, openclaw: FakeOpenClaw
+) -> None:
+    bridge = await start_bridge(idle_seconds=0.5)
+    call = await connected_call(bridge, openai)
+    for _ in range(6):  # 1.8 s of conversation, with pauses shorter than IDLE_SECONDS
+        await call.caller_speaks()
+        await asyncio.sleep(0.3)
+    openclaw.delay = 1.5  # three times IDLE_SECONDS with OpenClaw, and nobody says a word meanwhile
+    [fc_id] = await call.caller_speaks([("ask_openclaw", '{"request": "slow one"}')])
+    await eventually(lambda: call.outputs(), timeout=5)
+    assert idle_checks(call) == [] and call.state == "accepted"
+    await eventually(lambda: idle_checks(call), timeout=3)  # the silence after the answer does count
+    assert idle_checks(call)[0]["_at"] > call.received[-2]["_at"]
+
+
+@pytest.mark.parametrize("sign", ["speech_started", "keypad", "transcript", "caller's item", "unasked response"])
+async def test_any_sign_of_the_caller_restarts_the_silence_clock(
+    start_bridge: Bridge, openai: FakeOpenAI, sign: str
+) -> None:
+    bridge = await start_bridge(idle_seconds=0.5)
+    call = await connected_call(bridge, openai)
+    await eventually(lambda: idle_checks(call), timeout=3)
+    await call.wait_idle()
+    await asyncio.sleep(0.1)  # "Are you still there?" has been heard; now the caller shows they are
+    if sign == "unasked response":
+        await call.model_response(audio_seconds=0.05)
+    else:
+        await call.send({
+            "speech_started": {"type": "input_audio_buffer.speech_started", "audio_start_ms": 10, "item_id": "item_c"},
+            "keypad": {"type": "input_audio_buffer.dtmf_event_received", "event": "5", "received_at": int(time.time())},
+            "transcript": {"type": "conversation.item.input_audio_transcription.completed", "item_id": "item_c",
+                           "content_index": 0, "transcript": "yes, still here"},
+            "caller's item": {"type": "conversation.item.added", "previous_item_id": None,
+                              "item": {"id": "item_c", "type": "message", "role": "user", "content": []}},
+        }[sign])
+    await asyncio.sleep(0.7)  # longer than IDLE_SECONDS: without the sign, this would have been the goodbye
+    assert call.state == "accepted" and not any("goodbye" in str(e.get("response")) for e in call.response_creates())
+    await eventually(lambda: len(idle_checks(call)) == 2, timeout=3)  # silence again: asked again, not hung up
+
+
+def test_idle_seconds_is_off_or_at_least_ten() -> None:
+    env = {"OPENAI_API_KEY": API_KEY, "OPENAI_WEBHOOK_SECRET": SECRET}
+    assert Config.from_env(env).idle_seconds == 30
+    assert Config.from_env({**env, "IDLE_SECONDS": "0"}).idle_seconds == 0
+    assert Config.from_env({**env, "IDLE_SECONDS": "10"}).idle_seconds == 10
+    with pytest.raises(ConfigError, match="IDLE_SECONDS=5: use 0"):
+        Config.from_env({**env, "IDLE_SECONDS": "5"})
+
+
+def live_rows(state_dir: str) -> list[tuple[Any, ...]]:
+    """The store's live calls, read the way another process would: read-only, beside the running service."""
+    with sqlite3.connect(f"file:{state_dir}/voicebridge.db?mode=ro", uri=True) as db:
+        return db.execute("SELECT call_id, caller, agent, pin_ok, in_flight FROM live_calls").fetchall()
+
+
+async def test_the_store_keeps_each_live_call_and_its_questions_in_flight_privately(
+    start_bridge: Bridge, openai: FakeOpenAI, openclaw: FakeOpenClaw, tmp_path: Path
+) -> None:
+    state_dir = str(tmp_path / "new" / "state")
+    bridge = await start_bridge(STATE_DIR=state_dir)
+    assert (tmp_path / "new" / "state").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "new" / "state" / "voicebridge.db").stat().st_mode & 0o777 == 0o600
+    call = await connected_call(bridge, openai)  # (pin_ok 1: with no CALL_PIN there is none to pass)
+    await eventually(lambda: live_rows(state_dir) == [("rtc_happy", ALICE, "main", 1, "[]")])
+    openclaw.delay = 0.5
+    [fc_id] = await call.model_response([("ask_openclaw", '{"request": "slow one"}')])
+    await eventually(lambda: live_rows(state_dir) == [("rtc_happy", ALICE, "main", 1, f'["{fc_id}"]')])
+    await eventually(lambda: call.outputs())
+    await eventually(lambda: live_rows(state_dir) == [("rtc_happy", ALICE, "main", 1, "[]")])  # delivered
+    await call.caller_hangs_up()
+    await eventually(lambda: live_rows(state_dir) == [])
+    with sqlite3.connect(f"{state_dir}/voicebridge.db") as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (1,)
+        assert db.execute("SELECT call_id FROM seen_calls").fetchall() == [("rtc_happy",)]
+
+
+async def test_a_store_that_cannot_write_is_logged_once_and_calls_go_on(
+    bridge: Any, openai: FakeOpenAI, openclaw: FakeOpenClaw, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = bridge.app[voicebridge.STORE]
+    await asyncio.wrap_future(store._thread.submit(lambda: store._db.execute("PRAGMA query_only = 1")))  # "disk full"
+    for call_id in ("rtc_one", "rtc_two"):
+        call = await connected_call(bridge, openai, call_id)
+        await call.model_response([("ask_openclaw", '{"request": "still working?"}')])
+        await eventually(lambda: call.outputs())
+        assert call.outputs()[0]["output"] == "Answer to: still working?"
+        await call.caller_hangs_up()
+    await eventually(lambda: bridge.app[voicebridge.CALLS] == {})
+    [error] = errors_logged(caplog)
+    assert "state not saved to" in error.getMessage() and "readonly" in error.getMessage()
+
+
+async def test_a_slow_disk_delays_neither_the_webhook_nor_a_tool_round(
+    bridge: Any, openai: FakeOpenAI, openclaw: FakeOpenClaw, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slow_write = voicebridge.StateStore._write
+
+    def sd_card(self: voicebridge.StateStore, *args: Any) -> None:
+        time.sleep(0.5)  # every write, in the store's own thread
+        slow_write(self, *args)
+
+    monkeypatch.setattr(voicebridge.StateStore, "_write", sd_card)
+    started = time.monotonic()
+    call = await connected_call(bridge, openai)  # 2 writes queued already: the call, and its id for deduplication
+    assert time.monotonic() - started < 0.5
+    asked = time.monotonic()
+    await call.model_response([("ask_openclaw", '{"request": "quick"}')])  # and one more for the question
+    await eventually(lambda: call.outputs())
+    assert time.monotonic() - asked < 0.5  # the round did not wait for the 1.5 s of writes still queued
 
 
 # --- Health, configuration, the process --------------------------------------------------------------------------------

@@ -37,6 +37,10 @@ Environment (the .env file beside this one is read too; no value may hold " #", 
     CALL_PIN               4-12 digits the caller must type on the keypad before ask_openclaw works; empty: none
     PIN_TIMEOUT            seconds to type the right PIN before the call is hung up, default 60
     MAX_CONCURRENT_CALLS   calls at once, more are turned away busy (SIP 486); default 3, 0 = no limit
+    IDLE_SECONDS           no sign of the caller this long: "are you still there?", as long again: hang up;
+                           default 30, 0 = never (10 at least otherwise)
+    STATE_DIR              where live calls and the PIN lock are kept across restarts (SQLite, 0600); default
+                           $STATE_DIRECTORY (systemd's StateDirectory=), else ./state beside this file
     LOG_TRANSCRIPTS        1: log what caller and assistant say (input transcription is billed); default 0: never
     LOG_LEVEL              default INFO
 """
@@ -72,8 +76,10 @@ import logging
 import os
 import re
 import signal
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from pathlib import Path
@@ -81,7 +87,7 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
-from aiohttp import web
+from aiohttp import WSMsgType, web
 from dotenv import load_dotenv
 
 if sys.version_info >= (3, 11):
@@ -122,6 +128,8 @@ class Config:
     call_pin: str = ""  # keypad PIN required before ask_openclaw; empty: none
     pin_timeout: float = 60.0  # seconds to type the right PIN before the call is hung up
     max_concurrent_calls: int = 3  # 0: no limit
+    idle_seconds: float = 30.0  # 0: off
+    state_dir: str = "state"  # from_env resolves the default: systemd's $STATE_DIRECTORY, or ./state beside this file
     log_transcripts: bool = False
     log_level: str = "INFO"
 
@@ -170,6 +178,11 @@ class Config:
         transcripts = get("LOG_TRANSCRIPTS", "0").lower()
         if transcripts not in ("0", "1", "no", "yes", "false", "true", "off", "on"):
             raise ConfigError(f"LOG_TRANSCRIPTS={transcripts!r}: use 1 to log what is said on calls, or 0 (default)")
+        idle = number("IDLE_SECONDS", cls.idle_seconds, 0)
+        if 0 < idle < 10:
+            raise ConfigError(f"IDLE_SECONDS={idle:g}: use 0 (never hang up on silence) or 10 seconds or more")
+        systemd_state = env.get("STATE_DIRECTORY", "").split(":")[0]  # set by the unit's StateDirectory=
+        state_dir = get("STATE_DIR", systemd_state) or str(Path(__file__).with_name("state"))
         level = get("LOG_LEVEL", "INFO").upper()
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"LOG_LEVEL={level!r}: use DEBUG, INFO, WARNING or ERROR")
@@ -193,6 +206,8 @@ class Config:
             call_pin=pin,
             pin_timeout=number("PIN_TIMEOUT", cls.pin_timeout, 10),
             max_concurrent_calls=int(number("MAX_CONCURRENT_CALLS", cls.max_concurrent_calls, 0)),
+            idle_seconds=idle,
+            state_dir=state_dir,
             log_transcripts=transcripts in ("1", "yes", "true", "on"),
             log_level=level,
         )
@@ -245,7 +260,7 @@ PIN_TIMEOUT_GOODBYE = ("The caller did not type the PIN in time. Say politely th
 PIN_TRIES = 3  # wrong PINs per call
 PIN_IDLE = 5.0  # seconds without a key after which a half-typed PIN is forgotten
 # Wrong PINs across all calls: PIN_LOCK_AFTER within PIN_LOCK_WINDOW turn every new call away for PIN_LOCK_SECONDS,
-# doubled at each further lock up to a day. A 4-digit PIN then takes years of dialling, not hours. In memory only.
+# doubled at each further lock up to a day. A 4-digit PIN then takes years of dialling, not hours. A restart keeps it.
 PIN_LOCK_AFTER = 10
 PIN_LOCK_WINDOW = 3600.0
 PIN_LOCK_SECONDS = 3600.0
@@ -296,6 +311,14 @@ FILLER_INSTRUCTIONS = (
     "you are still checking and it will be a moment. Do not guess the answer."
 )
 SHUTDOWN_GOODBYE = "The line has to close now for maintenance. Apologise briefly and say goodbye in one sentence."
+IDLE_CHECK = "The line has been silent for a while. Ask briefly whether the caller is still there."
+IDLE_GOODBYE = "The caller seems to have gone. Say a short goodbye in one sentence."
+RESTARTED = ("The owner's assistant was restarted while working on this request, so it may or may not have been done. "
+             "Tell the caller, and ask whether they want you to try again.")
+# What shows that someone is on the line (PROTOCOL.md section 8), besides the caller's own conversation items and a
+# response the server started unasked (its turn detection heard the caller). No one signal is relied on alone.
+CALLER_SIGNS = ("input_audio_buffer.speech_started", "input_audio_buffer.dtmf_event_received",
+                "conversation.item.input_audio_transcription.completed")
 # Metadata on our own response.create, which comes back in the response's response.created and response.done.
 GREETING_TAG = {"voicebridge": "greeting"}
 GOODBYE_TAG = {"voicebridge": "goodbye"}
@@ -307,11 +330,12 @@ REST_TIMEOUT = aiohttp.ClientTimeout(total=5)
 REST_RETRY_DELAYS = (0.25, 0.5, 1.0, 2.0)  # transient accept/reject failures; ~4 s in all (the phone is ringing)
 # A call we fail to hang up stays open, billed, until OpenAI's 60-minute cap: keep trying for ~16 s.
 HANGUP_RETRY_DELAYS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
-SIDEBAND_RETRY_DELAYS = (0.2, 0.4, 0.6, 0.8)  # a 404 handshake right after accept can be a race
+SIDEBAND_RETRY_DELAYS = (0.25, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)  # a 404 right after accept: a race (~8 s)
 RECONNECT_DELAYS = (0.25, 0.5, 1.0, 2.0, 4.0)  # between failed handshakes of one reconnect; 404/410 stops at once
 RECONNECT_BACKOFF = (0.0, 1.0, 2.0, 4.0, 8.0)  # before the 1st..5th reconnect within RECONNECT_WINDOW; no 6th
 RECONNECT_WINDOW = 60.0
-NORMAL_CLOSE = (1000, 1001)  # the call is over (1001: the 60-minute session cap)
+NORMAL_CLOSE = (1000, 1001)  # a clean close, which a backend rotation sends too: a new handshake tells if it is over
+MAX_DURATION_CLOSE = "maximum duration"  # in the reason of the 60-minute cap's 1001: over, no new handshake
 HANDSHAKE_TIMEOUT = 10.0  # for one sideband handshake (the client session's default would be 300 s)
 SIDEBAND_HEARTBEAT = 20.0  # a ping this often; no pong within half of it and the socket counts as dead
 GOODBYE_TIMEOUT = 10.0  # wait at most this long for a goodbye to finish playing
@@ -528,36 +552,37 @@ async def error_text(resp: aiohttp.ClientResponse) -> str:
 async def call_control(
     http: aiohttp.ClientSession, config: Config, call_id: str, action: str, body: dict | None = None,
     delays: tuple[float, ...] = REST_RETRY_DELAYS,
-) -> int:
-    """POST /realtime/calls/{call_id}/{action}, retrying transient failures; the final HTTP status, 0 if none."""
+) -> tuple[int, bool]:
+    """POST /realtime/calls/{call_id}/{action}, retrying transient failures: (final status or 0, whether any failed)."""
     clog = CallLog(call_id)
     url = f"{config.openai_base_url}/realtime/calls/{call_id}/{action}"
     headers = {"Authorization": f"Bearer {config.openai_api_key}"}
-    for delay in (*delays, None):
+    # A transient failure (no answer, 429, 5xx) leaves the outcome in doubt: the request may have taken effect.
+    for attempt, delay in enumerate((*delays, None)):
         try:
             async with http.post(url, json=body, headers=headers, timeout=REST_TIMEOUT) as resp:
                 status = resp.status
                 if status < 300:
-                    return status
+                    return status, attempt > 0
                 why = f"HTTP {status}: {await error_text(resp)}"
                 if status == 404:
                     clog.info("%s: call is gone, the caller probably hung up (%s)", action, why)
-                    return status
+                    return status, attempt > 0
                 if status < 500 and status != 429:
                     hint = " (check OPENAI_API_KEY)" if status in (401, 403) else ""
                     if action == "accept" and status == 400:  # the session config was refused
                         hint = (" (check REALTIME_MODEL, VOICE, INSTRUCTIONS and LOG_TRANSCRIPTS: "
                                 "they shape the accept body)")
                     clog.error("%s failed: %s%s", action, why, hint)
-                    return status
+                    return status, attempt > 0
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             status, why = 0, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if delay is None:
             clog.error("%s failed, giving up: %s", action, why)
-            return status
+            return status, True
         clog.warning("%s failed, retrying in %.2fs: %s", action, delay, why)
         await asyncio.sleep(delay)
-    return 0  # not reached
+    return 0, True  # not reached
 
 
 class OpenClawError(Exception):
@@ -653,6 +678,7 @@ class Sideband:
         self.unconfirmed: dict[str, dict[str, Any]] = {}  # items sent, by our item id, until the server confirms them
         self.owed: dict[str, Any] | None = None  # a response.create to send as soon as no response is active
         self.last_response: tuple[str, dict[str, Any] | None] = ("", None)  # our last response.create: event_id, body
+        self.asked = 0  # our response.creates that the server has neither started nor refused
         self._ids = itertools.count(1)
 
     @property
@@ -674,7 +700,7 @@ class Sideband:
 
     async def attach(self, ws: aiohttp.ClientWebSocketResponse, again: bool) -> None:
         """Use a newly opened sideband; `again` (a reconnect): send what may have been lost with the old one."""
-        self.ws = ws
+        self.ws, self.asked = ws, 0
         if again:
             self.response_active = False  # (a response cut off by the drop never reports response.done)
             # Items the server never confirmed may have gone into a dead socket: send them again, under the same
@@ -702,10 +728,12 @@ class Sideband:
         while self.response_active or (settled and self.owed is not None):
             await self.idle.wait()
 
-    async def on_event(self, kind: Any, event: dict[str, Any]) -> None:
-        """Follow the server events that the sending rules depend on."""
+    async def on_event(self, kind: Any, event: dict[str, Any]) -> bool:
+        """Follow the server events that the sending rules depend on; True for a response nobody here asked for."""
         if kind == "response.created":
-            self.response_active = True
+            unasked = self.asked == 0
+            self.response_active, self.asked = True, max(0, self.asked - 1)
+            return unasked
         elif kind == "response.done":
             self.response_active = False
             await self.flush()
@@ -721,8 +749,10 @@ class Sideband:
                 # Our response.create lost a race with a response the server just started: repeat it after that
                 # one, except a greeting, which would come after the model has already answered the caller.
                 self.response_active = error.get("code") == "conversation_already_has_active_response"
+                self.asked = max(0, self.asked - 1)
                 greeting = (body or {}).get("metadata") == GREETING_TAG
                 self.owed = (body or {}) if self.response_active and not greeting else None
+        return False
 
     async def flush(self) -> None:
         """Send queued items and one response.create, but only while no response is active."""
@@ -743,21 +773,112 @@ class Sideband:
         """Send response.create and count the response as active until response.done."""
         event = self._event("response.create", **({"response": response} if response else {}))
         self.response_active, self.last_response = True, (event["event_id"], response)
-        await self._send(event)
+        self.asked += await self._send(event)
 
     def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
         """A client event with an event_id, so an error event can point back at it."""
         return {"type": kind, "event_id": f"vb_{next(self._ids)}", **fields}
 
-    async def _send(self, event: dict[str, Any]) -> None:
-        """Send one client event; a sideband that is closing is not an error."""
+    async def _send(self, event: dict[str, Any]) -> bool:
+        """Send one client event, True if it went out; a sideband that is closing is not an error."""
         if self.ws is None or self.ws.closed:  # (spelled out, so the type checker sees ws is set below)
             self.log.debug("sideband closed, %s not sent", event["type"])
-            return
+            return False
         try:
             await self.ws.send_json(event)
         except ConnectionError as exc:
             self.log.debug("sideband closing, %s not sent (%s)", event["type"], exc)
+            return False
+        return True
+
+
+class StateError(Exception):
+    """STATE_DIR cannot hold the state database; the message names the path and the fix."""
+
+
+class StateStore:
+    """What must outlive the process, in SQLite: the live calls, the PIN lock and the call ids seen."""
+
+    # One thread owns the connection and runs every statement in order, so the event loop never waits on the disk
+    # (a slow SD card delays nothing but the record). WAL lets a reader look while the service writes.
+    SCHEMA = f"""
+        CREATE TABLE live_calls (call_id TEXT PRIMARY KEY, caller TEXT, agent TEXT NOT NULL,
+                                 accepted_at REAL NOT NULL, pin_ok INTEGER NOT NULL, in_flight TEXT NOT NULL);
+        CREATE TABLE pin_lock (id INTEGER PRIMARY KEY CHECK (id = 1), failures TEXT NOT NULL, until REAL NOT NULL,
+                               locks INTEGER NOT NULL);
+        CREATE TABLE seen_calls (call_id TEXT PRIMARY KEY);
+        CREATE TRIGGER seen_calls_bounded AFTER INSERT ON seen_calls
+            BEGIN DELETE FROM seen_calls WHERE rowid <= NEW.rowid - {RECENT_IDS}; END;
+    """
+
+    def __init__(self, state_dir: str) -> None:
+        self.path = Path(state_dir) / "voicebridge.db"
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="voicebridge-state")
+        self._db: sqlite3.Connection | None = None  # opened, used and closed in that thread only
+        self._failures: set[str] = set()  # causes of failed writes, each logged once
+
+    async def open(self) -> tuple[list[tuple[Any, ...]], PinLock, list[str]]:
+        """Open or create the database; what the last run left: its live calls, the PIN lock, the call ids seen."""
+        return await asyncio.wrap_future(self._thread.submit(self._open))
+
+    def _open(self) -> tuple[list[tuple[Any, ...]], PinLock, list[str]]:
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))  # 0600 from the start, whatever the umask
+            self._db = db = sqlite3.connect(self.path)
+            db.execute("PRAGMA journal_mode=WAL")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > 1:
+                raise StateError(f"STATE_DIR={self.path.parent}: {self.path.name} is from a newer voicebridge "
+                                 f"(schema {version}): upgrade voicebridge, or set STATE_DIR to another folder")
+            if version == 0:
+                db.executescript(self.SCHEMA)
+            db.execute("PRAGMA user_version = 1")  # a write: proves folder and file writable now, not at the first call
+            calls = db.execute("SELECT * FROM live_calls").fetchall()
+            lock = db.execute("SELECT failures, until, locks FROM pin_lock").fetchone()
+            seen = [row[0] for row in db.execute("SELECT call_id FROM seen_calls ORDER BY rowid")]
+        except (OSError, sqlite3.Error) as exc:
+            raise StateError(f"STATE_DIR={self.path.parent}: cannot create or write {self.path.name} ({exc}): make the "
+                             "folder writable by the user voicebridge runs as, or set STATE_DIR") from None
+        return calls, PinLock(json.loads(lock[0]), lock[1], lock[2]) if lock else PinLock(), seen
+
+    def _write(self, call_id: str, sql: str, params: tuple[Any, ...]) -> None:
+        assert self._db is not None  # open() succeeded, or the service would not have started
+        try:
+            with self._db:
+                self._db.execute(sql, params)
+        except sqlite3.Error as exc:
+            if str(exc) not in self._failures:
+                self._failures.add(str(exc))
+                CallLog(call_id).error("state not saved to %s (%s): calls go on, but a restart now would lose track "
+                                       "of them", self.path, exc)
+
+    def write(self, call_id: str, sql: str, *params: Any) -> None:
+        """Hand one statement to the store's thread, without waiting for it."""
+        self._thread.submit(self._write, call_id, sql, params)
+
+    def save_call(self, call: Call) -> None:
+        self.write(call.id, "INSERT OR REPLACE INTO live_calls VALUES (?, ?, ?, ?, ?, ?)", call.id, call.caller,
+                   call.agent, call.accepted_at, call.keypad.ok, json.dumps(sorted(call.in_flight)))
+
+    def end_call(self, call_id: str) -> None:
+        self.write(call_id, "DELETE FROM live_calls WHERE call_id = ?", call_id)
+
+    def save_lock(self, call_id: str, lock: PinLock) -> None:
+        self.write(call_id, "INSERT OR REPLACE INTO pin_lock VALUES (1, ?, ?, ?)", json.dumps(lock.failures),
+                   lock.until, lock.locks)
+
+    def seen(self, call_id: str) -> None:
+        self.write(call_id, "INSERT OR IGNORE INTO seen_calls VALUES (?)", call_id)
+
+    async def close(self) -> None:
+        """Finish every write handed over so far, then close the database."""
+        await asyncio.wrap_future(self._thread.submit(self._close))
+        self._thread.shutdown()
+
+    def _close(self) -> None:
+        if self._db is not None:
+            self._db.close()
 
 
 # --- One live call --------------------------------------------------------------------------------
@@ -766,7 +887,8 @@ class Sideband:
 class Call:
     """One live call: accepts it, owns its sideband and its tool tasks, under a MAX_CALL_SECONDS deadline."""
 
-    def __init__(self, app: web.Application, call_id: str, caller: str | None, agent: str, received: float) -> None:
+    def __init__(self, app: web.Application, call_id: str, caller: str | None, agent: str, received: float,
+                 accepted_at: float | None = None) -> None:
         self.app = app
         self.config = app[CONFIG]
         self.http = app[HTTP]
@@ -774,33 +896,49 @@ class Call:
         self.caller = caller
         self.agent = agent  # the OpenClaw agent that answers this caller
         self.received = received  # loop time the webhook arrived
+        self.resumed = accepted_at is not None  # a call the previous run left live, picked up after a restart
+        self.accepted_at = time.time() if accepted_at is None else accepted_at  # wall clock, kept in the store
         self.log = CallLog(call_id)
-        self.task: asyncio.Task[None] | None = None  # run(), set by the webhook handler
+        self.task: asyncio.Task[None] | None = None  # run(), set by whoever spawns it
         self.sideband = Sideband(self.log)
         self.keypad = Keypad(self.config.call_pin)
         self.tools: set[asyncio.Task[None]] = set()
+        self.in_flight: set[str] = set()  # call_ids of function calls whose output the server has not confirmed
         self.playback_stopped = asyncio.Event()  # clear from output_audio_buffer.started to .stopped
         self.playback_stopped.set()
         self.playing: Any = None  # the response_id of the latest output_audio_buffer.started
-        self.accepted = False
+        self.quiet_since = received  # loop time since when neither the caller nor the assistant has been heard
+        self.asked_if_there = False  # IDLE_CHECK was sent, and the caller has given no sign since
+        self.accepted = False  # or its outcome is unknown: either way the call ends with a /hangup
+        self.hung_up = False
         self.reconnects: list[float] = []  # loop times of recent reconnects, for the budget
         self.asking = False  # one OpenClaw question in flight per call
         self.latencies: list[float] = []  # seconds per OpenClaw answer, for the summary
         self.tool_calls = 0
-        # caller_hung_up | end_call | max_duration | pin_failed | pin_timeout | shutdown | sideband_lost | error
+        # caller_hung_up | end_call | idle | max_duration | pin_failed | pin_timeout | shutdown | sideband_lost | error
         self.end_reason = ""
 
     async def run(self) -> None:
-        """The whole life of the call: accept, attach, handle events until the call is over."""
+        """The whole life of the call: accept (or, after a restart, resume), attach, handle events until it is over."""
         try:
-            async with timeout(self.config.max_call_seconds):
-                status = await call_control(self.http, self.config, self.id, "accept", accept_payload(self.config))
-                if status != 200:
+            async with timeout(self.config.max_call_seconds - max(0.0, time.time() - self.accepted_at)):
+                if self.resumed:  # a 404 now means the call ended while no process watched it
+                    self.accepted = True
+                    if not self.end_reason:  # (past MAX_CALL_SECONDS: only hung up)
+                        await self._attach_and_listen(RECONNECT_DELAYS, race=False)
+                    return
+                accept = accept_payload(self.config)
+                status, uncertain = await call_control(self.http, self.config, self.id, "accept", accept)
+                if status != 200 and not uncertain:
                     self.end_reason = "caller_hung_up" if status == 404 else "error"
                     return
-                self.accepted = True
-                self.log.info("call accepted in %.0f ms", (asyncio.get_running_loop().time() - self.received) * 1000)
-                await self._attach_and_listen()
+                self.accepted = True  # or may be: after a timeout the retry gets 404 or 409, yet OpenAI holds it
+                if status == 200:
+                    self.log.info("call accepted in %.0f ms", (asyncio.get_running_loop().time() - self.received) * 1000)
+                    return await self._attach_and_listen(SIDEBAND_RETRY_DELAYS, race=True)
+                self.log.warning("accept's outcome is unknown (HTTP %s after a failed try): trying the sideband once",
+                                 status)
+                await self._attach_and_listen((), race=False)
         except asyncio.TimeoutError:
             self.log.info("call reached MAX_CALL_SECONDS=%g", self.config.max_call_seconds)
             await self.hang_up("max_duration")
@@ -810,8 +948,9 @@ class Call:
         finally:
             # Bookkeeping first: shutdown may cancel this task again while it awaits below.
             self.app[CALLS].pop(self.id, None)
-            if self.accepted and not self.end_reason:  # only a crash ends up here; spawn() logs its traceback
-                await self.hang_up("error")
+            if self.accepted:  # however it ended: one rule, and a 404 answer just means it was over already
+                await self.hang_up(self.end_reason or "error")  # (no reason: a crash; spawn() logs its traceback)
+            self.app[STORE].end_call(self.id)
             self.log.info(
                 "call summary: caller=%s agent=%s duration=%.1fs tool_calls=%d openclaw_seconds=%s reason=%s",
                 mask(self.caller), self.agent, asyncio.get_running_loop().time() - self.received, self.tool_calls,
@@ -822,48 +961,69 @@ class Call:
             await asyncio.gather(*self.tools, return_exceptions=True)
             await self.sideband.close()
 
-    async def _attach_and_listen(self) -> None:
-        """Open the sideband, greet, read events; reconnect after an abnormal drop, within a budget."""
+    async def _attach_and_listen(self, delays: tuple[float, ...], race: bool) -> None:
+        """Open the sideband, greet, read events; after a drop or a clean close, see whether the call goes on."""
         while True:
-            first = self.sideband.ws is None
-            ws = await self._connect_sideband(first)
+            ws = await self._connect_sideband(delays, race)
             if ws is None:
                 break
-            self.log.info("sideband connected" if first else "sideband reconnected")
-            await self.sideband.attach(ws, again=not first)
-            if first:
-                greeting = {"instructions": self.config.greeting or GREETING, "metadata": GREETING_TAG}
-                await self.sideband.request_response(greeting)
-                if self.keypad.waiting:
-                    self._start(self._pin_deadline())
-            async for msg in ws:
-                if msg.type == aiohttp.WSMsgType.TEXT:
+            again = self.sideband.ws is not None
+            if again:
+                self.log.warning("sideband reconnected: the call goes on")
+            else:
+                self.log.info("sideband connected")
+            await self.sideband.attach(ws, again=again or self.resumed)
+            if not again:
+                await self._begin()
+            msg = await ws.receive()
+            while msg.type not in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                if msg.type == WSMsgType.TEXT:
                     await self._on_message(msg.data)
+                msg = await ws.receive()
             self.sideband.response_active = True  # nothing can be sent until a reconnect: the filler and results wait
             code = None if ws.close_code is None else int(ws.close_code)  # 3.10 logs an IntEnum by name
-            if self.end_reason or code in NORMAL_CLOSE:
-                self.end_reason = self.end_reason or "caller_hung_up"
-                self.log.info("sideband closed (code %s)", code)
+            reason = one_line(msg.extra, 200) if msg.type == WSMsgType.CLOSE and msg.extra else ""
+            self.log.info("sideband closed (code %s%s)", code, f", reason {reason!r}" if reason else "")
+            if self.end_reason:
+                return  # we hung up, or are hanging up
+            if code in NORMAL_CLOSE and MAX_DURATION_CLOSE in reason.lower():
+                self.end_reason = "max_duration"
                 return
-            now = asyncio.get_running_loop().time()
-            self.reconnects = [at for at in self.reconnects if now - at < RECONNECT_WINDOW]
             if code == 1008 or (code or 0) >= 4000:  # 1008, 4xxx (4000: beta_api_shape_disabled): retrying won't help
                 self.log.error("sideband closed with code %s: the server refuses this session, not reconnecting", code)
                 break
+            now = asyncio.get_running_loop().time()
+            self.reconnects = [at for at in self.reconnects if now - at < RECONNECT_WINDOW]
             if len(self.reconnects) == len(RECONNECT_BACKOFF):
                 self.log.error("sideband dropped (code %s) after %d reconnects within %gs: giving up",
                                code, len(self.reconnects), RECONNECT_WINDOW)
                 break
-            delay = RECONNECT_BACKOFF[len(self.reconnects)]
+            # A clean close may be a backend rotating while the call goes on: one handshake at once tells. A drop
+            # (usually the caller hanging up, which closes without a frame) gets the reconnect budget's backoff.
+            delays, race = ((), False) if code in NORMAL_CLOSE else (RECONNECT_DELAYS, False)
+            backoff = 0.0 if code in NORMAL_CLOSE else RECONNECT_BACKOFF[len(self.reconnects)]
             self.reconnects.append(now)
-            self.log.warning("sideband dropped (code %s), reconnecting in %gs", code, delay)
-            await asyncio.sleep(delay)
-        # Giving up on a call that may be live: hang it up, never leave a caller with a model that can't reach OpenClaw.
-        await self.hang_up("sideband_lost")
+            self.log.info("sideband: checking whether the call goes on%s", f" in {backoff:g}s" * bool(backoff))
+            await asyncio.sleep(backoff)
+        # Giving up on a call that may be live: never leave a caller with a model that can't reach OpenClaw.
+        self.end_reason = self.end_reason or "sideband_lost"
 
-    async def _connect_sideband(self, first: bool) -> aiohttp.ClientWebSocketResponse | None:
-        """Open ?call_id= (Bearer only, no OpenAI-Beta), retrying a while; `first`: right after the accept."""
-        delays = SIDEBAND_RETRY_DELAYS if first else RECONNECT_DELAYS
+    async def _begin(self) -> None:
+        """Right after the first attach: greet a new caller; tell the model of questions a restart cut short."""
+        if self.resumed:
+            self.log.info("resumed after a restart")
+            for call_id in sorted(self.in_flight):
+                await self.sideband.queue({"type": "function_call_output", "call_id": call_id, "output": RESTARTED})
+        else:
+            greeting = {"instructions": self.config.greeting or GREETING, "metadata": GREETING_TAG}
+            await self.sideband.request_response(greeting)
+        if self.keypad.waiting:
+            self._start(self._pin_deadline())
+        if self.config.idle_seconds:
+            self._start(self._hang_up_when_idle())
+
+    async def _connect_sideband(self, delays: tuple[float, ...], race: bool) -> aiohttp.ClientWebSocketResponse | None:
+        """Open ?call_id= (Bearer only, no OpenAI-Beta), retrying after `delays`; `race`: a 404 may be one."""
         url = sideband_url(self.config, self.id)
         headers = {"Authorization": f"Bearer {self.config.openai_api_key}"}
         for delay in (*delays, None):
@@ -873,8 +1033,8 @@ class Call:
                         url, headers=headers, heartbeat=SIDEBAND_HEARTBEAT, timeout=aiohttp.ClientWSTimeout(ws_close=5)
                     )
             except aiohttp.WSServerHandshakeError as exc:
-                why = f"HTTP {exc.status}"
-                if exc.status in (404, 410) and not first:
+                why = f"HTTP {exc.status}"  # judged by the status alone: a real 404 can come with an empty body
+                if exc.status in (404, 410) and not race:
                     # Right after accept a 404 can be a race; later it means the call is over.
                     self.log.info("sideband refused (%s): the call is over", why)
                     self.end_reason = self.end_reason or "caller_hung_up"
@@ -891,6 +1051,7 @@ class Call:
             await asyncio.sleep(delay)
         return None  # not reached
 
+
     # Events from the model, in the order a tool round produces them.
 
     async def _on_message(self, data: str) -> None:
@@ -903,9 +1064,17 @@ class Call:
         if not isinstance(event, dict):
             return
         kind = event.get("type")
-        await self.sideband.on_event(kind, event)
+        unasked = await self.sideband.on_event(kind, event)
+        item: dict[str, Any] = event["item"] if isinstance(event.get("item"), dict) else {}
+        if unasked or kind in CALLER_SIGNS or (kind == "conversation.item.added" and item.get("role") == "user"):
+            self.quiet_since, self.asked_if_there = asyncio.get_running_loop().time(), False
+        elif kind in ("response.done", "output_audio_buffer.stopped", "output_audio_buffer.cleared"):
+            self.quiet_since = asyncio.get_running_loop().time()  # the assistant's turn ends: the silence clock starts
         if kind == "response.done":
             await self._on_response_done(event.get("response"))
+        elif kind == "conversation.item.added" and item.get("call_id") in self.in_flight:
+            self.in_flight.discard(item["call_id"])  # its output is delivered: a restart need not mention it
+            self.app[STORE].save_call(self)
         elif kind == "output_audio_buffer.started":
             self.playing = event.get("response_id")
             self.playback_stopped.clear()
@@ -944,13 +1113,15 @@ class Call:
         outcome = self.keypad.press(key, asyncio.get_running_loop().time())
         if outcome == "accepted":
             self.log.info("PIN accepted")
+            self.app[STORE].save_call(self)  # so a restart does not ask again
             await self._tell_model(PIN_ACCEPTED)
         elif outcome:
             self.log.warning("wrong PIN (%d of %d)", self.keypad.failures, PIN_TRIES)
-            if self.app[PIN_LOCK].wrong_pin(time.time()):
-                self.log.error("%d wrong PINs within %gs, across calls: new calls are turned away until %s "
-                               "(a restart lifts the lock)", PIN_LOCK_AFTER, PIN_LOCK_WINDOW,
-                               utc_text(self.app[PIN_LOCK].until))
+            locked = self.app[PIN_LOCK].wrong_pin(time.time())
+            self.app[STORE].save_lock(self.id, self.app[PIN_LOCK])
+            if locked:
+                self.log.error("%d wrong PINs within %gs, across calls: new calls are turned away until %s",
+                               PIN_LOCK_AFTER, PIN_LOCK_WINDOW, utc_text(self.app[PIN_LOCK].until))
             if outcome == "out of tries":
                 self._start(self.hang_up_after_goodbye("pin_failed", goodbye=PIN_GOODBYE))
             else:
@@ -985,6 +1156,9 @@ class Call:
 
     async def _run_calls(self, items: list[dict[str, Any]]) -> None:
         """Run the function calls of one response one after the other, in the order the model made them."""
+        self.in_flight.update(item["call_id"] for item in items if item.get("name") != "end_call"
+                              and isinstance(item.get("call_id"), str) and item["call_id"])
+        self.app[STORE].save_call(self)  # a restart tells the model of each, and never runs one again
         for item in items:
             if item.get("name") == "end_call":
                 self.log.info("end_call: hanging up after the goodbye")
@@ -1025,7 +1199,7 @@ class Call:
             self.log.warning("OpenClaw failed: %s", exc)
             return exc.say
         finally:
-            self.asking = False
+            self.asking, self.quiet_since = False, asyncio.get_running_loop().time()
             filler.cancel()
         self.latencies.append(asyncio.get_running_loop().time() - started)
         self.log.info("OpenClaw answered in %.1fs", self.latencies[-1])
@@ -1041,6 +1215,22 @@ class Call:
             await asyncio.sleep(FILLER_EVERY)
 
     # Hanging up.
+
+    async def _hang_up_when_idle(self) -> None:
+        """After IDLE_SECONDS with no sign of the caller, ask if anyone is there; after as long again, hang up."""
+        while True:
+            now = asyncio.get_running_loop().time()
+            if now < self.quiet_since + self.config.idle_seconds:
+                await asyncio.sleep(self.quiet_since + self.config.idle_seconds - now)
+            elif self.sideband.response_active or self.asking or not self.playback_stopped.is_set():
+                self.quiet_since = now  # the assistant is talking or working: the clock waits for it to finish
+            elif not self.asked_if_there:
+                self.log.info("no sign of the caller for %gs: asking whether anyone is there", self.config.idle_seconds)
+                self.quiet_since, self.asked_if_there = now, True
+                await self.sideband.request_response({"instructions": IDLE_CHECK, "tool_choice": "none"})
+            else:
+                self.log.info("still no sign of the caller: hanging up")
+                return await self.hang_up_after_goodbye("idle", goodbye=IDLE_GOODBYE)
 
     async def hang_up_after_goodbye(self, reason: str, goodbye: str = "") -> None:
         """Let the goodbye play out (bounded), then hang up; with `goodbye`, ask the model for it first."""
@@ -1059,9 +1249,9 @@ class Call:
 
     async def hang_up(self, reason: str) -> None:
         """End the call via REST (retried for a while: an open call is billed); the sideband closes, run() cleans up."""
-        if self.end_reason:
+        if self.hung_up:
             return
-        self.end_reason = reason
+        self.hung_up, self.end_reason = True, self.end_reason or reason
         await call_control(self.http, self.config, self.id, "hangup", delays=HANGUP_RETRY_DELAYS)
         await self.sideband.close()
 
@@ -1093,6 +1283,7 @@ async def webhook(request: web.Request) -> web.Response:
     if not first_time(app[SEEN_CALLS], call_id):  # a retried delivery, or a replay: each call is owned once
         log.info("[%s] call already handled, duplicate delivery ignored", call_id)
         return web.Response(text="duplicate\n")
+    app[STORE].seen(call_id)
 
     config, user = app[CONFIG], from_user(event["data"].get("sip_headers"))
     caller, who = normalise_number(user), describe_caller(user)
@@ -1108,6 +1299,7 @@ async def webhook(request: web.Request) -> web.Response:
     else:
         log.info("[%s] webhook verified, caller %s allowed, agent %s", call_id, who, agent)
         call = app[CALLS][call_id] = Call(app, call_id, caller, agent, received)
+        app[STORE].save_call(call)  # queued before the accept goes out: a crash after it leaves a record
         call.task = spawn(app, call_id, call.run())
         return web.Response(text="ok\n")
     log.warning("[%s] rejecting the call from %s with SIP %d: %s", call_id, who, status, why)
@@ -1134,6 +1326,8 @@ HTTP = web.AppKey("http", aiohttp.ClientSession)
 CALLS = web.AppKey("calls", dict[str, Call])
 TASKS = web.AppKey("tasks", set[asyncio.Task[Any]])
 SEEN_CALLS = web.AppKey("seen_calls", dict[str, None])  # recent call_ids, for deduplication
+STORE = web.AppKey("store", StateStore)
+LEFT_CALLS = web.AppKey("left_calls", list[tuple[Any, ...]])  # the store's live calls from the previous run
 DRAINING = web.AppKey("draining", asyncio.Event)
 PIN_LOCK = web.AppKey("pin_lock", PinLock)
 
@@ -1159,6 +1353,29 @@ async def http_session(app: web.Application) -> AsyncIterator[None]:
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         app[HTTP] = session
         yield
+
+
+async def state_store(app: web.Application) -> AsyncIterator[None]:
+    """The state store for the life of the app: what the last run left is loaded first, and every write lands."""
+    app[STORE] = StateStore(app[CONFIG].state_dir)
+    app[LEFT_CALLS], app[PIN_LOCK], seen = await app[STORE].open()
+    app[SEEN_CALLS].update(dict.fromkeys(seen))
+    yield
+    await app[STORE].close()
+
+
+async def resume_calls(app: web.Application) -> None:
+    """Pick up the calls a crashed run left live: hang up those past MAX_CALL_SECONDS, attach the others again."""
+    if app[LEFT_CALLS]:
+        log.info("resuming %d call(s) left by the previous run", len(app[LEFT_CALLS]))
+    for call_id, caller, agent, accepted_at, pin_ok, in_flight in app[LEFT_CALLS]:
+        age, now = time.time() - accepted_at, asyncio.get_running_loop().time()
+        call = app[CALLS][call_id] = Call(app, call_id, caller, agent, now - max(0.0, age), accepted_at)
+        call.keypad.ok, call.in_flight = bool(pin_ok) or call.keypad.ok, set(json.loads(in_flight))
+        if age >= app[CONFIG].max_call_seconds:
+            call.log.info("left by the previous run %.0fs after its accept: past MAX_CALL_SECONDS, hanging up", age)
+            call.end_reason = "max_duration"  # run() then only hangs up and cleans up
+        call.task = spawn(app, call_id, call.run())
 
 
 async def drain(app: web.Application, grace: float) -> None:
@@ -1190,7 +1407,8 @@ def make_app(config: Config) -> web.Application:
     app[SEEN_CALLS] = {}
     app[DRAINING] = asyncio.Event()
     app[PIN_LOCK] = PinLock()
-    app.cleanup_ctx.append(http_session)
+    app.cleanup_ctx.extend((http_session, state_store))
+    app.on_startup.append(resume_calls)
     app.on_shutdown.append(functools.partial(drain, grace=0))  # the last resort: serve() drains with a grace first
     app.router.add_post("/webhook", webhook)
     app.router.add_get("/healthz", healthz)
