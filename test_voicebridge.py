@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -689,6 +690,38 @@ async def test_oversized_body_is_413(bridge: Any, openai: FakeOpenAI) -> None:
     resp = await bridge.post("/webhook", data=chunked(), headers=sign(b"irrelevant"))
     assert resp.status == 413
     assert openai.rest == []
+
+
+async def open_trickle(host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, asyncio.Task[None]]:
+    """A client that sends a webhook's headers, then its body a byte every 0.1 s (a slowloris): never done."""
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\n\r\n")
+
+    async def trickle() -> None:
+        with contextlib.suppress(ConnectionError):
+            while True:
+                writer.write(b" ")
+                await writer.drain()
+                await asyncio.sleep(0.1)
+
+    return reader, writer, asyncio.create_task(trickle())
+
+
+async def test_a_body_that_trickles_in_gets_408_in_time(
+    bridge: Any, openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(voicebridge, "BODY_TIMEOUT", 0.5)
+    started = time.monotonic()
+    reader, writer, trickle = await open_trickle(bridge.server.host, bridge.server.port)
+    try:
+        status_line = await asyncio.wait_for(reader.readline(), 3)
+        assert status_line.split()[1:2] == [b"408"], status_line
+        assert 0.5 <= time.monotonic() - started < 1.5
+        assert b"did not arrive" in await asyncio.wait_for(reader.read(1000), 3)
+    finally:
+        trickle.cancel()
+        writer.close()
+    assert openai.rest == [] and "Traceback" not in caplog.text
 
 
 async def test_signed_garbage_is_400(bridge: Any, openai: FakeOpenAI) -> None:
@@ -2016,6 +2049,39 @@ async def test_sigterm_drains_live_calls_then_exits_0(openai: FakeOpenAI, opencl
         assert len(goodbye) == 1 and goodbye[0]["_at"] < live.hangup_at  # type: ignore[operator]
         assert "reason=shutdown" in output and "Traceback" not in output and API_KEY not in output
         assert live.errors == []
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_sigterm_with_a_slow_body_in_flight_exits_in_time_quietly(
+    openai: FakeOpenAI, openclaw: FakeOpenClaw
+) -> None:
+    port = free_port()
+    proc = await run_voicebridge({**make_env(openai, openclaw), "PORT": str(port), "SHUTDOWN_GRACE": "0"})
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(400):
+                with contextlib.suppress(aiohttp.ClientConnectionError):
+                    async with http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                        if resp.status == 200:
+                            break
+                await asyncio.sleep(0.05)
+        _, gone = await asyncio.open_connection("127.0.0.1", port)  # a client that goes away mid-body: routine
+        gone.write(b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"type\": ")
+        await gone.drain()
+        await asyncio.sleep(0.2)
+        gone.transport.abort()
+        _, writer, trickle = await open_trickle("127.0.0.1", port)
+        await asyncio.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        code, output = await output_of(proc, timeout=15)  # the deadline is SHUTDOWN_GRACE + 20 = 20 s
+        trickle.cancel()
+        writer.close()
+        assert code == 0 and time.monotonic() - started < 10, output
+        assert "stopped" in output and "Traceback" not in output
     finally:
         if proc.returncode is None:
             proc.kill()

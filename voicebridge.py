@@ -297,6 +297,7 @@ GREETING_TAG = {"voicebridge": "greeting"}
 GOODBYE_TAG = {"voicebridge": "goodbye"}
 
 MAX_WEBHOOK_BYTES = 64 * 1024
+BODY_TIMEOUT = 5.0  # seconds for a webhook's body to arrive (else 408), so a slow client cannot hold a socket
 SIGNATURE_TOLERANCE = 300  # seconds either side of now, as in Standard Webhooks
 RECENT_IDS = 4096  # call_ids remembered for deduplication
 REST_TIMEOUT = aiohttp.ClientTimeout(total=5)
@@ -1010,7 +1011,15 @@ class Call:
 async def webhook(request: web.Request) -> web.Response:
     """OpenAI's webhook: verify, deduplicate by call_id, then accept or reject the call in the background."""
     app, received = request.app, asyncio.get_running_loop().time()
-    body = await request.read()  # over MAX_WEBHOOK_BYTES (client_max_size): 413 as soon as the limit is passed
+    try:  # over MAX_WEBHOOK_BYTES (client_max_size): 413 as soon as the limit is passed
+        async with timeout(BODY_TIMEOUT):
+            body = await request.read()
+    except asyncio.TimeoutError:
+        log.warning("webhook rejected: the body did not arrive within %gs", BODY_TIMEOUT)
+        return web.Response(status=408, text=f"the body did not arrive within {BODY_TIMEOUT:g}s\n")
+    except ConnectionError:  # the client went away mid-body: routine
+        log.debug("webhook client disconnected before its body arrived")
+        return web.Response(status=400)
     try:
         verify_signature(app[CONFIG].webhook_key, request.headers, body)
         event = json.loads(body)
@@ -1136,7 +1145,8 @@ def make_app(config: Config) -> web.Application:
 
 async def serve(config: Config) -> None:
     """Serve until SIGTERM or Ctrl-C, then drain while still answering webhooks, then stop."""
-    runner = web.AppRunner(make_app(config), handle_signals=False)
+    # aiohttp would wait 60 s for requests in flight; ours are done within BODY_TIMEOUT (a body is all they wait for)
+    runner = web.AppRunner(make_app(config), handle_signals=False, shutdown_timeout=BODY_TIMEOUT)
     await runner.setup()
     await web.TCPSite(runner, config.host, config.port).start()
     # Move the ~35k objects from imports out of the collector's way: full collections then take a few ms
