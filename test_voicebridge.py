@@ -428,6 +428,7 @@ class FakeOpenClaw:
         self.cancelled: list[dict[str, Any]] = []  # requests the client abandoned mid-answer
         self.delay = 0.0
         self.mode = "ok"  # ok | empty | garbage | 500 | disabled | huge (a 10 MiB answer) | huge 500 (a 10 MiB error)
+        # | deep (an answer of JSON nested 100,000 deep) | deep 500 (an error body nested 20,000 deep)
         self.agents = {"main"}  # the gateway's agents.entries; "main" is the default agent
         self.answer: Callable[[str], str] = lambda question: f"Answer to: {question}"
         self.app = web.Application()
@@ -466,6 +467,10 @@ class FakeOpenClaw:
             return web.json_response({"error": {"message": "upstream model failed", "type": "api_error"}}, status=500)
         if self.mode == "garbage":
             return web.Response(text="<html>proxy error</html>", content_type="text/html")
+        if self.mode == "deep":  # JSON too deep for any parser to follow
+            return web.Response(text="[" * 100_000 + "]" * 100_000, content_type="application/json")
+        if self.mode == "deep 500":
+            return web.Response(status=500, text='{"error": ' * 20_000, content_type="application/json")
         if self.mode.startswith("huge"):  # streamed in 64 KiB pieces, so only the client could hold it all
             resp = web.StreamResponse(status=500 if self.mode == "huge 500" else 200, headers={"Content-Type": "application/json"})
             await resp.prepare(request)
@@ -725,7 +730,9 @@ async def test_a_body_that_trickles_in_gets_408_in_time(
 
 
 async def test_signed_garbage_is_400(bridge: Any, openai: FakeOpenAI) -> None:
-    for body in (b"not json", b"[1, 2]", json.dumps({"type": "realtime.call.incoming", "data": {}}).encode()):
+    incomplete = json.dumps({"type": "realtime.call.incoming", "data": {}}).encode()
+    too_deep = (b"[" * 30_000 + b"]" * 30_000, b'{"a": ' * 10_000)  # RecursionError, not ValueError
+    for body in (b"not json", b"[1, 2]", incomplete, *too_deep):
         resp = await post_webhook(bridge, body)
         assert resp.status == 400, body
     assert openai.rest == []
@@ -1146,6 +1153,8 @@ async def test_unknown_tool_gets_an_error_output(bridge: Any, openai: FakeOpenAI
         ({"mode": "500"}, "couldn't reach", "HTTP 500: upstream model failed"),
         ({"mode": "empty"}, "didn't have an answer", "empty answer"),
         ({"mode": "garbage"}, "couldn't reach", "not a chat completion"),
+        ({"mode": "deep"}, "couldn't reach", "not a chat completion"),
+        ({"mode": "deep 500"}, "couldn't reach", 'HTTP 500: {"error": {"error": '),
         ({"mode": "disabled"}, "couldn't reach", "enable gateway.http.endpoints.chatCompletions"),
         ({"token": "wrong"}, "couldn't reach", "HTTP 401: Unauthorized (check OPENCLAW_TOKEN)"),
         ({"agent": "nobody"}, "couldn't reach", "Unknown agent 'nobody'. (check OPENCLAW_AGENT)"),

@@ -517,7 +517,7 @@ async def error_text(resp: aiohttp.ClientResponse) -> str:
     raw = body.decode(errors="replace")
     try:
         message = json.loads(raw)["error"]["message"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):  # (RecursionError: JSON nested too deep)
         return raw[:200].strip() or resp.reason or ""
     return str(message)[:300]
 
@@ -585,7 +585,7 @@ async def ask_openclaw(
         raise OpenClawError(f"no answer within OPENCLAW_TIMEOUT={config.openclaw_timeout:g}s", SAY_TOO_SLOW) from None
     except aiohttp.ClientError as exc:
         raise OpenClawError(f"cannot reach {config.openclaw_url} ({type(exc).__name__}: {exc}); {OPENCLAW_FIXES[0]}") from None
-    except (ValueError, LookupError, TypeError):
+    except (ValueError, LookupError, TypeError, RecursionError):  # (RecursionError: JSON nested too deep)
         answer = None
     if not isinstance(answer, str):
         raise OpenClawError("the answer was not a chat completion (is OPENCLAW_URL the gateway?)")
@@ -1027,7 +1027,7 @@ async def webhook(request: web.Request) -> web.Response:
     except SignatureError as exc:
         log.warning("webhook rejected: %s", exc)
         return web.Response(status=400, text=f"invalid webhook signature: {exc}\n")
-    except (ValueError, AttributeError, KeyError, TypeError):
+    except (ValueError, AttributeError, KeyError, TypeError, RecursionError):  # (RecursionError: JSON nested too deep)
         log.warning("webhook rejected: signed, but not a JSON event with data.call_id")
         return web.Response(status=400, text="body is not a realtime.call.incoming event\n")
 
