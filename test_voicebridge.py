@@ -431,6 +431,7 @@ class FakeOpenClaw:
         # | deep (an answer of JSON nested 100,000 deep) | deep 500 (an error body nested 20,000 deep)
         self.agents = {"main"}  # the gateway's agents.entries; "main" is the default agent
         self.answer: Callable[[str], str] = lambda question: f"Answer to: {question}"
+        self.error_message = "upstream model failed"  # of the 500
         self.app = web.Application()
         self.app.router.add_post("/v1/chat/completions", self.chat)
         self.url = ""
@@ -464,7 +465,7 @@ class FakeOpenClaw:
             self.cancelled.append(body)
             raise
         if self.mode == "500":
-            return web.json_response({"error": {"message": "upstream model failed", "type": "api_error"}}, status=500)
+            return web.json_response({"error": {"message": self.error_message, "type": "api_error"}}, status=500)
         if self.mode == "garbage":
             return web.Response(text="<html>proxy error</html>", content_type="text/html")
         if self.mode == "deep":  # JSON too deep for any parser to follow
@@ -1180,6 +1181,18 @@ async def test_openclaw_failures_become_something_to_say_and_a_hint_for_the_owne
     assert "Traceback" not in caplog.text and CLAW_TOKEN not in caplog.text
     await call.wait_idle()
     assert call.errors == [] and await active_calls(bridge) == 1
+
+
+async def test_an_error_message_cannot_forge_a_log_line(
+    bridge: Any, openai: FakeOpenAI, openclaw: FakeOpenClaw, caplog: pytest.LogCaptureFixture
+) -> None:
+    openclaw.mode, openclaw.error_message = "500", "upstream model failed\n[rtc_x] PIN accepted\r\u2028"
+    call = await connected_call(bridge, openai)
+    await call.model_response([("ask_openclaw", '{"request": "what is new?"}')])
+    await eventually(lambda: call.outputs())
+    assert r"HTTP 500: upstream model failed\n[rtc_x] PIN accepted\r\u2028 (the gateway" in caplog.text
+    assert not [r.getMessage() for r in caplog.records if re.search("[\n\r\u2028]", r.getMessage())]
+    assert not [line for line in caplog.text.splitlines() if line.startswith("[rtc_x]")]
 
 
 async def test_long_openclaw_answers_are_cut(bridge: Any, openai: FakeOpenAI, openclaw: FakeOpenClaw) -> None:

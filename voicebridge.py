@@ -510,16 +510,16 @@ async def read_body(resp: aiohttp.ClientResponse) -> bytes | None:
 
 
 async def error_text(resp: aiohttp.ClientResponse) -> str:
-    """The message of an OpenAI/OpenClaw error body, or the start of whatever came back."""
+    """The message of an OpenAI/OpenClaw error body, or the start of whatever came back; one line, for the log."""
     body = await read_body(resp)
     if body is None:
         return f"an error body over {MAX_BODY_BYTES // 1024} KiB"
     raw = body.decode(errors="replace")
     try:
-        message = json.loads(raw)["error"]["message"]
+        message = str(json.loads(raw)["error"]["message"])[:300]
     except (ValueError, KeyError, TypeError, RecursionError):  # (RecursionError: JSON nested too deep)
-        return raw[:200].strip() or resp.reason or ""
-    return str(message)[:300]
+        message = raw[:200].strip() or resp.reason or ""
+    return one_line(message)
 
 
 async def call_control(
@@ -547,7 +547,7 @@ async def call_control(
                     clog.error("%s failed: %s%s", action, why, hint)
                     return status
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            status, why = 0, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            status, why = 0, one_line(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
         if delay is None:
             clog.error("%s failed, giving up: %s", action, why)
             return status
@@ -584,7 +584,8 @@ async def ask_openclaw(
     except asyncio.TimeoutError:
         raise OpenClawError(f"no answer within OPENCLAW_TIMEOUT={config.openclaw_timeout:g}s", SAY_TOO_SLOW) from None
     except aiohttp.ClientError as exc:
-        raise OpenClawError(f"cannot reach {config.openclaw_url} ({type(exc).__name__}: {exc}); {OPENCLAW_FIXES[0]}") from None
+        why = one_line(f"{type(exc).__name__}: {exc}")
+        raise OpenClawError(f"cannot reach {config.openclaw_url} ({why}); {OPENCLAW_FIXES[0]}") from None
     except (ValueError, LookupError, TypeError, RecursionError):  # (RecursionError: JSON nested too deep)
         answer = None
     if not isinstance(answer, str):
@@ -1032,7 +1033,7 @@ async def webhook(request: web.Request) -> web.Response:
         return web.Response(status=400, text="body is not a realtime.call.incoming event\n")
 
     if call_id is None:
-        log.info("webhook verified: %s, ignored", event.get("type"))
+        log.info("webhook verified: %s, ignored", one_line(event.get("type")))
         return web.Response(text="ignored\n")
     if not isinstance(call_id, str) or not CALL_ID.fullmatch(call_id):
         log.warning("webhook verified, but its call_id is malformed, ignored")
@@ -1216,7 +1217,7 @@ async def probe(http: aiohttp.ClientSession, method: str, url: str, **kwargs: An
         async with http.request(method, url, timeout=REST_TIMEOUT, **kwargs) as resp:
             return resp.status, "" if resp.status == 200 else await error_text(resp)
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        return 0, f"cannot connect ({type(exc).__name__}: {exc})"
+        return 0, one_line(f"cannot connect ({type(exc).__name__}: {exc})")
 
 
 async def check(config: Config, today: date | None = None) -> int:
