@@ -2218,6 +2218,23 @@ async def test_ask_runs_the_question_as_a_call_would(openai: FakeOpenAI, opencla
     assert f"The caller would hear: {voicebridge.SAY_UNREACHABLE}" in output and "check OPENCLAW_TOKEN" in output
 
 
+async def test_a_password_in_a_url_is_never_shown(
+    openai: FakeOpenAI, openclaw: FakeOpenClaw, caplog: pytest.LogCaptureFixture
+) -> None:
+    host = openclaw.url.removeprefix("http://")
+    env = make_env(openai, openclaw, OPENCLAW_URL=f"http://user:secret@{host}", OPENCLAW_TOKEN="")
+    voicebridge.log_banner(Config.from_env({**env, "OPENAI_BASE_URL": openai.url.replace("//", "//sk:secret@")}))
+    assert f"OpenClaw   http://{host}  token NOT SET" in caplog.text and "secret" not in caplog.text
+    assert f"OpenAI     {openai.url}  key set" in caplog.text
+    code, output = await output_of(await run_voicebridge(env, "--check"))  # the fake wants a token: 401
+    assert code == 1 and f"FAIL  OpenClaw at http://{host}: reachable" in output and "secret" not in output, output
+    env["OPENCLAW_URL"] = "http://user:secret@127.0.0.1:9"
+    code, output = await output_of(await run_voicebridge(env, "--ask", "hello?"))
+    assert code == 1 and "problem: cannot reach http://127.0.0.1:9 (" in output and "secret" not in output, output
+    assert voicebridge.safe_url("https://u:p@ss@example.com:8443/v1?x=@") == "https://example.com:8443/v1?x=@"
+    assert voicebridge.safe_url("http://127.0.0.1:18789") == "http://127.0.0.1:18789"
+
+
 async def test_check_probes_every_agent_and_names_the_entry_of_a_missing_one(openai: FakeOpenAI, openclaw: FakeOpenClaw) -> None:
     openclaw.agents = {"main", "family"}
     env = make_env(openai, openclaw, ALLOWED_CALLERS=f"{ALICE},{BOB}=family,*=guest")

@@ -427,6 +427,11 @@ def one_line(text: Any, limit: int = MAX_TRANSCRIPT_CHARS) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
+def safe_url(url: str) -> str:
+    """The URL without the user:password@ it may carry, for the log and the screen."""
+    return re.sub(r"^([^:/?#]+://)[^/?#]*@", r"\1", url)
+
+
 def openclaw_user(number: str | None, call_id: str) -> str:
     """A stable OpenClaw session per caller (the agent id is part of OpenClaw's key); withheld callers never share one."""
     return f"voicebridge:{number}" if number else f"voicebridge:call:{call_id}"
@@ -585,7 +590,7 @@ async def ask_openclaw(
         raise OpenClawError(f"no answer within OPENCLAW_TIMEOUT={config.openclaw_timeout:g}s", SAY_TOO_SLOW) from None
     except aiohttp.ClientError as exc:
         why = one_line(f"{type(exc).__name__}: {exc}")
-        raise OpenClawError(f"cannot reach {config.openclaw_url} ({why}); {OPENCLAW_FIXES[0]}") from None
+        raise OpenClawError(f"cannot reach {safe_url(config.openclaw_url)} ({why}); {OPENCLAW_FIXES[0]}") from None
     except (ValueError, LookupError, TypeError, RecursionError):  # (RecursionError: JSON nested too deep)
         answer = None
     if not isinstance(answer, str):
@@ -1196,10 +1201,10 @@ def log_banner(config: Config, today: date | None = None) -> None:
     routes = ", ".join(f"{mask(who)} -> {agent}" for who, agent in config.allowed_callers.items())
     for line in (
         f"voicebridge listening on http://{config.host}:{config.port} (POST /webhook, GET /healthz)",
-        f"  OpenAI     {config.openai_base_url}  key {'set' if config.openai_api_key else 'NOT SET'}",
+        f"  OpenAI     {safe_url(config.openai_base_url)}  key {'set' if config.openai_api_key else 'NOT SET'}",
         f"  session    model {config.model}, voice {config.voice}, max {config.max_call_seconds:g}s per call, "
         f"transcripts {'LOGGED (LOG_TRANSCRIPTS=1)' if config.log_transcripts else 'off'}",
-        f"  OpenClaw   {config.openclaw_url}  token {'set' if config.openclaw_token else 'NOT SET'}"
+        f"  OpenClaw   {safe_url(config.openclaw_url)}  token {'set' if config.openclaw_token else 'NOT SET'}"
         f"  timeout {config.openclaw_timeout:g}s",
         f"  callers    {routes or 'nobody'} (caller -> OpenClaw agent)",
         f"  limits     keypad PIN {'required' if config.call_pin else 'off'}; "
@@ -1245,7 +1250,8 @@ async def check(config: Config, today: date | None = None) -> int:
          "\n      ".join(text for level, text in warnings if level >= logging.ERROR)),
         (f"OpenAI accepts OPENAI_API_KEY and serves REALTIME_MODEL={config.model} (GET /models/{config.model})",
          "" if status == 200 else f"HTTP {status}: {error} ({openai_fix})"),
-        *((f"OpenClaw at {config.openclaw_url}: reachable, token accepted, chat endpoint enabled, agent {agent!r} exists",
+        *((f"OpenClaw at {safe_url(config.openclaw_url)}: reachable, token accepted, chat endpoint enabled, "
+           f"agent {agent!r} exists",
            "" if claw == 400 and "user message" in text.lower()
            else f"HTTP {claw}: {text} ({openclaw_fix(config, agent, claw)})") for agent, (claw, text) in zip(agents, claws)),
     ]
