@@ -730,6 +730,21 @@ async def test_a_body_that_trickles_in_gets_408_in_time(
     assert openai.rest == [] and "Traceback" not in caplog.text
 
 
+async def test_a_flood_of_unsigned_posts_makes_a_few_log_lines_that_count_the_rest(
+    bridge: Any, openai: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    body = incoming_event("rtc_flood")
+    for _ in range(200):
+        assert (await post_webhook(bridge, body, {})).status == 400
+    await asyncio.sleep(1.0)
+    assert (await post_webhook(bridge, body, {})).status == 400  # a second later: logged, with the count
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert 2 <= len(lines) <= 4 and all(line.startswith("webhook rejected: missing webhook-id") for line in lines)
+    held = [int(n) for line in lines for n in re.findall(r" \(and (\d+) more since the last line\)$", line)]
+    assert len(lines) + sum(held) == 201 and lines[-1].endswith("more since the last line)"), lines
+    assert openai.rest == []
+
+
 async def test_signed_garbage_is_400(bridge: Any, openai: FakeOpenAI) -> None:
     incomplete = json.dumps({"type": "realtime.call.incoming", "data": {}}).encode()
     too_deep = (b"[" * 30_000 + b"]" * 30_000, b'{"a": ' * 10_000)  # RecursionError, not ValueError

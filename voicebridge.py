@@ -504,6 +504,23 @@ class CallLog(logging.LoggerAdapter):
         return f"[{self.call_id}] {msg}", kwargs
 
 
+@dataclass
+class Throttled:
+    """A WARNING that outsiders can repeat at will: at most one line a second, the next one counting those held back."""
+
+    last: float = float("-inf")  # time.monotonic() of the last line logged
+    held: int = 0  # lines held back since
+
+    def warning(self, text: str) -> None:
+        """Log text, or only count it if the last line went out less than a second ago."""
+        now = time.monotonic()
+        if now - self.last < 1.0:
+            self.held += 1
+            return
+        log.warning("%s%s", text, f" (and {self.held} more since the last line)" if self.held else "")
+        self.last, self.held = now, 0
+
+
 async def read_body(resp: aiohttp.ClientResponse) -> bytes | None:
     """The response body, or None if it is over MAX_BODY_BYTES (reading stops there, so memory stays flat)."""
     body = bytearray()
@@ -1021,7 +1038,7 @@ async def webhook(request: web.Request) -> web.Response:
         async with timeout(BODY_TIMEOUT):
             body = await request.read()
     except asyncio.TimeoutError:
-        log.warning("webhook rejected: the body did not arrive within %gs", BODY_TIMEOUT)
+        app[REJECTED].warning(f"webhook rejected: the body did not arrive within {BODY_TIMEOUT:g}s")
         return web.Response(status=408, text=f"the body did not arrive within {BODY_TIMEOUT:g}s\n")
     except ConnectionError:  # the client went away mid-body: routine
         log.debug("webhook client disconnected before its body arrived")
@@ -1031,10 +1048,10 @@ async def webhook(request: web.Request) -> web.Response:
         event = json.loads(body)
         call_id = event["data"]["call_id"] if event.get("type") == "realtime.call.incoming" else None
     except SignatureError as exc:
-        log.warning("webhook rejected: %s", exc)
+        app[REJECTED].warning(f"webhook rejected: {exc}")
         return web.Response(status=400, text=f"invalid webhook signature: {exc}\n")
     except (ValueError, AttributeError, KeyError, TypeError, RecursionError):  # (RecursionError: JSON nested too deep)
-        log.warning("webhook rejected: signed, but not a JSON event with data.call_id")
+        app[REJECTED].warning("webhook rejected: signed, but not a JSON event with data.call_id")
         return web.Response(status=400, text="body is not a realtime.call.incoming event\n")
 
     if call_id is None:
@@ -1089,6 +1106,7 @@ TASKS = web.AppKey("tasks", set[asyncio.Task[Any]])
 SEEN_CALLS = web.AppKey("seen_calls", dict[str, None])  # recent call_ids, for deduplication
 DRAINING = web.AppKey("draining", asyncio.Event)
 PIN_LOCK = web.AppKey("pin_lock", PinLock)
+REJECTED = web.AppKey("rejected", Throttled)  # the "webhook rejected" line: anyone can send requests
 
 
 def spawn(app: web.Application, call_id: str, coro: Any) -> asyncio.Task[Any]:
@@ -1142,6 +1160,7 @@ def make_app(config: Config) -> web.Application:
     app[SEEN_CALLS] = {}
     app[DRAINING] = asyncio.Event()
     app[PIN_LOCK] = PinLock()
+    app[REJECTED] = Throttled()
     app.cleanup_ctx.append(http_session)
     app.on_shutdown.append(functools.partial(drain, grace=0))  # the last resort: serve() drains with a grace first
     app.router.add_post("/webhook", webhook)
