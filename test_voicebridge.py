@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -454,8 +455,10 @@ class FakeOpenClaw:
         self.cancelled: list[dict[str, Any]] = []  # requests the client abandoned mid-answer
         self.delay = 0.0
         self.mode = "ok"  # ok | empty | garbage | 500 | disabled | huge (a 10 MiB answer) | huge 500 (a 10 MiB error)
+        # | deep (an answer of JSON nested 100,000 deep) | deep 500 (an error body nested 20,000 deep)
         self.agents = {"main"}  # the gateway's agents.entries; "main" is the default agent
         self.answer: Callable[[str], str] = lambda question: f"Answer to: {question}"
+        self.error_message = "upstream model failed"  # of the 500
         self.app = web.Application()
         self.app.router.add_post("/v1/chat/completions", self.chat)
         self.url = ""
@@ -489,9 +492,13 @@ class FakeOpenClaw:
             self.cancelled.append(body)
             raise
         if self.mode == "500":
-            return web.json_response({"error": {"message": "upstream model failed", "type": "api_error"}}, status=500)
+            return web.json_response({"error": {"message": self.error_message, "type": "api_error"}}, status=500)
         if self.mode == "garbage":
             return web.Response(text="<html>proxy error</html>", content_type="text/html")
+        if self.mode == "deep":  # JSON too deep for any parser to follow
+            return web.Response(text="[" * 100_000 + "]" * 100_000, content_type="application/json")
+        if self.mode == "deep 500":
+            return web.Response(status=500, text='{"error": ' * 20_000, content_type="application/json")
         if self.mode.startswith("huge"):  # streamed in 64 KiB pieces, so only the client could hold it all
             resp = web.StreamResponse(status=500 if self.mode == "huge 500" else 200, headers={"Content-Type": "application/json"})
             await resp.prepare(request)
@@ -719,8 +726,57 @@ async def test_oversized_body_is_413(bridge: Any, openai: FakeOpenAI) -> None:
     assert openai.rest == []
 
 
+async def open_trickle(host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, asyncio.Task[None]]:
+    """A client that sends a webhook's headers, then its body a byte every 0.1 s (a slowloris): never done."""
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\n\r\n")
+
+    async def trickle() -> None:
+        with contextlib.suppress(ConnectionError):
+            while True:
+                writer.write(b" ")
+                await writer.drain()
+                await asyncio.sleep(0.1)
+
+    return reader, writer, asyncio.create_task(trickle())
+
+
+async def test_a_body_that_trickles_in_gets_408_in_time(
+    bridge: Any, openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(voicebridge, "BODY_TIMEOUT", 0.5)
+    started = time.monotonic()
+    reader, writer, trickle = await open_trickle(bridge.server.host, bridge.server.port)
+    try:
+        status_line = await asyncio.wait_for(reader.readline(), 3)
+        assert status_line.split()[1:2] == [b"408"], status_line
+        assert 0.5 <= time.monotonic() - started < 1.5
+        assert b"did not arrive" in await asyncio.wait_for(reader.read(1000), 3)
+    finally:
+        trickle.cancel()
+        writer.close()
+    assert openai.rest == [] and "Traceback" not in caplog.text
+
+
+async def test_a_flood_of_unsigned_posts_makes_a_few_log_lines_that_count_the_rest(
+    bridge: Any, openai: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    body = incoming_event("rtc_flood")
+    for _ in range(200):
+        assert (await post_webhook(bridge, body, {})).status == 400
+    await asyncio.sleep(1.0)
+    assert (await post_webhook(bridge, body, {})).status == 400  # a second later: logged, with the count
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert 2 <= len(lines) <= 4 and all(line.startswith("webhook rejected: missing webhook-id") for line in lines)
+    held = [int(n) for line in lines for n in re.findall(r" \(and (\d+) more since the last line\)$", line)]
+    assert len(lines) + sum(held) == 201 and lines[-1].endswith("more since the last line)"), lines
+    assert openai.rest == []
+
+
 async def test_signed_garbage_is_400(bridge: Any, openai: FakeOpenAI) -> None:
-    for body in (b"not json", b"[1, 2]", json.dumps({"type": "realtime.call.incoming", "data": {}}).encode()):
+    incomplete = json.dumps({"type": "realtime.call.incoming", "data": {}}).encode()
+    too_deep = (b"[" * 30_000 + b"]" * 30_000, b'{"a": ' * 10_000)  # RecursionError, not ValueError
+    for body in (b"not json", b"[1, 2]", incomplete, *too_deep):
         resp = await post_webhook(bridge, body)
         assert resp.status == 400, body
     assert openai.rest == []
@@ -1156,6 +1212,8 @@ async def test_unknown_tool_gets_an_error_output(bridge: Any, openai: FakeOpenAI
         ({"mode": "500"}, "couldn't reach", "HTTP 500: upstream model failed"),
         ({"mode": "empty"}, "didn't have an answer", "empty answer"),
         ({"mode": "garbage"}, "couldn't reach", "not a chat completion"),
+        ({"mode": "deep"}, "couldn't reach", "not a chat completion"),
+        ({"mode": "deep 500"}, "couldn't reach", 'HTTP 500: {"error": {"error": '),
         ({"mode": "disabled"}, "couldn't reach", "enable gateway.http.endpoints.chatCompletions"),
         ({"token": "wrong"}, "couldn't reach", "HTTP 401: Unauthorized (check OPENCLAW_TOKEN)"),
         ({"agent": "nobody"}, "couldn't reach", "Unknown agent 'nobody'. (check OPENCLAW_AGENT)"),
@@ -1181,6 +1239,18 @@ async def test_openclaw_failures_become_something_to_say_and_a_hint_for_the_owne
     assert "Traceback" not in caplog.text and CLAW_TOKEN not in caplog.text
     await call.wait_idle()
     assert call.errors == [] and await active_calls(bridge) == 1
+
+
+async def test_an_error_message_cannot_forge_a_log_line(
+    bridge: Any, openai: FakeOpenAI, openclaw: FakeOpenClaw, caplog: pytest.LogCaptureFixture
+) -> None:
+    openclaw.mode, openclaw.error_message = "500", "upstream model failed\n[rtc_x] PIN accepted\r\u2028"
+    call = await connected_call(bridge, openai)
+    await call.model_response([("ask_openclaw", '{"request": "what is new?"}')])
+    await eventually(lambda: call.outputs())
+    assert r"HTTP 500: upstream model failed\n[rtc_x] PIN accepted\r\u2028 (the gateway" in caplog.text
+    assert not [r.getMessage() for r in caplog.records if re.search("[\n\r\u2028]", r.getMessage())]
+    assert not [line for line in caplog.text.splitlines() if line.startswith("[rtc_x]")]
 
 
 async def test_long_openclaw_answers_are_cut(bridge: Any, openai: FakeOpenAI, openclaw: FakeOpenClaw) -> None:
@@ -2011,14 +2081,15 @@ async def test_any_sign_of_the_caller_restarts_the_silence_clock(
     if sign == "unasked response":
         await call.model_response(audio_seconds=0.05)
     else:
-        await call.send({
+        signs: dict[str, dict[str, Any]] = {
             "speech_started": {"type": "input_audio_buffer.speech_started", "audio_start_ms": 10, "item_id": "item_c"},
             "keypad": {"type": "input_audio_buffer.dtmf_event_received", "event": "5", "received_at": int(time.time())},
             "transcript": {"type": "conversation.item.input_audio_transcription.completed", "item_id": "item_c",
                            "content_index": 0, "transcript": "yes, still here"},
             "caller's item": {"type": "conversation.item.added", "previous_item_id": None,
                               "item": {"id": "item_c", "type": "message", "role": "user", "content": []}},
-        }[sign])
+        }
+        await call.send(signs[sign])
     await asyncio.sleep(0.7)  # longer than IDLE_SECONDS: without the sign, this would have been the goodbye
     assert call.state == "accepted" and not any("goodbye" in str(e.get("response")) for e in call.response_creates())
     await eventually(lambda: len(idle_checks(call)) == 2, timeout=3)  # silence again: asked again, not hung up
@@ -2245,6 +2316,39 @@ async def test_sigterm_drains_live_calls_then_exits_0(openai: FakeOpenAI, opencl
             await proc.wait()
 
 
+async def test_sigterm_with_a_slow_body_in_flight_exits_in_time_quietly(
+    openai: FakeOpenAI, openclaw: FakeOpenClaw
+) -> None:
+    port = free_port()
+    proc = await run_voicebridge({**make_env(openai, openclaw), "PORT": str(port), "SHUTDOWN_GRACE": "0"})
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(400):
+                with contextlib.suppress(aiohttp.ClientConnectionError):
+                    async with http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                        if resp.status == 200:
+                            break
+                await asyncio.sleep(0.05)
+        _, gone = await asyncio.open_connection("127.0.0.1", port)  # a client that goes away mid-body: routine
+        gone.write(b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"type\": ")
+        await gone.drain()
+        await asyncio.sleep(0.2)
+        gone.transport.abort()
+        _, writer, trickle = await open_trickle("127.0.0.1", port)
+        await asyncio.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        code, output = await output_of(proc, timeout=15)  # the deadline is SHUTDOWN_GRACE + 20 = 20 s
+        trickle.cancel()
+        writer.close()
+        assert code == 0 and time.monotonic() - started < 10, output
+        assert "stopped" in output and "Traceback" not in output
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
 async def test_ctrl_c_with_no_calls_exits_at_once(openai: FakeOpenAI, openclaw: FakeOpenClaw) -> None:
     port = free_port()
     proc = await run_voicebridge({**make_env(openai, openclaw), "PORT": str(port), "SHUTDOWN_GRACE": "30"})
@@ -2351,6 +2455,23 @@ async def test_ask_runs_the_question_as_a_call_would(openai: FakeOpenAI, opencla
     code, output = await output_of(await run_voicebridge({**env, "OPENCLAW_TOKEN": "wrong"}, "--ask", "hello?"))
     assert code == 1
     assert f"The caller would hear: {voicebridge.SAY_UNREACHABLE}" in output and "check OPENCLAW_TOKEN" in output
+
+
+async def test_a_password_in_a_url_is_never_shown(
+    openai: FakeOpenAI, openclaw: FakeOpenClaw, caplog: pytest.LogCaptureFixture
+) -> None:
+    host = openclaw.url.removeprefix("http://")
+    env = make_env(openai, openclaw, OPENCLAW_URL=f"http://user:secret@{host}", OPENCLAW_TOKEN="")
+    voicebridge.log_banner(Config.from_env({**env, "OPENAI_BASE_URL": openai.url.replace("//", "//sk:secret@")}))
+    assert f"OpenClaw   http://{host}  token NOT SET" in caplog.text and "secret" not in caplog.text
+    assert f"OpenAI     {openai.url}  key set" in caplog.text
+    code, output = await output_of(await run_voicebridge(env, "--check"))  # the fake wants a token: 401
+    assert code == 1 and f"FAIL  OpenClaw at http://{host}: reachable" in output and "secret" not in output, output
+    env["OPENCLAW_URL"] = "http://user:secret@127.0.0.1:9"
+    code, output = await output_of(await run_voicebridge(env, "--ask", "hello?"))
+    assert code == 1 and "problem: cannot reach http://127.0.0.1:9 (" in output and "secret" not in output, output
+    assert voicebridge.safe_url("https://u:p@ss@example.com:8443/v1?x=@") == "https://example.com:8443/v1?x=@"
+    assert voicebridge.safe_url("http://127.0.0.1:18789") == "http://127.0.0.1:18789"
 
 
 async def test_check_probes_every_agent_and_names_the_entry_of_a_missing_one(openai: FakeOpenAI, openclaw: FakeOpenClaw) -> None:

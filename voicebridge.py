@@ -324,6 +324,7 @@ GREETING_TAG = {"voicebridge": "greeting"}
 GOODBYE_TAG = {"voicebridge": "goodbye"}
 
 MAX_WEBHOOK_BYTES = 64 * 1024
+BODY_TIMEOUT = 5.0  # seconds for a webhook's body to arrive (else 408), so a slow client cannot hold a socket
 SIGNATURE_TOLERANCE = 300  # seconds either side of now, as in Standard Webhooks
 RECENT_IDS = 4096  # call_ids remembered for deduplication
 REST_TIMEOUT = aiohttp.ClientTimeout(total=5)
@@ -454,6 +455,11 @@ def one_line(text: Any, limit: int = MAX_TRANSCRIPT_CHARS) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
+def safe_url(url: str) -> str:
+    """The URL without the user:password@ it may carry, for the log and the screen."""
+    return re.sub(r"^([^:/?#]+://)[^/?#]*@", r"\1", url)
+
+
 def openclaw_user(number: str | None, call_id: str) -> str:
     """A stable OpenClaw session per caller (OpenClaw keys it by agent too); withheld callers never share one."""
     return f"voicebridge:{number}" if number else f"voicebridge:call:{call_id}"
@@ -526,6 +532,23 @@ class CallLog(logging.LoggerAdapter):
         return f"[{self.call_id}] {msg}", kwargs
 
 
+@dataclass
+class Throttled:
+    """A WARNING that outsiders can repeat at will: at most one line a second, the next one counting those held back."""
+
+    last: float = float("-inf")  # time.monotonic() of the last line logged
+    held: int = 0  # lines held back since
+
+    def warning(self, text: str) -> None:
+        """Log text, or only count it if the last line went out less than a second ago."""
+        now = time.monotonic()
+        if now - self.last < 1.0:
+            self.held += 1
+            return
+        log.warning("%s%s", text, f" (and {self.held} more since the last line)" if self.held else "")
+        self.last, self.held = now, 0
+
+
 async def read_body(resp: aiohttp.ClientResponse) -> bytes | None:
     """The response body, or None if it is over MAX_BODY_BYTES (reading stops there, so memory stays flat)."""
     body = bytearray()
@@ -537,16 +560,16 @@ async def read_body(resp: aiohttp.ClientResponse) -> bytes | None:
 
 
 async def error_text(resp: aiohttp.ClientResponse) -> str:
-    """The message of an OpenAI/OpenClaw error body, or the start of whatever came back."""
+    """The message of an OpenAI/OpenClaw error body, or the start of whatever came back; one line, for the log."""
     body = await read_body(resp)
     if body is None:
         return f"an error body over {MAX_BODY_BYTES // 1024} KiB"
     raw = body.decode(errors="replace")
     try:
-        message = json.loads(raw)["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        return raw[:200].strip() or resp.reason or ""
-    return str(message)[:300]
+        message = str(json.loads(raw)["error"]["message"])[:300]
+    except (ValueError, KeyError, TypeError, RecursionError):  # (RecursionError: JSON nested too deep)
+        message = raw[:200].strip() or resp.reason or ""
+    return one_line(message)
 
 
 async def call_control(
@@ -576,7 +599,7 @@ async def call_control(
                     clog.error("%s failed: %s%s", action, why, hint)
                     return status, attempt > 0
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            status, why = 0, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            status, why = 0, one_line(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
         if delay is None:
             clog.error("%s failed, giving up: %s", action, why)
             return status, True
@@ -614,9 +637,9 @@ async def ask_openclaw(
     except asyncio.TimeoutError:
         raise OpenClawError(f"no answer within OPENCLAW_TIMEOUT={config.openclaw_timeout:g}s", SAY_TOO_SLOW) from None
     except aiohttp.ClientError as exc:
-        why = f"cannot reach {config.openclaw_url} ({type(exc).__name__}: {exc}); {OPENCLAW_FIXES[0]}"
-        raise OpenClawError(why) from None
-    except (ValueError, LookupError, TypeError):
+        why = one_line(f"{type(exc).__name__}: {exc}")
+        raise OpenClawError(f"cannot reach {safe_url(config.openclaw_url)} ({why}); {OPENCLAW_FIXES[0]}") from None
+    except (ValueError, LookupError, TypeError, RecursionError):  # (RecursionError: JSON nested too deep)
         answer = None
     if not isinstance(answer, str):
         raise OpenClawError("the answer was not a chat completion (is OPENCLAW_URL the gateway?)")
@@ -1262,20 +1285,28 @@ class Call:
 async def webhook(request: web.Request) -> web.Response:
     """OpenAI's webhook: verify, deduplicate by call_id, then accept or reject the call in the background."""
     app, received = request.app, asyncio.get_running_loop().time()
-    body = await request.read()  # over MAX_WEBHOOK_BYTES (client_max_size): 413 as soon as the limit is passed
+    try:  # over MAX_WEBHOOK_BYTES (client_max_size): 413 as soon as the limit is passed
+        async with timeout(BODY_TIMEOUT):
+            body = await request.read()
+    except asyncio.TimeoutError:
+        app[REJECTED].warning(f"webhook rejected: the body did not arrive within {BODY_TIMEOUT:g}s")
+        return web.Response(status=408, text=f"the body did not arrive within {BODY_TIMEOUT:g}s\n")
+    except ConnectionError:  # the client went away mid-body: routine
+        log.debug("webhook client disconnected before its body arrived")
+        return web.Response(status=400)
     try:
         verify_signature(app[CONFIG].webhook_key, request.headers, body)
         event = json.loads(body)
         call_id = event["data"]["call_id"] if event.get("type") == "realtime.call.incoming" else None
     except SignatureError as exc:
-        log.warning("webhook rejected: %s", exc)
+        app[REJECTED].warning(f"webhook rejected: {exc}")
         return web.Response(status=400, text=f"invalid webhook signature: {exc}\n")
-    except (ValueError, AttributeError, KeyError, TypeError):
-        log.warning("webhook rejected: signed, but not a JSON event with data.call_id")
+    except (ValueError, AttributeError, KeyError, TypeError, RecursionError):  # (RecursionError: JSON nested too deep)
+        app[REJECTED].warning("webhook rejected: signed, but not a JSON event with data.call_id")
         return web.Response(status=400, text="body is not a realtime.call.incoming event\n")
 
     if call_id is None:
-        log.info("webhook verified: %s, ignored", event.get("type"))
+        log.info("webhook verified: %s, ignored", one_line(event.get("type")))
         return web.Response(text="ignored\n")
     if not isinstance(call_id, str) or not CALL_ID.fullmatch(call_id):
         log.warning("webhook verified, but its call_id is malformed, ignored")
@@ -1330,6 +1361,7 @@ STORE = web.AppKey("store", StateStore)
 LEFT_CALLS = web.AppKey("left_calls", list[tuple[Any, ...]])  # the store's live calls from the previous run
 DRAINING = web.AppKey("draining", asyncio.Event)
 PIN_LOCK = web.AppKey("pin_lock", PinLock)
+REJECTED = web.AppKey("rejected", Throttled)  # the "webhook rejected" line: anyone can send requests
 
 
 def spawn(app: web.Application, call_id: str, coro: Any) -> asyncio.Task[Any]:
@@ -1407,6 +1439,7 @@ def make_app(config: Config) -> web.Application:
     app[SEEN_CALLS] = {}
     app[DRAINING] = asyncio.Event()
     app[PIN_LOCK] = PinLock()
+    app[REJECTED] = Throttled()
     app.cleanup_ctx.extend((http_session, state_store))
     app.on_startup.append(resume_calls)
     app.on_shutdown.append(functools.partial(drain, grace=0))  # the last resort: serve() drains with a grace first
@@ -1417,7 +1450,8 @@ def make_app(config: Config) -> web.Application:
 
 async def serve(config: Config) -> None:
     """Serve until SIGTERM or Ctrl-C, then drain while still answering webhooks, then stop."""
-    runner = web.AppRunner(make_app(config), handle_signals=False)
+    # aiohttp would wait 60 s for requests in flight; ours are done within BODY_TIMEOUT (a body is all they wait for)
+    runner = web.AppRunner(make_app(config), handle_signals=False, shutdown_timeout=BODY_TIMEOUT)
     await runner.setup()
     await web.TCPSite(runner, config.host, config.port).start()
     # Move the ~35k objects from imports out of the collector's way: full collections then take a few ms
@@ -1468,10 +1502,10 @@ def log_banner(config: Config, today: date | None = None) -> None:
     routes = ", ".join(f"{mask(who)} -> {agent}" for who, agent in config.allowed_callers.items())
     for line in (
         f"voicebridge listening on http://{config.host}:{config.port} (POST /webhook, GET /healthz)",
-        f"  OpenAI     {config.openai_base_url}  key {'set' if config.openai_api_key else 'NOT SET'}",
+        f"  OpenAI     {safe_url(config.openai_base_url)}  key {'set' if config.openai_api_key else 'NOT SET'}",
         f"  session    model {config.model}, voice {config.voice}, max {config.max_call_seconds:g}s per call, "
         f"transcripts {'LOGGED (LOG_TRANSCRIPTS=1)' if config.log_transcripts else 'off'}",
-        f"  OpenClaw   {config.openclaw_url}  token {'set' if config.openclaw_token else 'NOT SET'}"
+        f"  OpenClaw   {safe_url(config.openclaw_url)}  token {'set' if config.openclaw_token else 'NOT SET'}"
         f"  timeout {config.openclaw_timeout:g}s",
         f"  callers    {routes or 'nobody'} (caller -> OpenClaw agent)",
         f"  limits     keypad PIN {'required' if config.call_pin else 'off'}; "
@@ -1489,7 +1523,7 @@ async def probe(http: aiohttp.ClientSession, method: str, url: str, **kwargs: An
         async with http.request(method, url, timeout=REST_TIMEOUT, **kwargs) as resp:
             return resp.status, "" if resp.status == 200 else await error_text(resp)
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        return 0, f"cannot connect ({type(exc).__name__}: {exc})"
+        return 0, one_line(f"cannot connect ({type(exc).__name__}: {exc})")
 
 
 async def check(config: Config, today: date | None = None) -> int:
@@ -1517,8 +1551,8 @@ async def check(config: Config, today: date | None = None) -> int:
          "\n      ".join(text for level, text in warnings if level >= logging.ERROR)),
         (f"OpenAI accepts OPENAI_API_KEY and serves REALTIME_MODEL={config.model} (GET /models/{config.model})",
          "" if status == 200 else f"HTTP {status}: {error} ({openai_fix})"),
-        *((f"OpenClaw at {config.openclaw_url}: reachable, token accepted, chat endpoint enabled, agent {agent!r} "
-           "exists", "" if claw == 400 and "user message" in text.lower()
+        *((f"OpenClaw at {safe_url(config.openclaw_url)}: reachable, token accepted, chat endpoint enabled, "
+           f"agent {agent!r} exists", "" if claw == 400 and "user message" in text.lower()
            else f"HTTP {claw}: {text} ({openclaw_fix(config, agent, claw)})")
           for agent, (claw, text) in zip(agents, claws)),
     ]
