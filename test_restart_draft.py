@@ -144,11 +144,29 @@ async def ask(call: FakeCall, question: str) -> dict[str, Any]:
     return await eventually(lambda: next((o for o in call.outputs() if o["call_id"] == call_id), None))
 
 
-def live_calls(state_dir: Path) -> list[tuple[Any, ...]]:
-    """The store's live_calls rows, read as an operator would: read-only, beside the running service."""
+def live_calls(state_dir: Path) -> dict[str, dict[str, Any]]:
+    """The store's live_calls rows by call_id, read as an operator would: read-only, beside the running service."""
     uri = f"file:{state_dir / 'voicebridge.db'}?mode=ro"
     with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
-        return db.execute("SELECT * FROM live_calls").fetchall()
+        db.row_factory = sqlite3.Row
+        return {row["call_id"]: dict(row) for row in db.execute("SELECT * FROM live_calls")}
+
+
+async def recorded(state_dir: Path, call_id: str, **columns: Any) -> None:
+    """Wait until the store's row for call_id has these values (in_flight as a list). A SIGKILL keeps only what the
+    store's thread has written, a moment after the event that caused it: the recovery tests kill once the state they
+    are about is on disk; test_a_question_is_recorded_before_it_goes_to_openclaw is about that moment."""
+
+    def row() -> dict[str, Any] | None:
+        try:
+            found = live_calls(state_dir).get(call_id)
+        except sqlite3.OperationalError:  # (not created yet)
+            return None
+        if found is not None:
+            found["in_flight"] = json.loads(found["in_flight"])
+        return found
+
+    await eventually(lambda: (found := row()) is not None and all(found[k] == v for k, v in columns.items()))
 
 
 def questions_asked(openclaw: FakeOpenClaw) -> list[str]:
@@ -167,6 +185,7 @@ async def test_a_call_whose_question_was_with_openclaw_is_resumed_after_sigkill(
     openclaw.delay = 30  # the question is still with OpenClaw when A dies
     [pending] = await call.model_response([("ask_openclaw", '{"request": "Book the dentist for Friday"}')])
     await eventually(lambda: openclaw.requests)
+    await recorded(tmp_path / "state", "rtc_resume", in_flight=[pending])
     await a.kill()
     await eventually(lambda: openclaw.cancelled)  # A's request died with it
     dead_ws, attempts, received = call.ws, len(call.sideband_attempts), len(call.received)
@@ -212,6 +231,7 @@ async def test_max_call_seconds_counts_from_the_accept_not_from_the_restart(
     env = state_env(openai, openclaw, tmp_path / "state", MAX_CALL_SECONDS="12")
     a = await bridges(env)
     call = await call_on(a, openai, "rtc_deadline")
+    await recorded(tmp_path / "state", "rtc_deadline")
     assert call.accepted_at is not None
     await asyncio.sleep(max(0.0, call.accepted_at + 2 - time.monotonic()))
     await a.kill()
@@ -234,6 +254,7 @@ async def test_a_call_already_past_max_call_seconds_is_hung_up_at_startup_withou
     env = state_env(openai, openclaw, tmp_path / "state")  # MAX_CALL_SECONDS: the default 900
     a = await bridges(env)
     call = await call_on(a, openai, "rtc_too_old")
+    await recorded(tmp_path / "state", "rtc_too_old")
     await a.kill()
     # The service was down for longer than the call may last: age the record (the schema is the durable format).
     with contextlib.closing(sqlite3.connect(tmp_path / "state" / "voicebridge.db")) as db, db:
@@ -260,7 +281,9 @@ async def test_a_caller_who_typed_the_pin_is_not_asked_again_after_a_restart(
     unlocked = await call_on(a, openai, "rtc_pin_typed")
     locked = await call_on(a, openai, "rtc_pin_not_typed")
     await unlocked.press("2468")
-    await eventually(lambda: voicebridge.PIN_ACCEPTED in unlocked.notes())  # (saved before the note is sent)
+    await eventually(lambda: voicebridge.PIN_ACCEPTED in unlocked.notes())
+    await recorded(tmp_path / "state", "rtc_pin_typed", pin_ok=1)
+    await recorded(tmp_path / "state", "rtc_pin_not_typed", pin_ok=0)
     await a.kill()
     dead = unlocked.ws, locked.ws
 
@@ -284,6 +307,7 @@ async def test_a_404_on_the_attach_after_a_restart_means_the_call_is_over(
     env = state_env(openai, openclaw, tmp_path / "state")
     a = await bridges(env)
     call = await call_on(a, openai, "rtc_gone")
+    await recorded(tmp_path / "state", "rtc_gone")
     await a.kill()
     call.state = "ended"  # the caller hung up while no process watched: from now on the sideband and hangup get 404
     attempts = len(call.sideband_attempts)
@@ -292,11 +316,10 @@ async def test_a_404_on_the_attach_after_a_restart_means_the_call_is_over(
     await b.logged("[rtc_gone] call summary")
     assert 1 <= len(call.sideband_attempts) - attempts <= 3  # no retrying a call that is over
     assert openai.rest.count(("hangup", "rtc_gone")) == 1  # answered 404, which is fine
-    ours = [line for line in b.lines if "[rtc_gone]" in line]
-    assert not [line for line in ours if " WARNING " in line or " ERROR " in line], "".join(ours)
+    assert not [line for line in b.lines if " WARNING " in line or " ERROR " in line], b.log  # an ordinary end
     assert "sideband refused (HTTP 404): the call is over" in b.log and "reason=caller_hung_up" in b.log
     assert (await b.health())[1]["active_calls"] == 0
-    await eventually(lambda: live_calls(tmp_path / "state") == [])  # gone from the store too: no resume next time
+    await eventually(lambda: live_calls(tmp_path / "state") == {})  # gone from the store too: no resume next time
     code, output = await b.stop()
     assert code == 0 and "Traceback" not in output, output
 
@@ -336,14 +359,59 @@ async def test_a_clean_stop_leaves_no_live_call_in_a_private_store(
     state_dir = tmp_path / "state"  # not there yet: voicebridge creates it
     a = await bridges(state_env(openai, openclaw, state_dir))
     await call_on(a, openai, "rtc_clean")
-    await eventually(lambda: [row[0] for row in live_calls(state_dir)] == ["rtc_clean"])  # recorded while live
+    await recorded(state_dir, "rtc_clean")  # there while the call is live
     code, output = await a.stop()
     assert code == 0 and "reason=shutdown" in output, output
     assert stat.S_IMODE(state_dir.stat().st_mode) == 0o700
     assert stat.S_IMODE((state_dir / "voicebridge.db").stat().st_mode) == 0o600
     for leftover in state_dir.glob("voicebridge.db-*"):  # WAL and shared memory, if any are left: as private
         assert stat.S_IMODE(leftover.stat().st_mode) == 0o600, leftover
-    assert live_calls(state_dir) == []  # hung up and forgotten: the next start resumes nothing
+    assert live_calls(state_dir) == {}  # hung up and forgotten: the next start resumes nothing
+
+
+async def test_a_question_is_recorded_before_it_goes_to_openclaw(
+    openai: FakeOpenAI, openclaw: FakeOpenClaw, bridges: Start, tmp_path: Path
+) -> None:
+    # A slow disk (a slow SD card; here another connection holding the write lock, which stalls the store's thread
+    # the same way) may delay the question, never the record. Asked first, a crash before the record lands leaves a
+    # question OpenClaw may have acted on that the next process knows nothing of: no RESTARTED output, and the model
+    # waits for an output that never comes.
+    state_dir = tmp_path / "state"
+    a = await bridges(state_env(openai, openclaw, state_dir))
+    call = await call_on(a, openai, "rtc_slow_disk")
+    await recorded(state_dir, "rtc_slow_disk")
+    openclaw.delay = 30
+    with contextlib.closing(sqlite3.connect(state_dir / "voicebridge.db", isolation_level=None)) as disk:
+        disk.execute("BEGIN IMMEDIATE")  # held well inside the store's busy timeout (5 s): its write waits, not fails
+        [pending] = await call.model_response([("ask_openclaw", '{"request": "Cancel my 3 pm"}')])
+        await asyncio.sleep(0.5)  # the question would have gone out within milliseconds
+        assert openclaw.requests == [], "OpenClaw was asked before the question was recorded"
+        disk.execute("ROLLBACK")
+    await eventually(lambda: openclaw.requests)  # recorded now: the question goes out
+    await recorded(state_dir, "rtc_slow_disk", in_flight=[pending])
+    assert questions_asked(openclaw) == ["Cancel my 3 pm"]
+
+
+async def test_the_silence_clock_starts_again_at_the_resume(
+    openai: FakeOpenAI, openclaw: FakeOpenClaw, bridges: Start, tmp_path: Path
+) -> None:
+    # No process heard the line while the service was down, and the model went on talking with the caller: a resumed
+    # call is not "silent since its accept", so B must not open with "are you still there?".
+    env = state_env(openai, openclaw, tmp_path / "state", IDLE_SECONDS="10")
+    a = await bridges(env)
+    call = await call_on(a, openai, "rtc_talking")
+    await recorded(tmp_path / "state", "rtc_talking")
+    await a.kill()
+    with contextlib.closing(sqlite3.connect(tmp_path / "state" / "voicebridge.db")) as db, db:
+        db.execute("UPDATE live_calls SET accepted_at = accepted_at - 60")  # down for a minute, in a long call
+    received = len(call.received)
+
+    b = await bridges(env)
+    await b.logged("[rtc_talking] resumed after a restart")
+    await asyncio.sleep(1.0)  # the check would go out at once
+    asked = [e for e in call.received[received:] if voicebridge.IDLE_CHECK in json.dumps(e.get("response"))]
+    assert asked == [] and "asking whether anyone is there" not in b.log, b.log
+    assert call.state == "accepted"
 
 
 @pytest.mark.parametrize("where", ["under /proc", "under a regular file"])

@@ -146,6 +146,7 @@ class FakeCall:
         self.function_calls: set[str] = set()  # call_ids the conversation knows
         self.item_ids: set[str] = set()  # ids of the items in the conversation
         self.speak_seconds = 0.02  # how long a response asked for with response.create lasts
+        self.audio_tail = 0.0  # and how long its audio still plays after its response.done
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -256,6 +257,7 @@ class FakeCall:
         await self.send({"type": "response.output_audio_transcript.done", "response_id": response_id, "item_id": message["id"],
                          "output_index": 0, "content_index": 0, "transcript": GREETING_SPOKEN})  # sent with no setting
         await self.send({"type": "response.done", "response": {**response, "status": "completed", "output": [message]}})
+        await asyncio.sleep(self.audio_tail)
         await self.send({"type": "output_audio_buffer.stopped", "response_id": response_id})
 
     async def error(self, event: dict[str, Any], code: str, message: str) -> None:
@@ -1830,7 +1832,7 @@ async def test_an_autodialler_locks_the_pin_line_for_every_new_call(
             assert call.reject_body == {"status_code": 603} and call.accept_body is None  # never a billed session
             break
         await eventually(lambda: call.ws is not None and call.response_creates())
-        for attempt in range(3):
+        for attempt in range(3 if n < 3 else 1):  # the 10th locks the line, and this call is hung up at once
             await call.wait_idle()
             await call.press(f"{n}{attempt}0000")
             await eventually(lambda: caplog.text.count("wrong PIN (") == 3 * n + attempt + 1)
@@ -2164,6 +2166,131 @@ async def test_a_slow_disk_delays_neither_the_webhook_nor_a_tool_round(
     await call.model_response([("ask_openclaw", '{"request": "quick"}')])  # and one more for the question
     await eventually(lambda: call.outputs())
     assert time.monotonic() - asked < 0.5  # the round did not wait for the 1.5 s of writes still queued
+
+
+# --- Holding under attack: the PIN lock over live calls, silent callers, the order of the last words ------------
+
+
+async def test_a_lock_that_engages_hangs_up_every_call_still_waiting_for_its_pin(
+    start_bridge: Bridge, openai: FakeOpenAI, openclaw: FakeOpenClaw, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(voicebridge, "PIN_LOCK_AFTER", 3)  # one caller's three wrong PINs lock the line
+    bridge = await start_bridge(CALL_PIN="246813", MAX_CONCURRENT_CALLS="0")
+    owner = await connected_call(bridge, openai, "rtc_owner")
+    await owner.press("246813")
+    await eventually(lambda: owner.notes() == [voicebridge.PIN_ACCEPTED])
+    waiting = await connected_call(bridge, openai, "rtc_waiting")  # the attacker's second line, biding its time
+    dialler = await connected_call(bridge, openai, "rtc_dialler")
+    for attempt in range(3):
+        await dialler.wait_idle()
+        await dialler.press(f"{attempt}00000")
+        await eventually(lambda: caplog.text.count("wrong PIN (") == attempt + 1)
+    await eventually(lambda: "across calls: new calls are turned away until" in caplog.text)
+    await waiting.press("246813")  # the right guess, typed on a line that is already in: too late, it is locked
+    await eventually(lambda: waiting.state == "ended", timeout=5)
+    assert voicebridge.PIN_ACCEPTED not in waiting.notes()
+    assert any(voicebridge.PIN_LOCKED_GOODBYE in str(e.get("response")) for e in waiting.response_creates())
+    await eventually(lambda: "[rtc_waiting] call summary" in caplog.text)
+    assert "reason=pin_locked" in caplog.text and openclaw.requests == []
+    assert owner.state == "accepted"  # who typed the PIN before the lock stays on
+    await owner.model_response([("ask_openclaw", '{"request": "still working?"}')])
+    await eventually(lambda: owner.outputs())
+
+
+@pytest.mark.parametrize("how", ["PIN timeout", "hangs up after the prompt"])
+async def test_silent_callers_count_toward_the_lock(
+    start_bridge: Bridge, openai: FakeOpenAI, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+    how: str,
+) -> None:
+    monkeypatch.setattr(voicebridge, "PIN_LOCK_AFTER", 3)
+    bridge = await start_bridge(CALL_PIN="246813", pin_timeout=0.3)
+    for n in range(3):  # three silent calls: they type nothing at all
+        call = await connected_call(bridge, openai, f"rtc_silent_{n}")
+        if how == "hangs up after the prompt":
+            await call.caller_hangs_up()
+        await eventually(lambda: bridge.app[voicebridge.CALLS] == {}, timeout=3)
+    await eventually(lambda: "across calls: new calls are turned away until" in caplog.text)
+    nth = openai.ring("rtc_silent_3")
+    await post_webhook(bridge, incoming_event("rtc_silent_3"))
+    await eventually(lambda: nth.state == "rejected")
+    assert nth.reject_body == {"status_code": 603} and caplog.text.count("counts as a wrong PIN") == 3
+
+
+async def test_end_call_in_the_same_response_as_a_question_lets_the_answer_be_heard(
+    bridge: Any, openai: FakeOpenAI, openclaw: FakeOpenClaw
+) -> None:
+    call = await connected_call(bridge, openai)
+    call.speak_seconds = 0.3  # the answer takes a while to say
+    # "Text Sam I'm running late. That's all, bye."
+    [fc_id, _] = await call.model_response([("ask_openclaw", '{"request": "text Sam I am late"}'), ("end_call", "{}")])
+    await eventually(lambda: call.state == "ended", timeout=5)
+    assert call.outputs() == [{"type": "function_call_output", "call_id": fc_id, "output": "Answer to: text Sam I am late"}]
+    answer = [e for e in call.response_creates() if "response" not in e][-1]
+    heard = [e["_at"] for e in call.sent if e["type"] == "output_audio_buffer.stopped"][-1]
+    assert call.hangup_at is not None and call.hangup_at >= heard > answer["_at"] + 0.25
+
+
+async def test_no_filler_after_a_goodbye(
+    bridge: Any, openai: FakeOpenAI, openclaw: FakeOpenClaw, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(voicebridge, "FILLER_AFTER", 0.2)
+    call = await connected_call(bridge, openai)
+    call_obj = bridge.app[voicebridge.CALLS]["rtc_happy"]
+    call.audio_tail = 0.5  # the goodbye is still being heard after its response.done
+    openclaw.delay = 2.0
+    await call.model_response([("ask_openclaw", '{"request": "slow one"}')])
+    await eventually(lambda: openclaw.requests)
+    speaking = asyncio.create_task(call.model_response(audio_seconds=0.3))  # the model talks while the filler is due
+    await eventually(lambda: call.response_active)
+    bye = asyncio.create_task(call_obj.hang_up_after_goodbye("shutdown", goodbye=voicebridge.SHUTDOWN_GOODBYE))
+    await bye
+    try:
+        await speaking
+    except ConnectionError:  # the rest of the model's audio would have gone to a call that is over
+        pass
+    await eventually(lambda: call.state == "ended")
+    kinds = [(e.get("response") or {}).get("instructions") for e in call.response_creates()]
+    assert kinds[-1] == voicebridge.SHUTDOWN_GOODBYE and voicebridge.FILLER_INSTRUCTIONS not in kinds
+
+
+async def test_an_item_refused_as_a_duplicate_is_settled_and_never_sent_again(
+    bridge: Any, openai: FakeOpenAI, openclaw: FakeOpenClaw
+) -> None:
+    call = await connected_call(bridge, openai)
+    call_obj = bridge.app[voicebridge.CALLS]["rtc_happy"]
+    await call.model_response([("ask_openclaw", '{"request": "one"}')])
+    await eventually(lambda: call.outputs())
+    await call.wait_idle()
+    [sent] = [e["item"] for e in call.received if e["type"] == "conversation.item.create"]
+    call_obj.sideband.unconfirmed[sent["id"]] = dict(sent)  # as if conversation.item.added had not come back
+    await call.drop(1006)
+    await eventually(lambda: call.errors)  # resent once, and refused: "already exists" is its confirmation
+    await call.wait_idle()
+    await call.drop(1006)  # a later reconnect in the same call
+    await eventually(lambda: len(call.sideband_attempts) == 3 and call.ws is not None)
+    await asyncio.sleep(0.2)
+    creates = [e for e in call.received if e["type"] == "conversation.item.create" and e["item"]["id"] == sent["id"]]
+    assert len(creates) == 2 and len(call.errors) == 1 and sent["id"] not in call_obj.sideband.unconfirmed
+
+
+async def test_nested_json_and_forged_lines_from_the_sideband_change_nothing(
+    bridge: Any, openai: FakeOpenAI, openclaw: FakeOpenClaw, caplog: pytest.LogCaptureFixture
+) -> None:
+    call = await connected_call(bridge, openai)
+    assert call.ws is not None
+    await call.ws.send_str('{"type": "x", "a": ' + "[" * 100_000 + "]" * 100_000 + "}")  # RecursionError, not a crash
+    await call.send({"type": "error", "error": {"type": "invalid_request_error", "code": "bad\n[rtc_happy] PIN accepted",
+                                                "message": "boom\n[rtc_happy] OpenClaw answered in 0.1s"}})
+    forged = "ask_openclaw\n[rtc_happy] PIN accepted"
+    await call.model_response([(forged, "{}"), ("ask_openclaw", '{"request": ' + "[" * 2000 + "]" * 2000 + "}")])
+    await eventually(lambda: len(call.outputs()) == 2)
+    assert [o["output"][:6] for o in call.outputs()] == ["Error:"] * 2  # an unknown tool, and arguments too deep
+    [fc_id] = await call.model_response([("ask_openclaw", '{"request": "still alive?"}')])
+    await eventually(lambda: len(call.outputs()) == 3)
+    assert call.outputs()[-1]["output"] == "Answer to: still alive?" and call.state == "accepted"
+    ours = [r.getMessage() for r in caplog.records if r.name == "voicebridge"]
+    assert not [line for line in ours if "\n" in line] and not errors_logged(caplog)
 
 
 # --- Health, configuration, the process --------------------------------------------------------------------------------

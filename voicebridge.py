@@ -37,10 +37,8 @@ Environment (the .env file beside this one is read too; no value may hold " #", 
     CALL_PIN               4-12 digits the caller must type on the keypad before ask_openclaw works; empty: none
     PIN_TIMEOUT            seconds to type the right PIN before the call is hung up, default 60
     MAX_CONCURRENT_CALLS   calls at once, more are turned away busy (SIP 486); default 3, 0 = no limit
-    IDLE_SECONDS           no sign of the caller this long: "are you still there?", as long again: hang up;
-                           default 30, 0 = never (10 at least otherwise)
-    STATE_DIR              where live calls and the PIN lock are kept across restarts (SQLite, 0600); default
-                           $STATE_DIRECTORY (systemd's StateDirectory=), else ./state beside this file
+    IDLE_SECONDS           silence before "anyone there?", and as long again before hanging up; default 30, 0: off
+    STATE_DIR              live calls and the PIN lock, across restarts; default $STATE_DIRECTORY, else ./state
     LOG_TRANSCRIPTS        1: log what caller and assistant say (input transcription is billed); default 0: never
     LOG_LEVEL              default INFO
 """
@@ -255,12 +253,14 @@ PIN_NEEDED = "Not sent: the caller has not typed their PIN yet. Ask them to type
 PIN_ACCEPTED = "The caller typed the correct PIN. Confirm briefly and carry on with what they asked for."
 PIN_WRONG = "The caller typed a wrong PIN. Ask them to type it again; star clears the entry."
 PIN_GOODBYE = "The PIN was wrong three times. Say politely that you cannot help without it, and goodbye."
+PIN_LOCKED_GOODBYE = "Too many wrong PINs have been typed. Say politely that you cannot help now, and goodbye."
 PIN_TIMEOUT_GOODBYE = ("The caller did not type the PIN in time. Say politely that you cannot help without it, "
                        "and goodbye.")
 PIN_TRIES = 3  # wrong PINs per call
 PIN_IDLE = 5.0  # seconds without a key after which a half-typed PIN is forgotten
 # Wrong PINs across all calls: PIN_LOCK_AFTER within PIN_LOCK_WINDOW turn every new call away for PIN_LOCK_SECONDS,
-# doubled at each further lock up to a day. A 4-digit PIN then takes years of dialling, not hours. A restart keeps it.
+# doubled at each further lock up to a day, and hang up every call still waiting for its PIN. A call that ends without
+# the PIN after being asked for it (timed out, hung up, silent) counts as a wrong PIN. A restart keeps the lock.
 PIN_LOCK_AFTER = 10
 PIN_LOCK_WINDOW = 3600.0
 PIN_LOCK_SECONDS = 3600.0
@@ -702,6 +702,7 @@ class Sideband:
         self.owed: dict[str, Any] | None = None  # a response.create to send as soon as no response is active
         self.last_response: tuple[str, dict[str, Any] | None] = ("", None)  # our last response.create: event_id, body
         self.asked = 0  # our response.creates that the server has neither started nor refused
+        self.creates: dict[str, str] = {}  # event_id of each conversation.item.create we sent -> its item id
         self._ids = itertools.count(1)
 
     @property
@@ -766,7 +767,9 @@ class Sideband:
                 self.unconfirmed.pop(item["id"], None)  # the server has it: no need to send it again
         elif kind == "error":  # logged; if it refused our response.create, that is repeated after the active one
             error = event["error"] if isinstance(event.get("error"), dict) else {}
-            self.log.warning("server error %s: %s", error.get("code"), error.get("message"))
+            self.log.warning("server error %s: %s", one_line(error.get("code")), one_line(error.get("message")))
+            # A refused item ("already exists" after a resend, or invalid) is settled: sending it again won't help.
+            self.unconfirmed.pop(self.creates.get(str(error.get("event_id")), ""), None)
             event_id, body = self.last_response
             if event_id and error.get("event_id") == event_id:
                 # Our response.create lost a race with a response the server just started: repeat it after that
@@ -785,8 +788,9 @@ class Sideband:
         self.response_active = True  # claimed before the first await, so a concurrent flush waits
         for item in items:
             item.setdefault("id", f"vb_item_{next(self._ids)}")  # ours: a repeat can't add it twice
-            self.unconfirmed[item["id"]] = item
-            await self._send(self._event("conversation.item.create", item=item))
+            self.unconfirmed[item["id"]], event = item, self._event("conversation.item.create", item=item)
+            self.creates[event["event_id"]] = item["id"]
+            await self._send(event)
             if "call_id" in item:
                 self.log.info("result sent for %s", item["call_id"])
         goodbye = owed is not None and owed.get("metadata") == GOODBYE_TAG
@@ -810,13 +814,9 @@ class Sideband:
         try:
             await self.ws.send_json(event)
         except ConnectionError as exc:
-            self.log.debug("sideband closing, %s not sent (%s)", event["type"], exc)
+            self.log.debug("sideband closing, %s not sent (%s)", event["type"], one_line(exc))
             return False
         return True
-
-
-class StateError(Exception):
-    """STATE_DIR cannot hold the state database; the message names the path and the fix."""
 
 
 class StateStore:
@@ -852,8 +852,8 @@ class StateStore:
             db.execute("PRAGMA journal_mode=WAL")
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > 1:
-                raise StateError(f"STATE_DIR={self.path.parent}: {self.path.name} is from a newer voicebridge "
-                                 f"(schema {version}): upgrade voicebridge, or set STATE_DIR to another folder")
+                raise ConfigError(f"STATE_DIR={self.path.parent}: {self.path.name} is from a newer voicebridge "
+                                  f"(schema {version}): upgrade voicebridge, or set STATE_DIR to another folder")
             if version == 0:
                 db.executescript(self.SCHEMA)
             db.execute("PRAGMA user_version = 1")  # a write: proves folder and file writable now, not at the first call
@@ -861,8 +861,8 @@ class StateStore:
             lock = db.execute("SELECT failures, until, locks FROM pin_lock").fetchone()
             seen = [row[0] for row in db.execute("SELECT call_id FROM seen_calls ORDER BY rowid")]
         except (OSError, sqlite3.Error) as exc:
-            raise StateError(f"STATE_DIR={self.path.parent}: cannot create or write {self.path.name} ({exc}): make the "
-                             "folder writable by the user voicebridge runs as, or set STATE_DIR") from None
+            raise ConfigError(f"STATE_DIR={self.path.parent}: cannot create or write {self.path.name} ({exc}): "
+                              "make the folder writable by the user voicebridge runs as, or set STATE_DIR") from None
         return calls, PinLock(json.loads(lock[0]), lock[1], lock[2]) if lock else PinLock(), seen
 
     def _write(self, call_id: str, sql: str, params: tuple[Any, ...]) -> None:
@@ -896,12 +896,9 @@ class StateStore:
 
     async def close(self) -> None:
         """Finish every write handed over so far, then close the database."""
-        await asyncio.wrap_future(self._thread.submit(self._close))
-        self._thread.shutdown()
-
-    def _close(self) -> None:
         if self._db is not None:
-            self._db.close()
+            await asyncio.wrap_future(self._thread.submit(self._db.close))
+        self._thread.shutdown()
 
 
 # --- One live call --------------------------------------------------------------------------------
@@ -932,13 +929,15 @@ class Call:
         self.playing: Any = None  # the response_id of the latest output_audio_buffer.started
         self.quiet_since = received  # loop time since when neither the caller nor the assistant has been heard
         self.asked_if_there = False  # IDLE_CHECK was sent, and the caller has given no sign since
+        self.prompted = self.resumed  # the model has spoken (so it has asked for the PIN, if one is needed)
         self.accepted = False  # or its outcome is unknown: either way the call ends with a /hangup
         self.hung_up = False
         self.reconnects: list[float] = []  # loop times of recent reconnects, for the budget
         self.asking = False  # one OpenClaw question in flight per call
         self.latencies: list[float] = []  # seconds per OpenClaw answer, for the summary
         self.tool_calls = 0
-        # caller_hung_up | end_call | idle | max_duration | pin_failed | pin_timeout | shutdown | sideband_lost | error
+        # caller_hung_up | end_call | idle | max_duration | pin_failed | pin_locked | pin_timeout | shutdown
+        # | sideband_lost | error
         self.end_reason = ""
 
     async def run(self) -> None:
@@ -957,7 +956,8 @@ class Call:
                     return
                 self.accepted = True  # or may be: after a timeout the retry gets 404 or 409, yet OpenAI holds it
                 if status == 200:
-                    self.log.info("call accepted in %.0f ms", (asyncio.get_running_loop().time() - self.received) * 1000)
+                    waited = asyncio.get_running_loop().time() - self.received
+                    self.log.info("call accepted in %.0f ms", waited * 1000)
                     return await self._attach_and_listen(SIDEBAND_RETRY_DELAYS, race=True)
                 self.log.warning("accept's outcome is unknown (HTTP %s after a failed try): trying the sideband once",
                                  status)
@@ -971,6 +971,10 @@ class Call:
         finally:
             # Bookkeeping first: shutdown may cancel this task again while it awaits below.
             self.app[CALLS].pop(self.id, None)
+            silent = self.keypad.waiting and self.prompted  # asked for the PIN, and it never came
+            if silent and self.end_reason not in ("shutdown", "sideband_lost", "pin_locked", ""):
+                self.log.warning("the call ended (%s) without the PIN: counts as a wrong PIN", self.end_reason)
+                self._wrong_pin()  # so silent callers cannot hold the lines without ever risking a strike
             if self.accepted:  # however it ended: one rule, and a 404 answer just means it was over already
                 await self.hang_up(self.end_reason or "error")  # (no reason: a crash; spawn() logs its traceback)
             self.app[STORE].end_call(self.id)
@@ -1066,7 +1070,7 @@ class Call:
                     self.log.error("sideband refused (%s)%s", why, " (check OPENAI_API_KEY)" * (exc.status == 401))
                     return None
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                why = one_line(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
             if delay is None or self.end_reason:
                 self.log.error("sideband unavailable, giving up: %s", why)
                 return None
@@ -1081,7 +1085,7 @@ class Call:
         """Dispatch one sideband event; anything malformed is logged and skipped."""
         try:
             event = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):  # (RecursionError: JSON nested too deep)
             self.log.warning("sideband sent non-JSON text, ignored")
             return
         if not isinstance(event, dict):
@@ -1094,6 +1098,7 @@ class Call:
         elif kind in ("response.done", "output_audio_buffer.stopped", "output_audio_buffer.cleared"):
             self.quiet_since = asyncio.get_running_loop().time()  # the assistant's turn ends: the silence clock starts
         if kind == "response.done":
+            self.prompted = True
             await self._on_response_done(event.get("response"))
         elif kind == "conversation.item.added" and item.get("call_id") in self.in_flight:
             self.in_flight.discard(item["call_id"])  # its output is delivered: a restart need not mention it
@@ -1106,7 +1111,7 @@ class Call:
         ):  # (an earlier response's audio ending while a later one's plays is not silence)
             self.playback_stopped.set()
         elif kind == "response.function_call_arguments.done":
-            self.log.info("function call received: %s", event.get("name"))
+            self.log.info("function call received: %s", one_line(event.get("name")))
         elif kind == "conversation.item.input_audio_transcription.completed" and self.config.log_transcripts:
             self.log.info("caller said: %s", one_line(event.get("transcript")))
         elif kind == "response.output_audio_transcript.done" and self.config.log_transcripts:  # sent in any case
@@ -1128,11 +1133,13 @@ class Call:
         if status == "completed" and calls:
             self._start(self._run_calls(calls))
         elif calls:  # the caller interrupted: the model never finished asking, so nothing is run
-            names = ", ".join(str(item.get("name")) for item in calls)
-            self.log.info("function call %s not run: its response was %s", names, status)
+            names = one_line(", ".join(str(item.get("name")) for item in calls))
+            self.log.info("function call %s not run: its response was %s", names, one_line(status))
 
     async def _on_keypad(self, key: Any) -> None:
         """Turn what the keypad says into a note for the model, the process-wide PIN lock, or the goodbye."""
+        if self.app[PIN_LOCK].until > time.time():
+            return  # while the line is locked no PIN is checked, on any call (this one is being hung up)
         outcome = self.keypad.press(key, asyncio.get_running_loop().time())
         if outcome == "accepted":
             self.log.info("PIN accepted")
@@ -1140,15 +1147,24 @@ class Call:
             await self._tell_model(PIN_ACCEPTED)
         elif outcome:
             self.log.warning("wrong PIN (%d of %d)", self.keypad.failures, PIN_TRIES)
-            locked = self.app[PIN_LOCK].wrong_pin(time.time())
-            self.app[STORE].save_lock(self.id, self.app[PIN_LOCK])
-            if locked:
-                self.log.error("%d wrong PINs within %gs, across calls: new calls are turned away until %s",
-                               PIN_LOCK_AFTER, PIN_LOCK_WINDOW, utc_text(self.app[PIN_LOCK].until))
+            self._wrong_pin()
             if outcome == "out of tries":
                 self._start(self.hang_up_after_goodbye("pin_failed", goodbye=PIN_GOODBYE))
             else:
                 await self._tell_model(PIN_WRONG)
+
+    def _wrong_pin(self) -> None:
+        """Count a wrong PIN across calls; if that locks the line, hang up every call still waiting for its PIN."""
+        lock = self.app[PIN_LOCK]
+        locked = lock.wrong_pin(time.time())
+        self.app[STORE].save_lock(self.id, lock)
+        if not locked:
+            return
+        self.log.error("%d wrong PINs within %gs, across calls: new calls are turned away until %s",
+                       PIN_LOCK_AFTER, PIN_LOCK_WINDOW, utc_text(lock.until))
+        for call in self.app[CALLS].values():
+            if call.keypad.waiting and not call.end_reason:
+                call._start(call.hang_up_after_goodbye("pin_locked", goodbye=PIN_LOCKED_GOODBYE))
 
     async def _pin_deadline(self) -> None:
         """Hang up on a caller who has not typed the right PIN within PIN_TIMEOUT: a silent call is billed too."""
@@ -1187,7 +1203,7 @@ class Call:
                 self.log.info("end_call: hanging up after the goodbye")
                 await self.hang_up_after_goodbye("end_call")
             elif not isinstance(item.get("call_id"), str) or not item["call_id"]:
-                self.log.warning("function call %s has no call_id, ignored", item.get("name"))
+                self.log.warning("function call %s has no call_id, ignored", one_line(item.get("name")))
             else:
                 self.tool_calls += 1
                 output = await self._tool_output(item.get("name"), item.get("arguments"))
@@ -1204,7 +1220,7 @@ class Call:
             return PIN_NEEDED
         try:  # a JSON object in a string of a sane size
             request = json.loads(arguments).get("request") if len(arguments) <= MAX_REQUEST_CHARS + 100 else None
-        except (ValueError, AttributeError, TypeError):
+        except (ValueError, AttributeError, TypeError, RecursionError):
             request = None
         if not isinstance(request, str) or not request.strip():
             self.log.warning('ask_openclaw arguments missing, invalid or too long, not sent: need {"request": "..."}')
@@ -1233,6 +1249,8 @@ class Call:
         await asyncio.sleep(FILLER_AFTER)
         while True:
             await self.sideband.wait_idle()  # never over the model's own speech
+            if self.end_reason:
+                return  # a goodbye is under way
             self.log.info("OpenClaw is slow: asking the model to say it is still checking")
             await self.sideband.request_response({"instructions": FILLER_INSTRUCTIONS, "tool_choice": "none"})
             await asyncio.sleep(FILLER_EVERY)
@@ -1245,6 +1263,8 @@ class Call:
             now = asyncio.get_running_loop().time()
             if now < self.quiet_since + self.config.idle_seconds:
                 await asyncio.sleep(self.quiet_since + self.config.idle_seconds - now)
+            elif self.end_reason:
+                return
             elif self.sideband.response_active or self.asking or not self.playback_stopped.is_set():
                 self.quiet_since = now  # the assistant is talking or working: the clock waits for it to finish
             elif not self.asked_if_there:
@@ -1256,14 +1276,18 @@ class Call:
                 return await self.hang_up_after_goodbye("idle", goodbye=IDLE_GOODBYE)
 
     async def hang_up_after_goodbye(self, reason: str, goodbye: str = "") -> None:
-        """Let the goodbye play out (bounded), then hang up; with `goodbye`, ask the model for it first."""
+        """Let what is being said play out (bounded), then hang up; with `goodbye`, ask the model for it first."""
+        self.end_reason = self.end_reason or reason  # from now on no filler and no "anyone there?"
         try:
             async with timeout(GOODBYE_TIMEOUT):
-                if goodbye and self.sideband.open:
+                if self.sideband.open:
                     # Owed like a refused request: it goes out now, or after the active response's response.done,
-                    # ahead of any results still waiting. Then wait until it, and anything before it, is done.
-                    self.playback_stopped.clear()
-                    await self.sideband.owe({"instructions": goodbye, "tool_choice": "none", "metadata": GOODBYE_TAG})
+                    # ahead of any results still waiting. Then wait until it, and anything before it (the answer
+                    # to a question asked in the same breath as end_call), is done.
+                    if goodbye:
+                        self.playback_stopped.clear()
+                        await self.sideband.owe({"instructions": goodbye, "tool_choice": "none",
+                                                 "metadata": GOODBYE_TAG})
                     await self.sideband.wait_idle(settled=True)
                 await self.playback_stopped.wait()
         except asyncio.TimeoutError:
@@ -1440,7 +1464,7 @@ def make_app(config: Config) -> web.Application:
     app[DRAINING] = asyncio.Event()
     app[PIN_LOCK] = PinLock()
     app[REJECTED] = Throttled()
-    app.cleanup_ctx.extend((http_session, state_store))
+    app.cleanup_ctx.extend((state_store, http_session))  # the store first: a bad STATE_DIR stops before anything
     app.on_startup.append(resume_calls)
     app.on_shutdown.append(functools.partial(drain, grace=0))  # the last resort: serve() drains with a grace first
     app.router.add_post("/webhook", webhook)
@@ -1601,16 +1625,16 @@ def main() -> None:
     load_dotenv(Path(__file__).with_name(".env"))  # exactly this one: no search through parent directories
     try:
         config = Config.from_env(os.environ, need_openai=args.ask is None)  # --ask needs only OpenClaw
+        if args.check:
+            sys.exit(asyncio.run(check(config)))
+        if args.ask is not None:
+            sys.exit(asyncio.run(ask(config, args.ask, args.caller)))
+        logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(message)s")
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+        log_banner(config)
+        asyncio.run(serve(config))  # (it opens STATE_DIR first)
     except ConfigError as exc:
         sys.exit(f"voicebridge: configuration error: {exc}")
-    if args.check:
-        sys.exit(asyncio.run(check(config)))
-    if args.ask is not None:
-        sys.exit(asyncio.run(ask(config, args.ask, args.caller)))
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(message)s")
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    log_banner(config)
-    asyncio.run(serve(config))
 
 
 if __name__ == "__main__":
