@@ -327,6 +327,7 @@ MAX_WEBHOOK_BYTES = 64 * 1024
 BODY_TIMEOUT = 5.0  # seconds for a webhook's body to arrive (else 408), so a slow client cannot hold a socket
 SIGNATURE_TOLERANCE = 300  # seconds either side of now, as in Standard Webhooks
 RECENT_IDS = 4096  # call_ids remembered for deduplication
+RECORD_WAIT = 0.2  # seconds a call waits at most for the state store's record of what it is about to do
 REST_TIMEOUT = aiohttp.ClientTimeout(total=5)
 REST_RETRY_DELAYS = (0.25, 0.5, 1.0, 2.0)  # transient accept/reject failures; ~4 s in all (the phone is ringing)
 # A call we fail to hang up stays open, billed, until OpenAI's 60-minute cap: keep trying for ~16 s.
@@ -516,11 +517,6 @@ def utc_text(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
 
 
-def crashed(task: asyncio.Task[Any]) -> BaseException | None:
-    """What a finished task died of, if anything but cancellation (asking marks it seen, so it is logged once)."""
-    return None if task.cancelled() else task.exception()
-
-
 class CallLog(logging.LoggerAdapter):
     """The module's logger, with the call id in front of every line."""
 
@@ -663,8 +659,7 @@ class Keypad:
         self.last_key = float("-inf")  # when the last key came
 
     @property
-    def waiting(self) -> bool:
-        """The PIN is still to be typed, and tries are left."""
+    def waiting(self) -> bool:  # the PIN is still to be typed, and tries are left
         return not self.ok and self.failures < PIN_TRIES
 
     def press(self, key: Any, now: float) -> str:
@@ -717,10 +712,6 @@ class Sideband:
             self.idle.clear()
         else:
             self.idle.set()
-
-    @property
-    def open(self) -> bool:
-        return self.ws is not None and not self.ws.closed
 
     async def attach(self, ws: aiohttp.ClientWebSocketResponse, again: bool) -> None:
         """Use a newly opened sideband; `again` (a reconnect): send what may have been lost with the old one."""
@@ -822,8 +813,10 @@ class Sideband:
 class StateStore:
     """What must outlive the process, in SQLite: the live calls, the PIN lock and the call ids seen."""
 
-    # One thread owns the connection and runs every statement in order, so the event loop never waits on the disk
-    # (a slow SD card delays nothing but the record). WAL lets a reader look while the service writes.
+    # One thread owns the connection and runs every statement in order, so the event loop never waits on the disk.
+    # A call waits for a record it needs before it acts (the call before its accept, a question before it goes to
+    # OpenClaw), but RECORD_WAIT at most: a stalled SD card delays a call by that, never more. WAL lets a reader look
+    # while the service writes; synchronous=NORMAL makes a commit a write without an fsync (safe against a crash).
     SCHEMA = f"""
         CREATE TABLE live_calls (call_id TEXT PRIMARY KEY, caller TEXT, agent TEXT NOT NULL,
                                  accepted_at REAL NOT NULL, pin_ok INTEGER NOT NULL, in_flight TEXT NOT NULL);
@@ -850,6 +843,7 @@ class StateStore:
             os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))  # 0600 from the start, whatever the umask
             self._db = db = sqlite3.connect(self.path)
             db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > 1:
                 raise ConfigError(f"STATE_DIR={self.path.parent}: {self.path.name} is from a newer voicebridge "
@@ -876,12 +870,12 @@ class StateStore:
                 CallLog(call_id).error("state not saved to %s (%s): calls go on, but a restart now would lose track "
                                        "of them", self.path, exc)
 
-    def write(self, call_id: str, sql: str, *params: Any) -> None:
-        """Hand one statement to the store's thread, without waiting for it."""
-        self._thread.submit(self._write, call_id, sql, params)
+    def write(self, call_id: str, sql: str, *params: Any) -> asyncio.Future[None]:
+        """Hand one statement to the store's thread; the future is done once it is written (or has failed)."""
+        return asyncio.wrap_future(self._thread.submit(self._write, call_id, sql, params))
 
-    def save_call(self, call: Call) -> None:
-        self.write(call.id, "INSERT OR REPLACE INTO live_calls VALUES (?, ?, ?, ?, ?, ?)", call.id, call.caller,
+    def save_call(self, call: Call) -> asyncio.Future[None]:
+        return self.write(call.id, "INSERT OR REPLACE INTO live_calls VALUES (?, ?, ?, ?, ?, ?)", call.id, call.caller,
                    call.agent, call.accepted_at, call.keypad.ok, json.dumps(sorted(call.in_flight)))
 
     def end_call(self, call_id: str) -> None:
@@ -947,8 +941,9 @@ class Call:
                 if self.resumed:  # a 404 now means the call ended while no process watched it
                     self.accepted = True
                     if not self.end_reason:  # (past MAX_CALL_SECONDS: only hung up)
-                        await self._attach_and_listen(RECONNECT_DELAYS, race=False)
+                        await self._attach_and_listen(RECONNECT_DELAYS)
                     return
+                await asyncio.wait({self.app[STORE].save_call(self)}, timeout=RECORD_WAIT)  # then a crash finds it
                 accept = accept_payload(self.config)
                 status, uncertain = await call_control(self.http, self.config, self.id, "accept", accept)
                 if status != 200 and not uncertain:
@@ -958,10 +953,10 @@ class Call:
                 if status == 200:
                     waited = asyncio.get_running_loop().time() - self.received
                     self.log.info("call accepted in %.0f ms", waited * 1000)
-                    return await self._attach_and_listen(SIDEBAND_RETRY_DELAYS, race=True)
+                    return await self._attach_and_listen(SIDEBAND_RETRY_DELAYS)
                 self.log.warning("accept's outcome is unknown (HTTP %s after a failed try): trying the sideband once",
                                  status)
-                await self._attach_and_listen((), race=False)
+                await self._attach_and_listen(())
         except asyncio.TimeoutError:
             self.log.info("call reached MAX_CALL_SECONDS=%g", self.config.max_call_seconds)
             await self.hang_up("max_duration")
@@ -988,17 +983,15 @@ class Call:
             await asyncio.gather(*self.tools, return_exceptions=True)
             await self.sideband.close()
 
-    async def _attach_and_listen(self, delays: tuple[float, ...], race: bool) -> None:
+    async def _attach_and_listen(self, delays: tuple[float, ...]) -> None:
         """Open the sideband, greet, read events; after a drop or a clean close, see whether the call goes on."""
         while True:
-            ws = await self._connect_sideband(delays, race)
+            ws = await self._connect_sideband(delays)
             if ws is None:
                 break
             again = self.sideband.ws is not None
-            if again:
-                self.log.warning("sideband reconnected: the call goes on")
-            else:
-                self.log.info("sideband connected")
+            self.log.log(logging.WARNING if again else logging.INFO, "sideband %s",
+                         "reconnected: the call goes on" if again else "connected")
             await self.sideband.attach(ws, again=again or self.resumed)
             if not again:
                 await self._begin()
@@ -1027,7 +1020,7 @@ class Call:
                 break
             # A clean close may be a backend rotating while the call goes on: one handshake at once tells. A drop
             # (usually the caller hanging up, which closes without a frame) gets the reconnect budget's backoff.
-            delays, race = ((), False) if code in NORMAL_CLOSE else (RECONNECT_DELAYS, False)
+            delays = () if code in NORMAL_CLOSE else RECONNECT_DELAYS
             backoff = 0.0 if code in NORMAL_CLOSE else RECONNECT_BACKOFF[len(self.reconnects)]
             self.reconnects.append(now)
             self.log.info("sideband: checking whether the call goes on%s", f" in {backoff:g}s" * bool(backoff))
@@ -1037,6 +1030,7 @@ class Call:
 
     async def _begin(self) -> None:
         """Right after the first attach: greet a new caller; tell the model of questions a restart cut short."""
+        self.quiet_since = asyncio.get_running_loop().time()  # (after a restart, the time down is not silence)
         if self.resumed:
             self.log.info("resumed after a restart")
             for call_id in sorted(self.in_flight):
@@ -1049,8 +1043,9 @@ class Call:
         if self.config.idle_seconds:
             self._start(self._hang_up_when_idle())
 
-    async def _connect_sideband(self, delays: tuple[float, ...], race: bool) -> aiohttp.ClientWebSocketResponse | None:
-        """Open ?call_id= (Bearer only, no OpenAI-Beta), retrying after `delays`; `race`: a 404 may be one."""
+    async def _connect_sideband(self, delays: tuple[float, ...]) -> aiohttp.ClientWebSocketResponse | None:
+        """Open ?call_id= (Bearer only, no OpenAI-Beta), retrying after `delays`."""
+        race = self.sideband.ws is None and not self.resumed  # right after the accept, a 404 may be a race
         url = sideband_url(self.config, self.id)
         headers = {"Authorization": f"Bearer {self.config.openai_api_key}"}
         for delay in (*delays, None):
@@ -1061,8 +1056,7 @@ class Call:
                     )
             except aiohttp.WSServerHandshakeError as exc:
                 why = f"HTTP {exc.status}"  # judged by the status alone: a real 404 can come with an empty body
-                if exc.status in (404, 410) and not race:
-                    # Right after accept a 404 can be a race; later it means the call is over.
+                if exc.status in (404, 410) and not race:  # the call is over
                     self.log.info("sideband refused (%s): the call is over", why)
                     self.end_reason = self.end_reason or "caller_hung_up"
                     return None
@@ -1189,7 +1183,7 @@ class Call:
     def _tool_done(self, task: asyncio.Task[None]) -> None:
         """Forget a finished tool task; if it crashed, log its traceback (once) and hang up."""
         self.tools.discard(task)
-        if crashed(task):
+        if not task.cancelled() and task.exception():  # (asking marks the error seen, so it is logged once)
             self.log.error("unexpected error in a tool, hanging up", exc_info=task.exception())
             self._start(self.hang_up("error"))
 
@@ -1197,7 +1191,8 @@ class Call:
         """Run the function calls of one response one after the other, in the order the model made them."""
         self.in_flight.update(item["call_id"] for item in items if item.get("name") != "end_call"
                               and isinstance(item.get("call_id"), str) and item["call_id"])
-        self.app[STORE].save_call(self)  # a restart tells the model of each, and never runs one again
+        # Recorded before they run: a restart tells the model of each, and never runs one again.
+        await asyncio.wait({self.app[STORE].save_call(self)}, timeout=RECORD_WAIT)
         for item in items:
             if item.get("name") == "end_call":
                 self.log.info("end_call: hanging up after the goodbye")
@@ -1280,7 +1275,7 @@ class Call:
         self.end_reason = self.end_reason or reason  # from now on no filler and no "anyone there?"
         try:
             async with timeout(GOODBYE_TIMEOUT):
-                if self.sideband.open:
+                if self.sideband.ws is not None and not self.sideband.ws.closed:  # something to say it on
                     # Owed like a refused request: it goes out now, or after the active response's response.done,
                     # ahead of any results still waiting. Then wait until it, and anything before it (the answer
                     # to a question asked in the same breath as end_call), is done.
@@ -1354,7 +1349,6 @@ async def webhook(request: web.Request) -> web.Response:
     else:
         log.info("[%s] webhook verified, caller %s allowed, agent %s", call_id, who, agent)
         call = app[CALLS][call_id] = Call(app, call_id, caller, agent, received)
-        app[STORE].save_call(call)  # queued before the accept goes out: a crash after it leaves a record
         call.task = spawn(app, call_id, call.run())
         return web.Response(text="ok\n")
     log.warning("[%s] rejecting the call from %s with SIP %d: %s", call_id, who, status, why)
@@ -1399,7 +1393,7 @@ def spawn(app: web.Application, call_id: str, coro: Any) -> asyncio.Task[Any]:
 def forget(tasks: set[asyncio.Task[Any]], task: asyncio.Task[Any]) -> None:
     """Drop a finished task from `tasks`; log the traceback of an unexpected error (the task's name is the call id)."""
     tasks.discard(task)
-    if crashed(task):
+    if not task.cancelled() and task.exception():
         CallLog(task.get_name()).error("unexpected error", exc_info=task.exception())
 
 
