@@ -28,14 +28,11 @@ Environment (the .env file beside this one is read too; no value may hold " #", 
     ALLOWED_CALLERS        who may call, and which agent answers them: comma-separated E.164 numbers, "*" = anyone
                            else; NUMBER=AGENT or *=AGENT picks the agent. Empty (default): reject every call
     HOST, PORT             listen address, default 127.0.0.1 and 8080 (put a TLS proxy in front)
-    REALTIME_MODEL         default gpt-realtime-2.1 (RETIRING_MODELS below lists announced shutdowns)
-    VOICE                  default marin
-    INSTRUCTIONS           override the session instructions
-    GREETING               override the instruction for the first spoken line
+    REALTIME_MODEL, VOICE  default gpt-realtime-2.1 (RETIRING_MODELS below lists shutdowns) and marin
+    INSTRUCTIONS, GREETING override the session instructions, and the instruction for the first spoken line
     MAX_CALL_SECONDS       hang up after this long, default 900
     SHUTDOWN_GRACE         on SIGTERM/Ctrl-C, let live calls go on this long before hanging up, default 30
-    CALL_PIN               4-12 digits the caller must type on the keypad before ask_openclaw works; empty: none
-    PIN_TIMEOUT            seconds to type the right PIN before the call is hung up, default 60
+    CALL_PIN, PIN_TIMEOUT  4-12 digits to type on the keypad before ask_openclaw works (empty: none), within 60 s
     MAX_CONCURRENT_CALLS   calls at once, more are turned away busy (SIP 486); default 3, 0 = no limit
     IDLE_SECONDS           silence before "anyone there?", and as long again before hanging up; default 30, 0: off
     STATE_DIR              live calls and the PIN lock, across restarts; default $STATE_DIRECTORY, else ./state
