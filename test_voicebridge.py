@@ -135,6 +135,8 @@ class FakeCall:
         self.handshake_hangs = False  # accept the TCP connection, never answer the upgrade
         self.hangup_script: list[int] = []  # statuses to answer the next hangups with, before success
         self.answers_lost = 0  # accepts that take effect but whose answer is lost (a 502 from a proxy in the way)
+        self.on_accept: Callable[[], Any] | None = None  # called as an accept arrives; what it returns is kept
+        self.accept_seen: Any = None
         self.accepted_at: float | None = None
         self.accept_body: dict[str, Any] | None = None
         self.reject_body: Any = None
@@ -391,6 +393,7 @@ class FakeOpenAI:
                     message = f"Invalid value: {value!r}. Supported values are: {', '.join(sorted(known))}."
                     return web.json_response(error_body(message, "invalid_request_error", "invalid_value", param), status=400)
             call.accept_body, call.state, call.accepted_at = body, "accepted", time.monotonic()
+            call.accept_seen = call.on_accept() if call.on_accept else None
             if call.answers_lost:
                 call.answers_lost -= 1
                 return web.Response(status=502, text="Bad Gateway")
@@ -3129,8 +3132,8 @@ def live_calls(state_dir: Path) -> dict[str, dict[str, Any]]:
 
 async def recorded(state_dir: Path, call_id: str, **columns: Any) -> None:
     """Wait until the store's row for call_id has these values (in_flight as a list). A SIGKILL keeps only what the
-    store's thread has written, a moment after the event that caused it: the recovery tests kill once the state they
-    are about is on disk; test_a_question_is_recorded_before_it_goes_to_openclaw is about that moment."""
+    store's thread has written, a moment after the event that caused it, so the recovery tests kill once the state
+    they are about is on disk."""
 
     def row() -> dict[str, Any] | None:
         try:
@@ -3344,34 +3347,35 @@ async def test_a_clean_stop_leaves_no_live_call_in_a_private_store(
     assert live_calls(state_dir) == {}  # hung up and forgotten: the next start resumes nothing
 
 
-async def test_a_question_is_recorded_before_it_goes_to_openclaw_but_a_stalled_disk_only_delays_it(
+async def test_a_call_is_recorded_before_its_accept_and_a_stalled_disk_delays_no_tool_round(
     openai: FakeOpenAI, openclaw: FakeOpenClaw, bridges: Start, tmp_path: Path
 ) -> None:
-    # Asked first, a crash before the record lands would leave a question OpenClaw may have acted on that the next
-    # process knows nothing of. So the question waits for its record, but RECORD_WAIT at most: a stalled disk (here
-    # another connection holding the write lock, which stalls the store's thread the same way) delays, never blocks.
+    # A call accepted but unknown to the store would be billed, after a crash, until OpenAI's 60-minute cap: the
+    # accept waits for the record, RECORD_WAIT at most. A tool round never waits for the disk. The stall here is
+    # another connection holding the write lock, which stalls the store's thread as a slow SD card would.
     state_dir = tmp_path / "state"
     a = await bridges(state_env(openai, openclaw, state_dir))
-    call = await call_on(a, openai, "rtc_slow_disk")
-    await recorded(state_dir, "rtc_slow_disk")
-    openclaw.delay = 0.3
+    healthy = openai.ring("rtc_healthy")
+    healthy.on_accept = lambda: live_calls(state_dir).get("rtc_healthy")  # what the store holds as the accept arrives
+    await a.deliver("rtc_healthy")
+    await eventually(lambda: healthy.accept_seen)
+    assert healthy.accept_seen["agent"] == "main"  # recorded first
     with contextlib.closing(sqlite3.connect(state_dir / "voicebridge.db", isolation_level=None)) as disk:
-        disk.execute("BEGIN IMMEDIATE")  # held well inside the store's busy timeout (5 s): its write waits, not fails
-        [first] = await call.model_response([("ask_openclaw", '{"request": "Cancel my 3 pm"}')])
-        await asyncio.sleep(voicebridge.RECORD_WAIT / 2)
-        assert openclaw.requests == [], "OpenClaw was asked before the question was recorded"
-        disk.execute("ROLLBACK")  # a slow disk, not a dead one: the record lands, then the question goes out
-        await recorded(state_dir, "rtc_slow_disk", in_flight=[first])
-        await eventually(lambda: openclaw.requests)
-        disk.execute("BEGIN IMMEDIATE")  # now a stall far longer than RECORD_WAIT
-        stalled = time.monotonic()
-        await eventually(lambda: call.outputs())  # the first answer is given, though its record waits
-        await call.wait_idle()
-        await call.model_response([("ask_openclaw", '{"request": "And my 4 pm"}')])
-        await eventually(lambda: len(openclaw.requests) == 2, timeout=3)
-        assert time.monotonic() - stalled < 2  # RECORD_WAIT per record, not the length of the stall
+        disk.execute("BEGIN IMMEDIATE")  # held well inside the store's busy timeout (5 s): its writes wait, not fail
+        stalled = openai.ring("rtc_stalled")
+        sent = time.monotonic()
+        await a.deliver("rtc_stalled")
+        await eventually(lambda: stalled.accepted_at, timeout=3)
+        assert voicebridge.RECORD_WAIT * 0.9 <= stalled.accepted_at - sent < 1.5  # delayed by RECORD_WAIT, no more
+        await eventually(lambda: stalled.ws is not None and stalled.response_creates())
+        await stalled.wait_idle()
+        asked = time.monotonic()
+        await stalled.model_response([("ask_openclaw", '{"request": "Cancel my 3 pm"}')])
+        await eventually(lambda: stalled.outputs(), timeout=3)
+        assert time.monotonic() - asked < voicebridge.RECORD_WAIT  # the round did not wait for the disk
         disk.execute("ROLLBACK")
-    assert questions_asked(openclaw) == ["Cancel my 3 pm", "And my 4 pm"]
+    await recorded(state_dir, "rtc_stalled", in_flight=[])  # the records land once the disk is back
+    assert questions_asked(openclaw) == ["Cancel my 3 pm"]
 
 
 async def test_the_silence_clock_starts_again_at_the_resume(

@@ -73,8 +73,8 @@ import re
 import signal
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from pathlib import Path
@@ -324,7 +324,7 @@ MAX_WEBHOOK_BYTES = 64 * 1024
 BODY_TIMEOUT = 5.0  # seconds for a webhook's body to arrive (else 408), so a slow client cannot hold a socket
 SIGNATURE_TOLERANCE = 300  # seconds either side of now, as in Standard Webhooks
 RECENT_IDS = 4096  # call_ids remembered for deduplication
-RECORD_WAIT = 0.2  # seconds a call waits at most for the state store's record of what it is about to do
+RECORD_WAIT = 0.2  # seconds the accept waits at most for the state store to record the call
 REST_TIMEOUT = aiohttp.ClientTimeout(total=5)
 REST_RETRY_DELAYS = (0.25, 0.5, 1.0, 2.0)  # transient accept/reject failures; ~4 s in all (the phone is ringing)
 # A call we fail to hang up stays open, billed, until OpenAI's 60-minute cap: keep trying for ~16 s.
@@ -540,6 +540,24 @@ class Throttled:
             return
         log.warning("%s%s", text, f" (and {self.held} more since the last line)" if self.held else "")
         self.last, self.held = now, 0
+
+
+def spawn(
+    tasks: set[asyncio.Task[Any]], name: str, coro: Any, crashed: Callable[[], Any] = lambda: None
+) -> asyncio.Task[Any]:
+    """Run work in the background, kept in `tasks` so it can be cancelled; a crash is logged once, then `crashed()`."""
+    task = asyncio.create_task(coro, name=name)
+    tasks.add(task)
+    task.add_done_callback(functools.partial(forget, tasks, crashed))
+    return task
+
+
+def forget(tasks: set[asyncio.Task[Any]], crashed: Callable[[], Any], task: asyncio.Task[Any]) -> None:
+    """Drop a finished task from `tasks`; log the traceback of an unexpected error (the task's name is the call id)."""
+    tasks.discard(task)
+    if not task.cancelled() and task.exception():  # (asking marks the error seen, so it is logged once)
+        CallLog(task.get_name()).error("unexpected error", exc_info=task.exception())
+        crashed()
 
 
 async def read_body(resp: aiohttp.ClientResponse) -> bytes | None:
@@ -810,9 +828,9 @@ class Sideband:
 class StateStore:
     """What must outlive the process, in SQLite: the live calls, the PIN lock and the call ids seen."""
 
-    # One thread owns the connection and runs every statement in order, so the event loop never waits on the disk.
-    # A call waits for a record it needs before it acts (the call before its accept, a question before it goes to
-    # OpenClaw), but RECORD_WAIT at most: a stalled SD card delays a call by that, never more. WAL lets a reader look
+    # One thread owns the connection and runs every statement in order, so the event loop never waits on the disk,
+    # and a slow SD card delays no webhook and no tool round. Only the accept waits for its call's record, RECORD_WAIT
+    # at most: a call accepted but unknown to a restart would be billed until OpenAI's cap. WAL lets a reader look
     # while the service writes; synchronous=NORMAL makes a commit a write without an fsync (safe against a crash).
     SCHEMA = f"""
         CREATE TABLE live_calls (call_id TEXT PRIMARY KEY, caller TEXT, agent TEXT NOT NULL,
@@ -867,11 +885,15 @@ class StateStore:
                 CallLog(call_id).error("state not saved to %s (%s): calls go on, but a restart now would lose track "
                                        "of them", self.path, exc)
 
-    def write(self, call_id: str, sql: str, *params: Any) -> asyncio.Future[None]:
+    def write(self, call_id: str, sql: str, *params: Any) -> Future[None]:
         """Hand one statement to the store's thread; the future is done once it is written (or has failed)."""
-        return asyncio.wrap_future(self._thread.submit(self._write, call_id, sql, params))
+        return self._thread.submit(self._write, call_id, sql, params)
 
-    def save_call(self, call: Call) -> asyncio.Future[None]:
+    async def written(self, record: Future[None]) -> None:
+        """Wait for a record, RECORD_WAIT at most (a thread's answer costs ~0.1 ms: only where it matters)."""
+        await asyncio.wait({asyncio.wrap_future(record)}, timeout=RECORD_WAIT)
+
+    def save_call(self, call: Call) -> Future[None]:
         return self.write(call.id, "INSERT OR REPLACE INTO live_calls VALUES (?, ?, ?, ?, ?, ?)", call.id, call.caller,
                    call.agent, call.accepted_at, call.keypad.ok, json.dumps(sorted(call.in_flight)))
 
@@ -920,6 +942,7 @@ class Call:
         self.playing: Any = None  # the response_id of the latest output_audio_buffer.started
         self.quiet_since = received  # loop time since when neither the caller nor the assistant has been heard
         self.asked_if_there = False  # IDLE_CHECK was sent, and the caller has given no sign since
+        self.silence: asyncio.TimerHandle | None = None  # when the silence is next looked at
         self.prompted = self.resumed  # the model has spoken (so it has asked for the PIN, if one is needed)
         self.accepted = False  # or its outcome is unknown: either way the call ends with a /hangup
         self.hung_up = False
@@ -940,7 +963,7 @@ class Call:
                     if not self.end_reason:  # (past MAX_CALL_SECONDS: only hung up)
                         await self._attach_and_listen(RECONNECT_DELAYS)
                     return
-                await asyncio.wait({self.app[STORE].save_call(self)}, timeout=RECORD_WAIT)  # then a crash finds it
+                await self.app[STORE].written(self.app[STORE].save_call(self))  # then a crash finds it
                 accept = accept_payload(self.config)
                 status, uncertain = await call_control(self.http, self.config, self.id, "accept", accept)
                 if status != 200 and not uncertain:
@@ -975,6 +998,8 @@ class Call:
                 mask(self.caller), self.agent, asyncio.get_running_loop().time() - self.received, self.tool_calls,
                 ",".join(f"{s:.1f}" for s in self.latencies) or "-", self.end_reason or "error",
             )
+            if self.silence is not None:
+                self.silence.cancel()
             for task in self.tools:
                 task.cancel()  # also closes an in-flight OpenClaw request, which stops the agent run
             await asyncio.gather(*self.tools, return_exceptions=True)
@@ -1038,7 +1063,7 @@ class Call:
         if self.keypad.waiting:
             self._start(self._pin_deadline())
         if self.config.idle_seconds:
-            self._start(self._hang_up_when_idle())
+            self._check_silence()
 
     async def _connect_sideband(self, delays: tuple[float, ...]) -> aiohttp.ClientWebSocketResponse | None:
         """Open ?call_id= (Bearer only, no OpenAI-Beta), retrying after `delays`."""
@@ -1172,24 +1197,14 @@ class Call:
     # Tools.
 
     def _start(self, coro: Any) -> None:
-        """Run tools in their own task, so the loop keeps reading events; the call cancels it at the end."""
-        task = asyncio.create_task(coro)
-        self.tools.add(task)
-        task.add_done_callback(self._tool_done)
-
-    def _tool_done(self, task: asyncio.Task[None]) -> None:
-        """Forget a finished tool task; if it crashed, log its traceback (once) and hang up."""
-        self.tools.discard(task)
-        if not task.cancelled() and task.exception():  # (asking marks the error seen, so it is logged once)
-            self.log.error("unexpected error in a tool, hanging up", exc_info=task.exception())
-            self._start(self.hang_up("error"))
+        """Run tools in their own task, so the loop keeps reading events; the call cancels them at its end."""
+        spawn(self.tools, self.id, coro, crashed=lambda: self._start(self.hang_up("error")))
 
     async def _run_calls(self, items: list[dict[str, Any]]) -> None:
         """Run the function calls of one response one after the other, in the order the model made them."""
         self.in_flight.update(item["call_id"] for item in items if item.get("name") != "end_call"
                               and isinstance(item.get("call_id"), str) and item["call_id"])
-        # Recorded before they run: a restart tells the model of each, and never runs one again.
-        await asyncio.wait({self.app[STORE].save_call(self)}, timeout=RECORD_WAIT)
+        self.app[STORE].save_call(self)  # queued first: a restart tells the model of each, and never runs one again
         for item in items:
             if item.get("name") == "end_call":
                 self.log.info("end_call: hanging up after the goodbye")
@@ -1249,23 +1264,24 @@ class Call:
 
     # Hanging up.
 
-    async def _hang_up_when_idle(self) -> None:
+    def _check_silence(self) -> None:
         """After IDLE_SECONDS with no sign of the caller, ask if anyone is there; after as long again, hang up."""
-        while True:
-            now = asyncio.get_running_loop().time()
-            if now < self.quiet_since + self.config.idle_seconds:
-                await asyncio.sleep(self.quiet_since + self.config.idle_seconds - now)
-            elif self.end_reason:
-                return
-            elif self.sideband.response_active or self.asking or not self.playback_stopped.is_set():
+        # A timer, not a task: there is one per live call, and a sleeping task costs ~1.5 KiB more.
+        now = asyncio.get_running_loop().time()
+        if self.end_reason:
+            return
+        if now >= self.quiet_since + self.config.idle_seconds:
+            if self.sideband.response_active or self.asking or not self.playback_stopped.is_set():
                 self.quiet_since = now  # the assistant is talking or working: the clock waits for it to finish
             elif not self.asked_if_there:
                 self.log.info("no sign of the caller for %gs: asking whether anyone is there", self.config.idle_seconds)
                 self.quiet_since, self.asked_if_there = now, True
-                await self.sideband.request_response({"instructions": IDLE_CHECK, "tool_choice": "none"})
+                self._start(self.sideband.request_response({"instructions": IDLE_CHECK, "tool_choice": "none"}))
             else:
                 self.log.info("still no sign of the caller: hanging up")
-                return await self.hang_up_after_goodbye("idle", goodbye=IDLE_GOODBYE)
+                return self._start(self.hang_up_after_goodbye("idle", goodbye=IDLE_GOODBYE))
+        self.silence = asyncio.get_running_loop().call_at(self.quiet_since + self.config.idle_seconds,
+                                                          self._check_silence)
 
     async def hang_up_after_goodbye(self, reason: str, goodbye: str = "") -> None:
         """Let what is being said play out (bounded), then hang up; with `goodbye`, ask the model for it first."""
@@ -1346,10 +1362,10 @@ async def webhook(request: web.Request) -> web.Response:
     else:
         log.info("[%s] webhook verified, caller %s allowed, agent %s", call_id, who, agent)
         call = app[CALLS][call_id] = Call(app, call_id, caller, agent, received)
-        call.task = spawn(app, call_id, call.run())
+        call.task = spawn(app[TASKS], call_id, call.run())
         return web.Response(text="ok\n")
     log.warning("[%s] rejecting the call from %s with SIP %d: %s", call_id, who, status, why)
-    spawn(app, call_id, call_control(app[HTTP], config, call_id, "reject", {"status_code": status}))
+    spawn(app[TASKS], call_id, call_control(app[HTTP], config, call_id, "reject", {"status_code": status}))
     return web.Response(text="ok\n")
 
 
@@ -1377,21 +1393,6 @@ LEFT_CALLS = web.AppKey("left_calls", list[tuple[Any, ...]])  # the store's live
 DRAINING = web.AppKey("draining", asyncio.Event)
 PIN_LOCK = web.AppKey("pin_lock", PinLock)
 REJECTED = web.AppKey("rejected", Throttled)  # the "webhook rejected" line: anyone can send requests
-
-
-def spawn(app: web.Application, call_id: str, coro: Any) -> asyncio.Task[Any]:
-    """Run a call's work in the background, tracked so shutdown can cancel it; a crash is logged, once."""
-    task = asyncio.create_task(coro, name=call_id)
-    app[TASKS].add(task)
-    task.add_done_callback(functools.partial(forget, app[TASKS]))
-    return task
-
-
-def forget(tasks: set[asyncio.Task[Any]], task: asyncio.Task[Any]) -> None:
-    """Drop a finished task from `tasks`; log the traceback of an unexpected error (the task's name is the call id)."""
-    tasks.discard(task)
-    if not task.cancelled() and task.exception():
-        CallLog(task.get_name()).error("unexpected error", exc_info=task.exception())
 
 
 async def http_session(app: web.Application) -> AsyncIterator[None]:
@@ -1422,7 +1423,7 @@ async def resume_calls(app: web.Application) -> None:
         if age >= app[CONFIG].max_call_seconds:
             call.log.info("left by the previous run %.0fs after its accept: past MAX_CALL_SECONDS, hanging up", age)
             call.end_reason = "max_duration"  # run() then only hangs up and cleans up
-        call.task = spawn(app, call_id, call.run())
+        call.task = spawn(app[TASKS], call_id, call.run())
 
 
 async def drain(app: web.Application, grace: float) -> None:
