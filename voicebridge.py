@@ -325,6 +325,7 @@ BODY_TIMEOUT = 5.0  # seconds for a webhook's body to arrive (else 408), so a sl
 SIGNATURE_TOLERANCE = 300  # seconds either side of now, as in Standard Webhooks
 RECENT_IDS = 4096  # call_ids remembered for deduplication
 RECORD_WAIT = 0.2  # seconds the accept waits at most for the state store to record the call
+STORE_BATCH = 0.05  # seconds the state store gathers records before its thread writes them in one transaction
 REST_TIMEOUT = aiohttp.ClientTimeout(total=5)
 REST_RETRY_DELAYS = (0.25, 0.5, 1.0, 2.0)  # transient accept/reject failures; ~4 s in all (the phone is ringing)
 # A call we fail to hang up stays open, billed, until OpenAI's 60-minute cap: keep trying for ~16 s.
@@ -828,10 +829,10 @@ class Sideband:
 class StateStore:
     """What must outlive the process, in SQLite: the live calls, the PIN lock and the call ids seen."""
 
-    # One thread owns the connection and runs every statement in order, so the event loop never waits on the disk,
-    # and a slow SD card delays no webhook and no tool round. Only the accept waits for its call's record, RECORD_WAIT
-    # at most: a call accepted but unknown to a restart would be billed until OpenAI's cap. WAL lets a reader look
-    # while the service writes; synchronous=NORMAL makes a commit a write without an fsync (safe against a crash).
+    # One thread owns the connection and writes what is queued, in order, every STORE_BATCH: the event loop never
+    # waits on the disk, and a slow SD card delays no webhook and no tool round. Only the accept waits for its call's
+    # record, RECORD_WAIT at most: a call accepted but unknown to a restart would be billed until OpenAI's cap. WAL
+    # lets a reader look while the service writes; synchronous=NORMAL: a commit without an fsync (crash-safe).
     SCHEMA = f"""
         CREATE TABLE live_calls (call_id TEXT PRIMARY KEY, caller TEXT, agent TEXT NOT NULL,
                                  accepted_at REAL NOT NULL, pin_ok INTEGER NOT NULL, in_flight TEXT NOT NULL);
@@ -847,6 +848,7 @@ class StateStore:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="voicebridge-state")
         self._db: sqlite3.Connection | None = None  # opened, used and closed in that thread only
         self._failures: set[str] = set()  # causes of failed writes, each logged once
+        self._queued: list[tuple[str, str, tuple[Any, ...]]] = []  # (call_id, sql, params), for the next batch
 
     async def open(self) -> tuple[list[tuple[Any, ...]], PinLock, list[str]]:
         """Open or create the database; what the last run left: its live calls, the PIN lock, the call ids seen."""
@@ -874,27 +876,36 @@ class StateStore:
                               "make the folder writable by the user voicebridge runs as, or set STATE_DIR") from None
         return calls, PinLock(json.loads(lock[0]), lock[1], lock[2]) if lock else PinLock(), seen
 
-    def _write(self, call_id: str, sql: str, params: tuple[Any, ...]) -> None:
+    def _write(self, batch: list[tuple[str, str, tuple[Any, ...]]]) -> None:
         assert self._db is not None  # open() succeeded, or the service would not have started
+        call_id = ""
         try:
-            with self._db:
-                self._db.execute(sql, params)
+            with self._db:  # one transaction, one commit, for the whole batch
+                for call_id, sql, params in batch:
+                    self._db.execute(sql, params)
         except sqlite3.Error as exc:
             if str(exc) not in self._failures:
                 self._failures.add(str(exc))
                 CallLog(call_id).error("state not saved to %s (%s): calls go on, but a restart now would lose track "
                                        "of them", self.path, exc)
 
-    def write(self, call_id: str, sql: str, *params: Any) -> Future[None]:
-        """Hand one statement to the store's thread; the future is done once it is written (or has failed)."""
-        return self._thread.submit(self._write, call_id, sql, params)
+    def write(self, call_id: str, sql: str, *params: Any) -> None:
+        """Queue one statement: what is queued goes to the store's thread STORE_BATCH later, in one transaction."""
+        self._queued.append((call_id, sql, params))
+        if len(self._queued) == 1:  # (waking the thread for each record would cost ~0.1 ms of CPU each)
+            asyncio.get_running_loop().call_later(STORE_BATCH, lambda: self._queued and self.hand_over())
 
-    async def written(self, record: Future[None]) -> None:
-        """Wait for a record, RECORD_WAIT at most (a thread's answer costs ~0.1 ms: only where it matters)."""
-        await asyncio.wait({asyncio.wrap_future(record)}, timeout=RECORD_WAIT)
+    def hand_over(self) -> Future[None]:
+        """Give the store's thread what is queued now; the future is done once it is written (or has failed)."""
+        batch, self._queued = self._queued, []
+        return self._thread.submit(self._write, batch)
 
-    def save_call(self, call: Call) -> Future[None]:
-        return self.write(call.id, "INSERT OR REPLACE INTO live_calls VALUES (?, ?, ?, ?, ?, ?)", call.id, call.caller,
+    async def written(self) -> None:
+        """Hand over what is queued and wait until it is on disk, RECORD_WAIT at most."""
+        await asyncio.wait({asyncio.wrap_future(self.hand_over())}, timeout=RECORD_WAIT)
+
+    def save_call(self, call: Call) -> None:
+        self.write(call.id, "INSERT OR REPLACE INTO live_calls VALUES (?, ?, ?, ?, ?, ?)", call.id, call.caller,
                    call.agent, call.accepted_at, call.keypad.ok, json.dumps(sorted(call.in_flight)))
 
     def end_call(self, call_id: str) -> None:
@@ -908,8 +919,9 @@ class StateStore:
         self.write(call_id, "INSERT OR IGNORE INTO seen_calls VALUES (?)", call_id)
 
     async def close(self) -> None:
-        """Finish every write handed over so far, then close the database."""
+        """Write everything queued, then close the database."""
         if self._db is not None:
+            await asyncio.wrap_future(self.hand_over())
             await asyncio.wrap_future(self._thread.submit(self._db.close))
         self._thread.shutdown()
 
@@ -963,7 +975,8 @@ class Call:
                     if not self.end_reason:  # (past MAX_CALL_SECONDS: only hung up)
                         await self._attach_and_listen(RECONNECT_DELAYS)
                     return
-                await self.app[STORE].written(self.app[STORE].save_call(self))  # then a crash finds it
+                self.app[STORE].save_call(self)
+                await self.app[STORE].written()  # so that a crash from now on finds it
                 accept = accept_payload(self.config)
                 status, uncertain = await call_control(self.http, self.config, self.id, "accept", accept)
                 if status != 200 and not uncertain:
