@@ -136,6 +136,7 @@ class FakeCall:
         self.hangup_script: list[int] = []  # statuses to answer the next hangups with, before success
         self.answers_lost = 0  # accepts that take effect but whose answer is lost (a 502 from a proxy in the way)
         self.on_accept: Callable[[], Any] | None = None  # called as an accept arrives; what it returns is kept
+        self.accept_delay = 0.0  # how long OpenAI takes to answer an accept
         self.accept_seen: Any = None
         self.accepted_at: float | None = None
         self.accept_body: dict[str, Any] | None = None
@@ -371,6 +372,7 @@ class FakeOpenAI:
         if call is None or action not in ("accept", "reject", "hangup"):
             return not_found
         if action == "accept":
+            await asyncio.sleep(call.accept_delay)
             if call.accept_script:
                 status = call.accept_script.pop(0)
                 return web.json_response(error_body("The server had an error", "server_error"), status=status)
@@ -2089,7 +2091,7 @@ async def test_any_sign_of_the_caller_restarts_the_silence_clock(
     if sign == "unasked response":
         await call.model_response(audio_seconds=0.05)
     else:
-        signs: dict[str, dict[str, Any]] = {
+        signs: dict[str, dict[str, Any]] = {  # (speech_started holds the clock until the next sign: speech_stopped)
             "speech_started": {"type": "input_audio_buffer.speech_started", "audio_start_ms": 10, "item_id": "item_c"},
             "keypad": {"type": "input_audio_buffer.dtmf_event_received", "event": "5", "received_at": int(time.time())},
             "transcript": {"type": "conversation.item.input_audio_transcription.completed", "item_id": "item_c",
@@ -2098,6 +2100,10 @@ async def test_any_sign_of_the_caller_restarts_the_silence_clock(
                               "item": {"id": "item_c", "type": "message", "role": "user", "content": []}},
         }
         await call.send(signs[sign])
+        if sign == "speech_started":
+            await asyncio.sleep(0.7)
+            assert len(idle_checks(call)) == 1  # still speaking: the silence clock waits
+            await call.send({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": 900, "item_id": "item_c"})
     await asyncio.sleep(0.7)  # longer than IDLE_SECONDS: without the sign, this would have been the goodbye
     assert call.state == "accepted" and not any("goodbye" in str(e.get("response")) for e in call.response_creates())
     await eventually(lambda: len(idle_checks(call)) == 2, timeout=3)  # silence again: asked again, not hung up
@@ -2297,6 +2303,75 @@ async def test_nested_json_and_forged_lines_from_the_sideband_change_nothing(
     assert call.outputs()[-1]["output"] == "Answer to: still alive?" and call.state == "accepted"
     ours = [r.getMessage() for r in caplog.records if r.name == "voicebridge"]
     assert not [line for line in ours if "\n" in line] and not errors_logged(caplog)
+
+
+async def test_a_call_the_lock_catches_while_its_accept_is_out_is_hung_up_not_greeted(
+    start_bridge: Bridge, openai: FakeOpenAI, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(voicebridge, "PIN_LOCK_AFTER", 3)
+    bridge = await start_bridge(CALL_PIN="246813", MAX_CONCURRENT_CALLS="0")
+    dialler = await connected_call(bridge, openai, "rtc_dialler")
+    for attempt in range(2):
+        await dialler.wait_idle()
+        await dialler.press(f"{attempt}00000")
+        await eventually(lambda: caplog.text.count("wrong PIN (") == attempt + 1)
+    late = openai.ring("rtc_late")
+    late.accept_delay = 0.5  # OpenAI takes its time with this accept ...
+    await post_webhook(bridge, incoming_event("rtc_late"))
+    await eventually(lambda: ("accept", "rtc_late") in openai.rest)
+    await dialler.wait_idle()
+    await dialler.press("200000")  # ... and meanwhile the third wrong PIN locks the line
+    await eventually(lambda: late.state == "ended", timeout=5)
+    assert late.response_creates() == [] and late.sideband_attempts == []  # never greeted, never attached
+    assert openai.rest.count(("hangup", "rtc_late")) == 1
+    await eventually(lambda: "[rtc_late] call summary" in caplog.text)
+    assert "[rtc_late] call summary" in caplog.text and "reason=pin_locked" in caplog.text
+
+
+async def test_an_owed_goodbye_survives_a_refused_filler_and_a_refused_idle_check_is_not_repeated() -> None:
+    rules, wire = voicebridge.Sideband(voicebridge.CallLog("rtc_rules")), Recorder()
+    await rules.attach(wire, again=False)  # type: ignore[arg-type]
+    refused: dict[str, Any] = {"code": "conversation_already_has_active_response"}
+    await rules.request_response({"instructions": "still checking", "tool_choice": "none"})
+    goodbye = {"instructions": "goodbye", "tool_choice": "none", "metadata": voicebridge.GOODBYE_TAG}
+    await rules.owe(goodbye)  # the filler is active: the goodbye waits for its response.done
+    await rules.on_event("error", {"error": {**refused, "event_id": wire.sent[-1]["event_id"]}})  # the caller spoke
+    await rules.on_event("response.done", {})
+    assert [e.get("response") for e in wire.sent] == [{"instructions": "still checking", "tool_choice": "none"},
+                                                        goodbye]  # the goodbye, not "still checking" again
+    await rules.on_event("response.done", {})
+    check = {"instructions": voicebridge.IDLE_CHECK, "tool_choice": "none", "metadata": voicebridge.IDLE_TAG}
+    await rules.request_response(check)
+    await rules.on_event("error", {"error": {**refused, "event_id": wire.sent[-1]["event_id"]}})
+    await rules.on_event("response.done", {})  # the caller was there after all: "anyone there?" would be stale
+    assert len(wire.sent) == 3 and not rules.response_active
+
+
+async def test_audio_cut_off_by_a_drop_does_not_hold_the_silence_clock(
+    start_bridge: Bridge, openai: FakeOpenAI
+) -> None:
+    bridge = await start_bridge(idle_seconds=0.5)
+    call = await connected_call(bridge, openai)
+    await call.send({"type": "output_audio_buffer.started", "response_id": "resp_cut"})  # speech, then the drop:
+    await call.drop(1006)  # its output_audio_buffer.stopped will never come
+    await eventually(lambda: call.ws is not None)
+    await eventually(lambda: idle_checks(call), timeout=3)
+
+
+async def test_no_question_goes_to_openclaw_once_the_call_is_ending(
+    bridge: Any, openai: FakeOpenAI, openclaw: FakeOpenClaw
+) -> None:
+    call = await connected_call(bridge, openai)
+    call_obj = bridge.app[voicebridge.CALLS]["rtc_happy"]
+    call.audio_tail = 0.3
+    bye = asyncio.create_task(call_obj.hang_up_after_goodbye("shutdown", goodbye=voicebridge.SHUTDOWN_GOODBYE))
+    await eventually(lambda: len(call.response_creates()) == 2)
+    await call.wait_idle()  # the goodbye is still being heard when a question arrives
+    [fc_id] = await call.model_response([("ask_openclaw", '{"request": "send that email"}')])
+    await eventually(lambda: call.outputs() or call.state == "ended")
+    await bye
+    assert openclaw.requests == []
+    assert call.outputs() in ([], [{"type": "function_call_output", "call_id": fc_id, "output": "Not sent: the call is ending."}])
 
 
 # --- Health, configuration, the process --------------------------------------------------------------------------------

@@ -314,11 +314,13 @@ RESTARTED = ("The owner's assistant was restarted while working on this request,
              "Tell the caller, and ask whether they want you to try again.")
 # What shows that someone is on the line (PROTOCOL.md section 8), besides the caller's own conversation items and a
 # response the server started unasked (its turn detection heard the caller). No one signal is relied on alone.
-CALLER_SIGNS = ("input_audio_buffer.speech_started", "input_audio_buffer.dtmf_event_received",
+CALLER_SIGNS = ("input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
+                "input_audio_buffer.committed", "input_audio_buffer.dtmf_event_received",
                 "conversation.item.input_audio_transcription.completed")
 # Metadata on our own response.create, which comes back in the response's response.created and response.done.
 GREETING_TAG = {"voicebridge": "greeting"}
 GOODBYE_TAG = {"voicebridge": "goodbye"}
+IDLE_TAG = {"voicebridge": "anyone there"}
 
 MAX_WEBHOOK_BYTES = 64 * 1024
 BODY_TIMEOUT = 5.0  # seconds for a webhook's body to arrive (else 408), so a slow client cannot hold a socket
@@ -780,11 +782,12 @@ class Sideband:
             event_id, body = self.last_response
             if event_id and error.get("event_id") == event_id:
                 # Our response.create lost a race with a response the server just started: repeat it after that
-                # one, except a greeting, which would come after the model has already answered the caller.
+                # one, except a greeting or "anyone there?", which would be stale once the model has answered.
                 self.response_active = error.get("code") == "conversation_already_has_active_response"
                 self.asked = max(0, self.asked - 1)
-                greeting = (body or {}).get("metadata") == GREETING_TAG
-                self.owed = (body or {}) if self.response_active and not greeting else None
+                stale = (body or {}).get("metadata") in (GREETING_TAG, IDLE_TAG)  # after the server's own response
+                if self.response_active and not stale and self.owed is None:  # (an owed goodbye stays first)
+                    self.owed = body or {}
         return False
 
     async def flush(self) -> None:
@@ -799,7 +802,7 @@ class Sideband:
             self.creates[event["event_id"]] = item["id"]
             await self._send(event)
             if "call_id" in item:
-                self.log.info("result sent for %s", item["call_id"])
+                self.log.info("result sent for %s", one_line(item["call_id"]))
         goodbye = owed is not None and owed.get("metadata") == GOODBYE_TAG
         await self.request_response(owed if goodbye or not items else None)  # new results beat a stale filler
 
@@ -906,7 +909,7 @@ class StateStore:
 
     def save_call(self, call: Call) -> None:
         self.write(call.id, "INSERT OR REPLACE INTO live_calls VALUES (?, ?, ?, ?, ?, ?)", call.id, call.caller,
-                   call.agent, call.accepted_at, call.keypad.ok, json.dumps(sorted(call.in_flight)))
+                   call.agent, call.accepted_at, call.keypad.ok, json.dumps(call.in_flight))
 
     def end_call(self, call_id: str) -> None:
         self.write(call_id, "DELETE FROM live_calls WHERE call_id = ?", call_id)
@@ -948,12 +951,13 @@ class Call:
         self.sideband = Sideband(self.log)
         self.keypad = Keypad(self.config.call_pin)
         self.tools: set[asyncio.Task[None]] = set()
-        self.in_flight: set[str] = set()  # call_ids of function calls whose output the server has not confirmed
+        self.in_flight: tuple[str, ...] = ()  # call_ids of function calls whose output the server has not confirmed
         self.playback_stopped = asyncio.Event()  # clear from output_audio_buffer.started to .stopped
         self.playback_stopped.set()
         self.playing: Any = None  # the response_id of the latest output_audio_buffer.started
         self.quiet_since = received  # loop time since when neither the caller nor the assistant has been heard
         self.asked_if_there = False  # IDLE_CHECK was sent, and the caller has given no sign since
+        self.caller_speaking = False  # from speech_started to the caller's next sign
         self.silence: asyncio.TimerHandle | None = None  # when the silence is next looked at
         self.prompted = self.resumed  # the model has spoken (so it has asked for the PIN, if one is needed)
         self.accepted = False  # or its outcome is unknown: either way the call ends with a /hangup
@@ -968,6 +972,7 @@ class Call:
 
     async def run(self) -> None:
         """The whole life of the call: accept (or, after a restart, resume), attach, handle events until it is over."""
+        accepting = False  # the accept is out: cut off now, it may still take effect
         try:
             async with timeout(self.config.max_call_seconds - max(0.0, time.time() - self.accepted_at)):
                 if self.resumed:  # a 404 now means the call ended while no process watched it
@@ -977,12 +982,15 @@ class Call:
                     return
                 self.app[STORE].save_call(self)
                 await self.app[STORE].written()  # so that a crash from now on finds it
-                accept = accept_payload(self.config)
+                accepting, accept = True, accept_payload(self.config)
                 status, uncertain = await call_control(self.http, self.config, self.id, "accept", accept)
+                accepting = False
                 if status != 200 and not uncertain:
-                    self.end_reason = "caller_hung_up" if status == 404 else "error"
+                    self.end_reason = self.end_reason or ("caller_hung_up" if status == 404 else "error")
                     return
                 self.accepted = True  # or may be: after a timeout the retry gets 404 or 409, yet OpenAI holds it
+                if self.end_reason:
+                    return  # ended while the accept was out (a PIN lock, a shutdown): hung up below, never greeted
                 if status == 200:
                     waited = asyncio.get_running_loop().time() - self.received
                     self.log.info("call accepted in %.0f ms", waited * 1000)
@@ -999,24 +1007,27 @@ class Call:
         finally:
             # Bookkeeping first: shutdown may cancel this task again while it awaits below.
             self.app[CALLS].pop(self.id, None)
+            self.accepted = self.accepted or accepting
             silent = self.keypad.waiting and self.prompted  # asked for the PIN, and it never came
             if silent and self.end_reason not in ("shutdown", "sideband_lost", "pin_locked", ""):
                 self.log.warning("the call ended (%s) without the PIN: counts as a wrong PIN", self.end_reason)
                 self._wrong_pin()  # so silent callers cannot hold the lines without ever risking a strike
-            if self.accepted:  # however it ended: one rule, and a 404 answer just means it was over already
-                await self.hang_up(self.end_reason or "error")  # (no reason: a crash; spawn() logs its traceback)
-            self.app[STORE].end_call(self.id)
-            self.log.info(
-                "call summary: caller=%s agent=%s duration=%.1fs tool_calls=%d openclaw_seconds=%s reason=%s",
-                mask(self.caller), self.agent, asyncio.get_running_loop().time() - self.received, self.tool_calls,
-                ",".join(f"{s:.1f}" for s in self.latencies) or "-", self.end_reason or "error",
-            )
             if self.silence is not None:
                 self.silence.cancel()
-            for task in self.tools:
-                task.cancel()  # also closes an in-flight OpenClaw request, which stops the agent run
-            await asyncio.gather(*self.tools, return_exceptions=True)
-            await self.sideband.close()
+            try:
+                if self.accepted:  # however it ended: one rule, and a 404 answer just means it was over already
+                    await self.hang_up(self.end_reason or "error")  # (no reason: a crash; spawn() logged it)
+            finally:
+                self.app[STORE].end_call(self.id)
+                self.log.info(
+                    "call summary: caller=%s agent=%s duration=%.1fs tool_calls=%d openclaw_seconds=%s reason=%s",
+                    mask(self.caller), self.agent, asyncio.get_running_loop().time() - self.received,
+                    self.tool_calls, ",".join(f"{s:.1f}" for s in self.latencies) or "-", self.end_reason or "error",
+                )
+                for task in self.tools:
+                    task.cancel()  # also closes an in-flight OpenClaw request, which stops the agent run
+                await asyncio.gather(*self.tools, return_exceptions=True)
+                await self.sideband.close()
 
     async def _attach_and_listen(self, delays: tuple[float, ...]) -> None:
         """Open the sideband, greet, read events; after a drop or a clean close, see whether the call goes on."""
@@ -1036,6 +1047,7 @@ class Call:
                     await self._on_message(msg.data)
                 msg = await ws.receive()
             self.sideband.response_active = True  # nothing can be sent until a reconnect: the filler and results wait
+            self.playback_stopped.set()  # (and its output_audio_buffer.stopped will never come)
             code = None if ws.close_code is None else int(ws.close_code)  # 3.10 logs an IntEnum by name
             reason = one_line(msg.extra, 200) if msg.type == WSMsgType.CLOSE and msg.extra else ""
             self.log.info("sideband closed (code %s%s)", code, f", reason {reason!r}" if reason else "")
@@ -1055,7 +1067,7 @@ class Call:
                 break
             # A clean close may be a backend rotating while the call goes on: one handshake at once tells. A drop
             # (usually the caller hanging up, which closes without a frame) gets the reconnect budget's backoff.
-            delays = () if code in NORMAL_CLOSE else RECONNECT_DELAYS
+            delays = () if code in NORMAL_CLOSE else RECONNECT_DELAYS  # a clean close: one look, at once
             backoff = 0.0 if code in NORMAL_CLOSE else RECONNECT_BACKOFF[len(self.reconnects)]
             self.reconnects.append(now)
             self.log.info("sideband: checking whether the call goes on%s", f" in {backoff:g}s" * bool(backoff))
@@ -1068,12 +1080,14 @@ class Call:
         self.quiet_since = asyncio.get_running_loop().time()  # (after a restart, the time down is not silence)
         if self.resumed:
             self.log.info("resumed after a restart")
-            for call_id in sorted(self.in_flight):
+            for call_id in self.in_flight:
                 await self.sideband.queue({"type": "function_call_output", "call_id": call_id, "output": RESTARTED})
         else:
             greeting = {"instructions": self.config.greeting or GREETING, "metadata": GREETING_TAG}
             await self.sideband.request_response(greeting)
-        if self.keypad.waiting:
+        if self.keypad.waiting and self.app[PIN_LOCK].until > time.time():  # (resumed while the line is locked)
+            self._start(self.hang_up_after_goodbye("pin_locked", goodbye=PIN_LOCKED_GOODBYE))
+        elif self.keypad.waiting:
             self._start(self._pin_deadline())
         if self.config.idle_seconds:
             self._check_silence()
@@ -1124,13 +1138,14 @@ class Call:
         item: dict[str, Any] = event["item"] if isinstance(event.get("item"), dict) else {}
         if unasked or kind in CALLER_SIGNS or (kind == "conversation.item.added" and item.get("role") == "user"):
             self.quiet_since, self.asked_if_there = asyncio.get_running_loop().time(), False
+            self.caller_speaking = kind == "input_audio_buffer.speech_started"  # holds the clock until it stops
         elif kind in ("response.done", "output_audio_buffer.stopped", "output_audio_buffer.cleared"):
             self.quiet_since = asyncio.get_running_loop().time()  # the assistant's turn ends: the silence clock starts
         if kind == "response.done":
             self.prompted = True
             await self._on_response_done(event.get("response"))
         elif kind == "conversation.item.added" and item.get("call_id") in self.in_flight:
-            self.in_flight.discard(item["call_id"])  # its output is delivered: a restart need not mention it
+            self.in_flight = tuple(i for i in self.in_flight if i != item["call_id"])  # delivered: not to mention
             self.app[STORE].save_call(self)
         elif kind == "output_audio_buffer.started":
             self.playing = event.get("response_id")
@@ -1185,6 +1200,8 @@ class Call:
     def _wrong_pin(self) -> None:
         """Count a wrong PIN across calls; if that locks the line, hang up every call still waiting for its PIN."""
         lock = self.app[PIN_LOCK]
+        if lock.until > time.time():
+            return  # already locked: nothing to count toward
         locked = lock.wrong_pin(time.time())
         self.app[STORE].save_lock(self.id, lock)
         if not locked:
@@ -1215,8 +1232,8 @@ class Call:
 
     async def _run_calls(self, items: list[dict[str, Any]]) -> None:
         """Run the function calls of one response one after the other, in the order the model made them."""
-        self.in_flight.update(item["call_id"] for item in items if item.get("name") != "end_call"
-                              and isinstance(item.get("call_id"), str) and item["call_id"])
+        asked = [item["call_id"] for item in items if item.get("name") != "end_call" and item.get("call_id")]
+        self.in_flight += tuple(call_id for call_id in asked if isinstance(call_id, str))
         self.app[STORE].save_call(self)  # queued first: a restart tells the model of each, and never runs one again
         for item in items:
             if item.get("name") == "end_call":
@@ -1233,11 +1250,14 @@ class Call:
     async def _tool_output(self, name: Any, arguments: Any) -> str:
         """The output string for one function call; errors become outputs the model can act on."""
         if name != "ask_openclaw":
-            self.log.warning("unknown tool %r called", name)
-            return f"Error: there is no tool named {name!r}. Use ask_openclaw or end_call."
+            self.log.warning("unknown tool %s called", one_line(repr(name), 100))
+            return f"Error: there is no tool named {one_line(repr(name), 100)}. Use ask_openclaw or end_call."
         if not self.keypad.ok:
             self.log.info("ask_openclaw before the PIN was entered: not sent")
             return PIN_NEEDED
+        if self.end_reason:
+            self.log.info("ask_openclaw while the call is ending: not sent")
+            return "Not sent: the call is ending."
         try:  # a JSON object in a string of a sane size
             request = json.loads(arguments).get("request") if len(arguments) <= MAX_REQUEST_CHARS + 100 else None
         except (ValueError, AttributeError, TypeError, RecursionError):
@@ -1284,12 +1304,14 @@ class Call:
         if self.end_reason:
             return
         if now >= self.quiet_since + self.config.idle_seconds:
-            if self.sideband.response_active or self.asking or not self.playback_stopped.is_set():
-                self.quiet_since = now  # the assistant is talking or working: the clock waits for it to finish
+            busy = self.sideband.response_active or self.asking or not self.playback_stopped.is_set()
+            if busy or self.caller_speaking:
+                self.quiet_since = now  # someone is talking, or OpenClaw working: the clock waits for them
             elif not self.asked_if_there:
                 self.log.info("no sign of the caller for %gs: asking whether anyone is there", self.config.idle_seconds)
                 self.quiet_since, self.asked_if_there = now, True
-                self._start(self.sideband.request_response({"instructions": IDLE_CHECK, "tool_choice": "none"}))
+                check = {"instructions": IDLE_CHECK, "tool_choice": "none", "metadata": IDLE_TAG}
+                self._start(self.sideband.request_response(check))
             else:
                 self.log.info("still no sign of the caller: hanging up")
                 return self._start(self.hang_up_after_goodbye("idle", goodbye=IDLE_GOODBYE))
@@ -1317,9 +1339,10 @@ class Call:
 
     async def hang_up(self, reason: str) -> None:
         """End the call via REST (retried for a while: an open call is billed); the sideband closes, run() cleans up."""
-        if self.hung_up:
+        self.end_reason = self.end_reason or reason
+        if self.hung_up or not self.accepted:  # (while the accept is out, run() hangs up once it has answered)
             return
-        self.hung_up, self.end_reason = True, self.end_reason or reason
+        self.hung_up = True
         await call_control(self.http, self.config, self.id, "hangup", delays=HANGUP_RETRY_DELAYS)
         await self.sideband.close()
 
@@ -1432,7 +1455,7 @@ async def resume_calls(app: web.Application) -> None:
     for call_id, caller, agent, accepted_at, pin_ok, in_flight in app[LEFT_CALLS]:
         age, now = time.time() - accepted_at, asyncio.get_running_loop().time()
         call = app[CALLS][call_id] = Call(app, call_id, caller, agent, now - max(0.0, age), accepted_at)
-        call.keypad.ok, call.in_flight = bool(pin_ok) or call.keypad.ok, set(json.loads(in_flight))
+        call.keypad.ok, call.in_flight = bool(pin_ok) or call.keypad.ok, tuple(json.loads(in_flight))
         if age >= app[CONFIG].max_call_seconds:
             call.log.info("left by the previous run %.0fs after its accept: past MAX_CALL_SECONDS, hanging up", age)
             call.end_reason = "max_duration"  # run() then only hangs up and cleans up
