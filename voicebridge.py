@@ -501,6 +501,10 @@ class PinLock:
     until: float = 0.0  # time.time() when the lock lifts
     locks: int = 0
 
+    @property
+    def locked(self) -> bool:
+        return self.until > time.time()
+
     def wrong_pin(self, now: float) -> bool:
         """Count one wrong PIN; True if that locks the line (each lock lasts twice as long as the one before)."""
         self.failures = [at for at in self.failures if now - at < PIN_LOCK_WINDOW] + [now]
@@ -960,8 +964,7 @@ class Call:
         self.caller_speaking = False  # from speech_started to the caller's next sign
         self.silence: asyncio.TimerHandle | None = None  # when the silence is next looked at
         self.prompted = self.resumed  # the model has spoken (so it has asked for the PIN, if one is needed)
-        self.accepted = False  # or its outcome is unknown: either way the call ends with a /hangup
-        self.hung_up = False
+        self.accepted = self.resumed  # (or may be): a /hangup is owed, until hang_up() has sent it
         self.reconnects: list[float] = []  # loop times of recent reconnects, for the budget
         self.asking = False  # one OpenClaw question in flight per call
         self.latencies: list[float] = []  # seconds per OpenClaw answer, for the summary
@@ -976,7 +979,6 @@ class Call:
         try:
             async with timeout(self.config.max_call_seconds - max(0.0, time.time() - self.accepted_at)):
                 if self.resumed:  # a 404 now means the call ended while no process watched it
-                    self.accepted = True
                     if not self.end_reason:  # (past MAX_CALL_SECONDS: only hung up)
                         await self._attach_and_listen(RECONNECT_DELAYS)
                     return
@@ -1085,7 +1087,7 @@ class Call:
         else:
             greeting = {"instructions": self.config.greeting or GREETING, "metadata": GREETING_TAG}
             await self.sideband.request_response(greeting)
-        if self.keypad.waiting and self.app[PIN_LOCK].until > time.time():  # (resumed while the line is locked)
+        if self.keypad.waiting and self.app[PIN_LOCK].locked:  # (resumed while the line is locked)
             self._start(self.hang_up_after_goodbye("pin_locked", goodbye=PIN_LOCKED_GOODBYE))
         elif self.keypad.waiting:
             self._start(self._pin_deadline())
@@ -1182,7 +1184,7 @@ class Call:
 
     async def _on_keypad(self, key: Any) -> None:
         """Turn what the keypad says into a note for the model, the process-wide PIN lock, or the goodbye."""
-        if self.app[PIN_LOCK].until > time.time():
+        if self.app[PIN_LOCK].locked:
             return  # while the line is locked no PIN is checked, on any call (this one is being hung up)
         outcome = self.keypad.press(key, asyncio.get_running_loop().time())
         if outcome == "accepted":
@@ -1200,7 +1202,7 @@ class Call:
     def _wrong_pin(self) -> None:
         """Count a wrong PIN across calls; if that locks the line, hang up every call still waiting for its PIN."""
         lock = self.app[PIN_LOCK]
-        if lock.until > time.time():
+        if lock.locked:
             return  # already locked: nothing to count toward
         locked = lock.wrong_pin(time.time())
         self.app[STORE].save_lock(self.id, lock)
@@ -1340,9 +1342,9 @@ class Call:
     async def hang_up(self, reason: str) -> None:
         """End the call via REST (retried for a while: an open call is billed); the sideband closes, run() cleans up."""
         self.end_reason = self.end_reason or reason
-        if self.hung_up or not self.accepted:  # (while the accept is out, run() hangs up once it has answered)
+        if not self.accepted:  # hung up already, or the accept is still out (run() hangs up once it has answered)
             return
-        self.hung_up = True
+        self.accepted = False
         await call_control(self.http, self.config, self.id, "hangup", delays=HANGUP_RETRY_DELAYS)
         await self.sideband.close()
 
@@ -1391,7 +1393,7 @@ async def webhook(request: web.Request) -> web.Response:
         why, status = "shutting down", 486
     elif agent is None:
         why, status = "caller not in ALLOWED_CALLERS", 603
-    elif config.call_pin and app[PIN_LOCK].until > time.time():  # turned away before any billed session starts
+    elif config.call_pin and app[PIN_LOCK].locked:  # turned away before any billed session starts
         why, status = f"too many wrong PINs, the line is locked until {utc_text(app[PIN_LOCK].until)}", 603
     elif config.max_concurrent_calls and len(app[CALLS]) >= config.max_concurrent_calls:
         why, status = f"MAX_CONCURRENT_CALLS={config.max_concurrent_calls} calls are already live", 486
@@ -1408,7 +1410,7 @@ async def webhook(request: web.Request) -> web.Response:
 async def healthz(request: web.Request) -> web.Response:
     """Liveness, calls in progress and their cap, and the PIN lock; 503 while shutting down."""
     app, draining = request.app, request.app[DRAINING].is_set()
-    locked = app[CONFIG].call_pin and app[PIN_LOCK].until > time.time()
+    locked = app[CONFIG].call_pin and app[PIN_LOCK].locked
     return web.json_response(
         {"status": "draining" if draining else "ok", "active_calls": len(app[CALLS]),
          "max_concurrent_calls": app[CONFIG].max_concurrent_calls or None,
