@@ -50,6 +50,11 @@ CLAW_TOKEN = "claw-token-never-logged"
 ALICE = "+15551234567"
 BOB = "+15557654321"
 HERE = Path(__file__).parent
+# What a real response.done carries in response.usage (openai-python's RealtimeResponseUsage): what OpenAI bills.
+USAGE = {"total_tokens": 380, "input_tokens": 300, "output_tokens": 80,
+         "input_token_details": {"text_tokens": 120, "audio_tokens": 180, "image_tokens": 0, "cached_tokens": 64,
+                                 "cached_tokens_details": {"text_tokens": 64, "audio_tokens": 0, "image_tokens": 0}},
+         "output_token_details": {"text_tokens": 20, "audio_tokens": 60}}
 
 
 def caller_number(sip_headers: Any) -> str | None:
@@ -213,7 +218,8 @@ class FakeCall:
         self.response_active = False
         if status == "completed":
             self.function_calls.update(call_ids)
-        await self.send({"type": "response.done", "response": {"id": response_id, "status": status, "output": items}})
+        await self.send({"type": "response.done",
+                         "response": {"id": response_id, "status": status, "output": items, "usage": USAGE}})
         if audio_seconds:
             await asyncio.sleep(audio_seconds / 2)  # the caller still hears the rest of the audio
             await self.send({"type": "output_audio_buffer.stopped", "response_id": response_id})
@@ -262,7 +268,8 @@ class FakeCall:
         message = {"id": self.next_id("item"), "type": "message", "role": "assistant", "status": "completed", "content": []}
         await self.send({"type": "response.output_audio_transcript.done", "response_id": response_id, "item_id": message["id"],
                          "output_index": 0, "content_index": 0, "transcript": GREETING_SPOKEN})  # sent with no setting
-        await self.send({"type": "response.done", "response": {**response, "status": "completed", "output": [message]}})
+        await self.send({"type": "response.done",
+                         "response": {**response, "status": "completed", "output": [message], "usage": USAGE}})
         await asyncio.sleep(self.audio_tail)
         await self.send({"type": "output_audio_buffer.stopped", "response_id": response_id})
 
@@ -2141,7 +2148,7 @@ async def test_the_store_keeps_each_live_call_and_its_questions_in_flight_privat
     await call.caller_hangs_up()
     await eventually(lambda: live_rows(state_dir) == [])
     with sqlite3.connect(f"{state_dir}/voicebridge.db") as db:
-        assert db.execute("PRAGMA user_version").fetchone() == (1,)
+        assert db.execute("PRAGMA user_version").fetchone() == (2,)
         assert db.execute("SELECT call_id FROM seen_calls").fetchall() == [("rtc_happy",)]
 
 
@@ -3441,6 +3448,7 @@ async def test_a_call_is_recorded_before_its_accept_and_a_stalled_disk_delays_no
         sent = time.monotonic()
         await a.deliver("rtc_stalled")
         await eventually(lambda: stalled.accepted_at, timeout=3)
+        assert stalled.accepted_at is not None
         assert voicebridge.RECORD_WAIT * 0.9 <= stalled.accepted_at - sent < 1.5  # delayed by RECORD_WAIT, no more
         await eventually(lambda: stalled.ws is not None and stalled.response_creates())
         await stalled.wait_idle()
@@ -3492,3 +3500,170 @@ async def test_a_state_dir_that_cannot_be_created_stops_startup_with_one_line(tm
     assert "Traceback" not in output, output
     named = [line for line in output.splitlines() if state_dir in line]
     assert len(named) == 1 and f"STATE_DIR={state_dir}" in named[0], output
+
+
+# --- The call history and --calls ------------------------------------------------------------------------
+
+
+async def calls_cli(state_dir: str, *args: str) -> tuple[int, str, str]:
+    """`python voicebridge.py --calls ARGS`, as the owner runs it beside the service: (exit status, stdout, stderr)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "OPENCLAW_"))}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(HERE / "voicebridge.py"), "--calls", *args, env={**base, "STATE_DIR": state_dir},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return proc.returncode, stdout.decode(), stderr.decode()
+
+
+def history_rows(state_dir: str) -> dict[str, dict[str, Any]]:
+    with contextlib.closing(sqlite3.connect(f"file:{state_dir}/voicebridge.db?mode=ro", uri=True)) as db:
+        return {call_id: json.loads(record) for call_id, record in db.execute("SELECT call_id, record FROM history")}
+
+
+def tokens_of(call: FakeCall) -> dict[str, int]:
+    """What the history should count for a call: every response.done the fake sent it carried USAGE."""
+    done = sum(e["type"] == "response.done" for e in call.sent)
+    return {"input": 300 * done, "input_text": 120 * done, "input_audio": 180 * done, "input_cached": 64 * done,
+            "output": 80 * done, "output_text": 20 * done, "output_audio": 60 * done}
+
+
+async def test_the_history_keeps_every_call_and_calls_shows_it_masked(
+    start_bridge: Bridge, openai: FakeOpenAI, openclaw: FakeOpenClaw, tmp_path: Path
+) -> None:
+    state_dir = str(tmp_path / "state")
+    bridge = await start_bridge(STATE_DIR=state_dir, ALLOWED_CALLERS=f"{ALICE},{BOB}", LOG_TRANSCRIPTS="1",
+                                idle_seconds=0.5)
+
+    async def ring(call_id: str, number: str) -> tuple[FakeCall, float]:
+        call, sent = openai.ring(call_id), time.monotonic()
+        assert (await post_webhook(bridge, incoming_event(call_id, f"<sip:{number}@sip.example.com>"))).status == 200
+        await eventually(lambda: call.ws is not None and call.response_creates())
+        await call.wait_idle()
+        return call, sent
+
+    answered, rang = await ring("rtc_answered", ALICE)  # answered, with a transcript, then the caller hangs up
+    openclaw.delay = 0.3
+    await answered.send({"type": "conversation.item.input_audio_transcription.completed", "item_id": "item_u1",
+                         "content_index": 0, "transcript": "What's on today?"})
+    await answered.caller_speaks([("ask_openclaw", '{"request": "what is on today"}')])
+    await eventually(lambda: answered.outputs())
+    await answered.caller_hangs_up()
+    failed, _ = await ring("rtc_failed", BOB)  # OpenClaw fails, then the model ends the call
+    openclaw.delay, openclaw.mode = 0.0, "500"
+    await failed.caller_speaks([("ask_openclaw", '{"request": "read my mail"}')])
+    await eventually(lambda: failed.outputs())
+    await failed.model_response([("end_call", "{}")])
+    await eventually(lambda: failed.state == "ended")
+    openclaw.mode = "ok"
+    away = openai.ring("rtc_away")  # not listed: turned away
+    assert (await post_webhook(bridge, incoming_event("rtc_away", "<sip:+15550001111@x.example.com>"))).status == 200
+    await eventually(lambda: away.state == "rejected")
+    idle, _ = await ring("rtc_idle", ALICE)  # nobody speaks: asked once, then hung up
+    await eventually(lambda: idle.state == "ended", timeout=5)
+    cut, _ = await ring("rtc_cut", ALICE)  # the caller hangs up while OpenClaw works on the question
+    openclaw.delay = 5.0
+    await cut.caller_speaks([("ask_openclaw", '{"request": "a long job"}')])
+    await eventually(lambda: openclaw.requests)
+    code, live, _ = await calls_cli(state_dir)  # read while a call is live and the service writes
+    assert code == 0 and "rtc_" not in live and live.count("\n") >= 4, live
+    await cut.caller_hangs_up()
+    await eventually(lambda: len(history_rows(state_dir)) == 5, timeout=5)
+
+    code, out, err = await calls_cli(state_dir, "--json")
+    assert code == 0 and err == "", err
+    calls = [json.loads(line) for line in out.splitlines()]
+    assert [c["call_id"] for c in calls] == ["rtc_cut", "rtc_idle", "rtc_away", "rtc_failed", "rtc_answered"]
+    by_id = {c["call_id"]: c for c in calls}
+    fields = {"call_id", "caller", "agent", "started", "start", "end", "seconds", "turned_away", "end_reason",
+              "first_word", "questions", "pin", "reconnects", "resumed", "tokens", "timeline", "transcript"}
+    assert all(set(c) == fields for c in calls)
+    assert ALICE not in out and BOB not in out and by_id["rtc_answered"]["caller"] == "+1******4567"
+    assert [by_id[i]["end_reason"] for i in ("rtc_answered", "rtc_failed", "rtc_idle", "rtc_cut")] == [
+        "caller_hung_up", "end_call", "idle", "caller_hung_up"]
+    a = by_id["rtc_answered"]
+    assert a["agent"] == "main" and a["pin"] is None and a["reconnects"] == 0 and a["resumed"] is False
+    assert a["turned_away"] is None and a["tokens"] == tokens_of(answered)
+    assert datetime.fromisoformat(a["start"]) <= datetime.fromisoformat(a["end"]) and 0.3 < a["seconds"] < 10
+    steps: dict[str, float] = {}
+    for at, text in a["timeline"]:
+        steps.setdefault(text, at)  # the first time of each step
+    assert list(steps)[:6] == ["webhook arrived", "accept sent", "accept answered: HTTP 200", "sideband open",
+                               "greeting started", "greeting audio started"]
+    audio = next(e["_at"] for e in answered.sent if e["type"] == "output_audio_buffer.started")
+    assert a["first_word"] == steps["greeting audio started"] and audio - rang - 0.1 < a["first_word"] <= audio - rang
+    [question] = a["questions"]
+    assert question["outcome"] == "answered" and 0.3 <= question["seconds"] < 2 and "why" not in question
+    assert a["transcript"][:2] == [f"assistant said: {GREETING_SPOKEN}", "caller said: What's on today?"]
+    [question] = by_id["rtc_failed"]["questions"]
+    assert question["outcome"] == "failed" and "HTTP 500: upstream model failed" in question["why"]
+    assert by_id["rtc_failed"]["caller"] == "+1******4321" and by_id["rtc_failed"]["tokens"] == tokens_of(failed)
+    assert by_id["rtc_away"]["turned_away"] == "not listed" and by_id["rtc_away"]["end_reason"] is None
+    assert by_id["rtc_away"]["timeline"] == [[0.0, "turned away with SIP 603: caller not in ALLOWED_CALLERS"]]
+    assert by_id["rtc_idle"]["questions"] == [] and by_id["rtc_idle"]["first_word"] > 0
+    [question] = by_id["rtc_cut"]["questions"]
+    assert question["outcome"] == "cancelled by the hangup" and 0 < question["seconds"] < 5
+
+    code, table, _ = await calls_cli(state_dir)
+    lines = table.splitlines()
+    assert code == 0 and lines[0].split() == ["when", "caller", "agent", "duration", "questions", "first", "word",
+                                               "tokens", "how", "it", "ended"]
+    assert [line.split()[-1] for line in lines[1:6]] == ["caller_hung_up", "idle", "listed", "end_call",
+                                                         "caller_hung_up"]
+    assert lines[3].split()[2:] == ["+1******1111", "-", "-", "0", "-", "-", "turned", "away:", "not", "listed"]
+    assert lines[5].split()[1] == f"{datetime.fromtimestamp(a['started']):%H:%M:%S}"  # the machine's local time
+    assert lines[5].split()[4:8] == [f"{a['seconds']:.1f}s", "1", f"{a['first_word']:.2f}s",
+                                      f"{a['tokens']['input'] + a['tokens']['output']:,}"]
+    assert "5 call(s) above: 4 accepted, 1 turned away" in table
+    assert "how they ended      caller_hung_up 2, idle 1, turned away: not listed 1, end_call 1" in table
+    assert "OpenClaw answers    p50 0.3s, p95 0.3s (of 1)" in table and "time to first word  p50 " in table
+    assert ALICE not in table and BOB not in table and "https://developers.openai.com/api/docs/pricing" in table
+
+    code, timeline, _ = await calls_cli(state_dir, "rtc_failed")
+    assert code == 0 and "call rtc_failed from +1******4321, agent main" in timeline
+    assert re.search(r"question 1 sent to OpenClaw\n.*question 1 failed after \d\.\ds: HTTP 500: upstream", timeline)
+    assert timeline.index("greeting audio started") < timeline.index("question 1") < timeline.index("ended: end_call")
+    assert f"transcript:\n  assistant said: {GREETING_SPOKEN}\n  caller said: What's on today?" in (
+        await calls_cli(state_dir, "rtc_answered"))[1]
+    assert BOB in (await calls_cli(state_dir, "rtc_failed", "--show-numbers"))[1]
+    assert ALICE in (await calls_cli(state_dir, "--show-numbers"))[1]
+    assert len((await calls_cli(state_dir, "--last", "2"))[1].splitlines()) == 1 + 2 + 7
+    code, _, err = await calls_cli(state_dir, "rtc_nonesuch")
+    assert code == 1 and f"no call rtc_nonesuch in the history in {state_dir}/voicebridge.db" in err
+
+
+async def test_calls_without_a_history_says_so_and_names_the_folder_it_read(tmp_path: Path) -> None:
+    code, out, err = await calls_cli(str(tmp_path / "never"))
+    assert code == 0 and out == "" and f"no call history yet in {tmp_path}/never/voicebridge.db" in err
+    assert not (tmp_path / "never").exists()  # read-only: nothing created
+    code, _, err = await calls_cli(str(tmp_path), "--json", "--last", "0")
+    assert code == 2 and "--last needs a number of calls, 1 or more" in err
+    proc = await run_voicebridge({}, "--json")
+    code, output = await output_of(proc)
+    assert code == 2 and "--last, --json and --show-numbers go with --calls" in output
+
+
+async def test_history_days_prunes_old_calls_at_startup_and_zero_keeps_none(
+    start_bridge: Bridge, openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    state_dir = str(tmp_path / "state")
+    bridge = await start_bridge(STATE_DIR=state_dir, HISTORY_DAYS="2")
+    call = await connected_call(bridge, openai, "rtc_recent")
+    await call.caller_hangs_up()
+    await eventually(lambda: "rtc_recent" in history_rows(state_dir))
+    await bridge.close()
+    with contextlib.closing(sqlite3.connect(f"{state_dir}/voicebridge.db")) as db, db:
+        old = voicebridge.history_record("rtc_old", ALICE, "main", time.time() - 3 * 86400, end_reason="idle")
+        db.execute("INSERT INTO history VALUES (?, ?, ?)", ("rtc_old", old["started"], json.dumps(old)))
+    assert set(history_rows(state_dir)) == {"rtc_recent", "rtc_old"}
+    bridge = await start_bridge(STATE_DIR=state_dir, HISTORY_DAYS="2")  # a restart: older than 2 days goes
+    await eventually(lambda: set(history_rows(state_dir)) == {"rtc_recent"})
+    await bridge.close()
+    bridge = await start_bridge(STATE_DIR=state_dir, HISTORY_DAYS="0")  # 0: none kept, none written
+    await eventually(lambda: history_rows(state_dir) == {})
+    call = await connected_call(bridge, openai, "rtc_unkept")
+    await call.caller_hangs_up()
+    await eventually(lambda: bridge.app[voicebridge.CALLS] == {})
+    await bridge.close()
+    assert history_rows(state_dir) == {}

@@ -15,6 +15,7 @@ Needs:   Python 3.10-3.13 and requirements.txt (aiohttp, python-dotenv; on 3.10 
 Run it:  cp .env.example .env  (fill it in), then  python voicebridge.py
          python voicebridge.py --check         probe the configuration, OpenAI and OpenClaw; no call made
          python voicebridge.py --ask "..." [--caller N]   ask OpenClaw as a call (from N) would, print the reply
+         python voicebridge.py --calls [CALL_ID]   the last calls and how they went, or one call's timeline
 Routes:  POST /webhook (OpenAI's realtime.call.incoming), GET /healthz.
 
 Environment (the .env file beside this one is read too; no value may hold " #", see Config.from_env):
@@ -35,7 +36,8 @@ Environment (the .env file beside this one is read too; no value may hold " #", 
     CALL_PIN, PIN_TIMEOUT  4-12 digits to type on the keypad before ask_openclaw works (empty: none), within 60 s
     MAX_CONCURRENT_CALLS   calls at once, more are turned away busy (SIP 486); default 3, 0 = no limit
     IDLE_SECONDS           silence before "anyone there?", and as long again before hanging up; default 30, 0: off
-    STATE_DIR              live calls and the PIN lock, across restarts; default $STATE_DIRECTORY, else ./state
+    STATE_DIR              live calls, the PIN lock and the call history; default $STATE_DIRECTORY, else ./state
+    HISTORY_DAYS           days the call history is kept (python voicebridge.py --calls reads it); default 30, 0: none
     LOG_TRANSCRIPTS        1: log what caller and assistant say (input transcription is billed); default 0: never
     LOG_LEVEL              default INFO
 """
@@ -61,6 +63,8 @@ if python_problem(sys.version_info[:2]):
 import argparse
 import asyncio
 import base64
+import collections
+import contextlib
 import functools
 import gc
 import hashlib
@@ -68,6 +72,7 @@ import hmac
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -125,6 +130,7 @@ class Config:
     max_concurrent_calls: int = 3  # 0: no limit
     idle_seconds: float = 30.0  # 0: off
     state_dir: str = "state"  # from_env resolves the default: systemd's $STATE_DIRECTORY, or ./state beside this file
+    history_days: float = 30.0  # 0: no call history
     log_transcripts: bool = False
     log_level: str = "INFO"
 
@@ -203,6 +209,7 @@ class Config:
             max_concurrent_calls=int(number("MAX_CONCURRENT_CALLS", cls.max_concurrent_calls, 0)),
             idle_seconds=idle,
             state_dir=state_dir,
+            history_days=number("HISTORY_DAYS", cls.history_days, 0, 36500),
             log_transcripts=transcripts in ("1", "yes", "true", "on"),
             log_level=level,
         )
@@ -322,6 +329,8 @@ GREETING_TAG = {"voicebridge": "greeting"}
 GOODBYE_TAG = {"voicebridge": "goodbye"}
 IDLE_TAG = {"voicebridge": "anyone there"}
 
+PRICING = "https://developers.openai.com/api/docs/pricing"  # what the tokens of --calls cost; prices change
+
 MAX_WEBHOOK_BYTES = 64 * 1024
 BODY_TIMEOUT = 5.0  # seconds for a webhook's body to arrive (else 408), so a slow client cannot hold a socket
 SIGNATURE_TOLERANCE = 300  # seconds either side of now, as in Standard Webhooks
@@ -406,6 +415,11 @@ def from_user(sip_headers: Any) -> str:
             match = re.match(r"\s*(?:sips?|tel):([^@;>]+)", uri_text, re.IGNORECASE)
             return match.group(1) if match else ""
     return ""
+
+
+def shown(number: str | None, in_full: bool) -> str:
+    """A caller's number for --calls: masked, unless --show-numbers."""
+    return (number or "withheld") if in_full else mask(number)
 
 
 def mask(number: str | None) -> str:
@@ -519,6 +533,29 @@ class PinLock:
 def utc_text(timestamp: float) -> str:
     """A time.time() value as ISO 8601 UTC, to the second."""
     return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
+
+
+def history_record(call_id: str, caller: str | None, agent: str | None, started: float, **fields: Any) -> dict:
+    """One call in the history, every field present (the number in full: the store is private to the service)."""
+    return {
+        "call_id": call_id, "caller": caller, "agent": agent, "started": started, "start": utc_text(started),
+        "turned_away": None, "end": None, "seconds": None, "end_reason": None, "first_word": None, "questions": [],
+        "pin": None, "reconnects": 0, "resumed": False, "tokens": {}, "timeline": [], "transcript": [], **fields,
+    }
+
+
+def add_usage(tokens: dict[str, int], response: Any) -> None:
+    """Add a response.done's usage, which is what OpenAI bills, to a call's token counts."""
+    usage = response.get("usage") if isinstance(response, dict) else None
+    if not isinstance(usage, dict):
+        return
+    for side in ("input", "output"):
+        details, counts = usage.get(f"{side}_token_details"), {side: usage.get(f"{side}_tokens")}
+        if isinstance(details, dict):  # (cached: a part of the input, billed at a lower price)
+            counts.update({f"{side}_{kind}": details.get(f"{kind}_tokens") for kind in ("text", "audio", "cached")})
+        for name, count in counts.items():
+            if type(count) is int and count >= 0:  # (not a bool, not a float, never negative)
+                tokens[name] = tokens.get(name, 0) + count
 
 
 class CallLog(logging.LoggerAdapter):
@@ -834,7 +871,7 @@ class Sideband:
 
 
 class StateStore:
-    """What must outlive the process, in SQLite: the live calls, the PIN lock and the call ids seen."""
+    """What must outlive the process, in SQLite: the live calls, the PIN lock, the call ids seen, the call history."""
 
     # One thread owns the connection and writes what is queued, in order, every STORE_BATCH: the event loop never
     # waits on the disk, and a slow SD card delays no webhook and no tool round. Only the accept waits for its call's
@@ -849,13 +886,18 @@ class StateStore:
         CREATE TRIGGER seen_calls_bounded AFTER INSERT ON seen_calls
             BEGIN DELETE FROM seen_calls WHERE rowid <= NEW.rowid - {RECENT_IDS}; END;
     """
+    HISTORY = """
+        CREATE TABLE history (call_id TEXT PRIMARY KEY, started REAL NOT NULL, record TEXT NOT NULL);
+        CREATE INDEX history_by_start ON history (started);
+    """  # schema 2: one row per call, its record as JSON (see Call.record), written as the call ends
 
-    def __init__(self, state_dir: str) -> None:
-        self.path = Path(state_dir) / "voicebridge.db"
+    def __init__(self, state_dir: str, history_days: float) -> None:
+        self.path, self.history_days = Path(state_dir) / "voicebridge.db", history_days
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="voicebridge-state")
         self._db: sqlite3.Connection | None = None  # opened, used and closed in that thread only
         self._failures: set[str] = set()  # causes of failed writes, each logged once
         self._queued: list[tuple[str, str, tuple[Any, ...]]] = []  # (call_id, sql, params), for the next batch
+        self._pruning: asyncio.TimerHandle | None = None
 
     async def open(self) -> tuple[list[tuple[Any, ...]], PinLock, list[str]]:
         """Open or create the database; what the last run left: its live calls, the PIN lock, the call ids seen."""
@@ -869,12 +911,14 @@ class StateStore:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > 1:
+            if version > 2:
                 raise ConfigError(f"STATE_DIR={self.path.parent}: {self.path.name} is from a newer voicebridge "
                                   f"(schema {version}): upgrade voicebridge, or set STATE_DIR to another folder")
             if version == 0:
                 db.executescript(self.SCHEMA)
-            db.execute("PRAGMA user_version = 1")  # a write: proves folder and file writable now, not at the first call
+            if version < 2:
+                db.executescript(self.HISTORY)
+            db.execute("PRAGMA user_version = 2")  # a write: proves folder and file writable now, not at the first call
             calls = db.execute("SELECT * FROM live_calls").fetchall()
             lock = db.execute("SELECT failures, until, locks FROM pin_lock").fetchone()
             seen = [row[0] for row in db.execute("SELECT call_id FROM seen_calls ORDER BY rowid")]
@@ -925,8 +969,20 @@ class StateStore:
     def seen(self, call_id: str) -> None:
         self.write(call_id, "INSERT OR IGNORE INTO seen_calls VALUES (?)", call_id)
 
+    def save_history(self, record: dict[str, Any]) -> None:
+        if self.history_days:
+            self.write(record["call_id"], "INSERT OR REPLACE INTO history VALUES (?, ?, ?)", record["call_id"],
+                       record["started"], json.dumps(record))
+
+    def prune(self) -> None:
+        """Delete the history older than HISTORY_DAYS, now and then once a day."""
+        self.write("", "DELETE FROM history WHERE started < ?", time.time() - self.history_days * 86400)
+        self._pruning = asyncio.get_running_loop().call_later(86400, self.prune)
+
     async def close(self) -> None:
         """Write everything queued, then close the database."""
+        if self._pruning is not None:
+            self._pruning.cancel()
         if self._db is not None:
             await asyncio.wrap_future(self.hand_over())
             await asyncio.wrap_future(self._thread.submit(self._db.close))
@@ -967,8 +1023,13 @@ class Call:
         self.accepted = self.resumed  # (or may be): a /hangup is owed, until hang_up() has sent it
         self.reconnects: list[float] = []  # loop times of recent reconnects, for the budget
         self.asking = False  # one OpenClaw question in flight per call
-        self.latencies: list[float] = []  # seconds per OpenClaw answer, for the summary
         self.tool_calls = 0
+        # For the call history (StateStore.save_history): what happened, at seconds since the webhook.
+        self.timeline: list[tuple[float, str]] = [] if self.resumed else [(0.0, "webhook arrived")]
+        self.questions: list[dict[str, Any]] = []  # each question put to OpenClaw: when, how long, and the outcome
+        self.tokens: dict[str, int] = {}  # the sum of every response's usage
+        self.transcript: list[str] = []  # with LOG_TRANSCRIPTS only
+        self.greeting_id: Any = ""  # the greeting's response_id, until its audio starts
         # caller_hung_up | end_call | idle | max_duration | pin_failed | pin_locked | pin_timeout | shutdown
         # | sideband_lost | error
         self.end_reason = ""
@@ -985,8 +1046,10 @@ class Call:
                 self.app[STORE].save_call(self)
                 await self.app[STORE].written()  # so that a crash from now on finds it
                 accepting, accept = True, accept_payload(self.config)
+                self.mark("accept sent")
                 status, uncertain = await call_control(self.http, self.config, self.id, "accept", accept)
                 accepting = False
+                self.mark(f"accept answered: HTTP {status}")
                 if status != 200 and not uncertain:
                     self.end_reason = self.end_reason or ("caller_hung_up" if status == 404 else "error")
                     return
@@ -1021,15 +1084,38 @@ class Call:
                     await self.hang_up(self.end_reason or "error")  # (no reason: a crash; spawn() logged it)
             finally:
                 self.app[STORE].end_call(self.id)
+                record = self.record()
+                self.app[STORE].save_history(record)
+                answers = [question["seconds"] for question in self.questions if question["outcome"] == "answered"]
                 self.log.info(
                     "call summary: caller=%s agent=%s duration=%.1fs tool_calls=%d openclaw_seconds=%s reason=%s",
-                    mask(self.caller), self.agent, asyncio.get_running_loop().time() - self.received,
-                    self.tool_calls, ",".join(f"{s:.1f}" for s in self.latencies) or "-", self.end_reason or "error",
+                    mask(self.caller), self.agent, record["seconds"], self.tool_calls,
+                    ",".join(f"{s:.1f}" for s in answers) or "-", record["end_reason"],
                 )
                 for task in self.tools:
                     task.cancel()  # also closes an in-flight OpenClaw request, which stops the agent run
                 await asyncio.gather(*self.tools, return_exceptions=True)
                 await self.sideband.close()
+
+    def mark(self, text: str) -> None:
+        """Note a step of the call for its history's timeline."""
+        self.timeline.append((round(asyncio.get_running_loop().time() - self.received, 3), text))
+
+    def record(self) -> dict[str, Any]:
+        """The call's record in the history, as it ends."""
+        seconds, reason = round(asyncio.get_running_loop().time() - self.received, 1), self.end_reason or "error"
+        first = {text: at for at, text in reversed(self.timeline)}  # the first time of each step
+        pin = "accepted" if self.keypad.ok else f"wrong {self.keypad.failures} time(s)" if self.keypad.failures else ""
+        for question in self.questions:  # one still with OpenClaw is cut off by the hangup
+            question.setdefault("seconds", round(seconds - question["at"], 2))
+        return history_record(
+            self.id, self.caller, self.agent, self.accepted_at, end=utc_text(time.time()), seconds=seconds,
+            end_reason=reason, first_word=first.get("greeting audio started", first.get("greeting started")),
+            questions=self.questions, pin=(pin or "not typed") if self.config.call_pin else None,
+            reconnects=sum(text == "sideband reconnected" for _, text in self.timeline),
+            resumed=self.resumed, tokens=self.tokens, timeline=[*self.timeline, (seconds, f"ended: {reason}")],
+            transcript=self.transcript,
+        )
 
     async def _attach_and_listen(self, delays: tuple[float, ...]) -> None:
         """Open the sideband, greet, read events; after a drop or a clean close, see whether the call goes on."""
@@ -1040,6 +1126,7 @@ class Call:
             again = self.sideband.ws is not None
             self.log.log(logging.WARNING if again else logging.INFO, "sideband %s",
                          "reconnected: the call goes on" if again else "connected")
+            self.mark("sideband reconnected" if again else "sideband open")
             await self.sideband.attach(ws, again=again or self.resumed)
             if not again:
                 await self._begin()
@@ -1053,6 +1140,7 @@ class Call:
             code = None if ws.close_code is None else int(ws.close_code)  # 3.10 logs an IntEnum by name
             reason = one_line(msg.extra, 200) if msg.type == WSMsgType.CLOSE and msg.extra else ""
             self.log.info("sideband closed (code %s%s)", code, f", reason {reason!r}" if reason else "")
+            self.mark(f"sideband closed (code {code})")
             if self.end_reason:
                 return  # we hung up, or are hanging up
             if code in NORMAL_CLOSE and MAX_DURATION_CLOSE in reason.lower():
@@ -1145,13 +1233,22 @@ class Call:
             self.quiet_since = asyncio.get_running_loop().time()  # the assistant's turn ends: the silence clock starts
         if kind == "response.done":
             self.prompted = True
+            add_usage(self.tokens, event.get("response"))
             await self._on_response_done(event.get("response"))
+        elif kind == "response.created" and isinstance(event.get("response"), dict) and (
+            event["response"].get("metadata") == GREETING_TAG
+        ):
+            self.greeting_id = event["response"].get("id")
+            self.mark("greeting started")
         elif kind == "conversation.item.added" and item.get("call_id") in self.in_flight:
             self.in_flight = tuple(i for i in self.in_flight if i != item["call_id"])  # delivered: not to mention
             self.app[STORE].save_call(self)
         elif kind == "output_audio_buffer.started":
             self.playing = event.get("response_id")
             self.playback_stopped.clear()
+            if self.greeting_id and self.playing == self.greeting_id:  # time to first word: what the caller waited
+                self.greeting_id = ""
+                self.mark("greeting audio started")
         elif kind == "output_audio_buffer.cleared" or (  # .cleared: the caller barged in
             kind == "output_audio_buffer.stopped" and event.get("response_id") in (None, self.playing)
         ):  # (an earlier response's audio ending while a later one's plays is not silence)
@@ -1159,9 +1256,11 @@ class Call:
         elif kind == "response.function_call_arguments.done":
             self.log.info("function call received: %s", one_line(event.get("name")))
         elif kind == "conversation.item.input_audio_transcription.completed" and self.config.log_transcripts:
-            self.log.info("caller said: %s", one_line(event.get("transcript")))
+            self.transcript.append(f"caller said: {one_line(event.get('transcript'))}")
+            self.log.info("%s", self.transcript[-1])
         elif kind == "response.output_audio_transcript.done" and self.config.log_transcripts:  # sent in any case
-            self.log.info("assistant said: %s", one_line(event.get("transcript")))
+            self.transcript.append(f"assistant said: {one_line(event.get('transcript'))}")
+            self.log.info("%s", self.transcript[-1])
         elif kind == "conversation.item.input_audio_transcription.failed":  # a mumble, not a fault of ours
             self.log.debug("transcription failed: %s", one_line(json.dumps(event.get("error"))))
         elif kind == "input_audio_buffer.dtmf_event_received":
@@ -1187,6 +1286,8 @@ class Call:
         if self.app[PIN_LOCK].locked:
             return  # while the line is locked no PIN is checked, on any call (this one is being hung up)
         outcome = self.keypad.press(key, asyncio.get_running_loop().time())
+        if outcome:
+            self.mark("PIN accepted" if outcome == "accepted" else f"wrong PIN ({self.keypad.failures} of {PIN_TRIES})")
         if outcome == "accepted":
             self.log.info("PIN accepted")
             self.app[STORE].save_call(self)  # so a restart does not ask again
@@ -1272,18 +1373,25 @@ class Call:
             return "The previous question is still being worked on. Wait for that answer before asking again."
         self.asking = True
         filler = asyncio.create_task(self._filler())
-        started = asyncio.get_running_loop().time()
+        self.mark(f"question {len(self.questions) + 1} sent to OpenClaw")
+        question: dict[str, Any] = {"at": self.timeline[-1][0], "asked": utc_text(time.time())}
+        question["outcome"] = "cancelled by the hangup"  # unless it ends otherwise
+        self.questions.append(question)
         try:
             answer = await ask_openclaw(self.http, self.config, request.strip(), agent=self.agent,
                                         user=openclaw_user(self.caller, self.id), system=openclaw_system(self.caller))
+            question["outcome"] = "answered"
         except OpenClawError as exc:
             self.log.warning("OpenClaw failed: %s", exc)
+            question.update(outcome="too slow" if exc.say == SAY_TOO_SLOW else "failed", why=str(exc))
             return exc.say
         finally:
             self.asking, self.quiet_since = False, asyncio.get_running_loop().time()
+            question["seconds"] = round(self.quiet_since - self.received - question["at"], 2)
+            why = f": {question['why']}" if "why" in question else ""
+            self.mark(f"question {len(self.questions)} {question['outcome']} after {question['seconds']:.1f}s{why}")
             filler.cancel()
-        self.latencies.append(asyncio.get_running_loop().time() - started)
-        self.log.info("OpenClaw answered in %.1fs", self.latencies[-1])
+        self.log.info("OpenClaw answered in %.1fs", question["seconds"])
         return answer
 
     async def _filler(self) -> None:
@@ -1390,19 +1498,23 @@ async def webhook(request: web.Request) -> web.Response:
     caller, who = normalise_number(user), describe_caller(user)
     agent = agent_for(config, caller)
     if app[DRAINING].is_set():
-        why, status = "shutting down", 486
+        away, why, status = "shutting down", "shutting down", 486
     elif agent is None:
-        why, status = "caller not in ALLOWED_CALLERS", 603
+        away, why, status = "not listed", "caller not in ALLOWED_CALLERS", 603
     elif config.call_pin and app[PIN_LOCK].locked:  # turned away before any billed session starts
-        why, status = f"too many wrong PINs, the line is locked until {utc_text(app[PIN_LOCK].until)}", 603
+        away, why = "PIN lock", f"too many wrong PINs, the line is locked until {utc_text(app[PIN_LOCK].until)}"
+        status = 603
     elif config.max_concurrent_calls and len(app[CALLS]) >= config.max_concurrent_calls:
-        why, status = f"MAX_CONCURRENT_CALLS={config.max_concurrent_calls} calls are already live", 486
+        away, why = "busy", f"MAX_CONCURRENT_CALLS={config.max_concurrent_calls} calls are already live"
+        status = 486
     else:
         log.info("[%s] webhook verified, caller %s allowed, agent %s", call_id, who, agent)
         call = app[CALLS][call_id] = Call(app, call_id, caller, agent, received)
         call.task = spawn(app[TASKS], call_id, call.run())
         return web.Response(text="ok\n")
     log.warning("[%s] rejecting the call from %s with SIP %d: %s", call_id, who, status, why)
+    app[STORE].save_history(history_record(call_id, caller, agent, time.time(), turned_away=away,
+                                           timeline=[(0.0, f"turned away with SIP {status}: {why}")]))
     spawn(app[TASKS], call_id, call_control(app[HTTP], config, call_id, "reject", {"status_code": status}))
     return web.Response(text="ok\n")
 
@@ -1443,8 +1555,9 @@ async def http_session(app: web.Application) -> AsyncIterator[None]:
 
 async def state_store(app: web.Application) -> AsyncIterator[None]:
     """The state store for the life of the app: what the last run left is loaded first, and every write lands."""
-    app[STORE] = StateStore(app[CONFIG].state_dir)
+    app[STORE] = StateStore(app[CONFIG].state_dir, app[CONFIG].history_days)
     app[LEFT_CALLS], app[PIN_LOCK], seen = await app[STORE].open()
+    app[STORE].prune()
     app[SEEN_CALLS].update(dict.fromkeys(seen))
     yield
     await app[STORE].close()
@@ -1643,22 +1756,109 @@ async def ask(config: Config, question: str, caller: str | None = None) -> int:
     return 1 if problem else 0
 
 
+def calls(config: Config, call_id: str, last: int, as_json: bool, numbers: bool) -> int:
+    """--calls: read the history read-only (the running service is never held up) and show it."""
+    path = Path(config.state_dir).resolve() / "voicebridge.db"
+    query = "SELECT record FROM history " + ("WHERE call_id = ?" if call_id else "ORDER BY started DESC LIMIT ?")
+    rows = []
+    try:
+        if path.exists():
+            with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+                rows = db.execute(query, (call_id or last,)).fetchall()
+    except sqlite3.Error as exc:
+        print(f"cannot read the call history in {path} ({exc}): run this as the user voicebridge runs as "
+              "(sudo -u voicebridge ...), with its STATE_DIR", file=sys.stderr)
+        return 1
+    if not rows:
+        print(f"no call {call_id} in the history in {path}" if call_id else
+              f"no call history yet in {path} (STATE_DIR={config.state_dir})", file=sys.stderr)
+        return 1 if call_id else 0
+    records = [json.loads(row[0]) for row in rows]
+    for record in records if as_json else ():
+        print(json.dumps({**record, "caller": shown(record["caller"], numbers)}))
+    if not as_json:
+        show_call(records[0], numbers) if call_id else show_calls(records, numbers)
+    return 0
+
+
+def percentiles(values: list[float]) -> str:
+    """p50 and p95 (nearest rank) for the --calls summary, in seconds."""
+    ordered = sorted(values)
+    if not ordered:
+        return "-"
+    p50, p95 = (ordered[math.ceil(share * len(ordered)) - 1] for share in (0.5, 0.95))
+    return f"p50 {p50:.1f}s, p95 {p95:.1f}s (of {len(ordered)})"
+
+
+def show_calls(records: list[dict[str, Any]], numbers: bool) -> None:
+    """--calls: a table of calls, newest first, then a summary of them."""
+    rows = [("when", "caller", "agent", "duration", "questions", "first word", "tokens", "how it ended")]
+    for call in records:
+        tokens = call["tokens"].get("input", 0) + call["tokens"].get("output", 0)
+        rows.append((f"{datetime.fromtimestamp(call['started']):%Y-%m-%d %H:%M:%S}", shown(call["caller"], numbers),
+                     call["agent"] or "-", "-" if call["seconds"] is None else f"{call['seconds']:.1f}s",
+                     str(len(call["questions"])), "-" if call["first_word"] is None else f"{call['first_word']:.2f}s",
+                     f"{tokens:,}" if call["end_reason"] else "-",
+                     call["end_reason"] or f"turned away: {call['turned_away']}"))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    accepted = [call for call in records if not call["turned_away"]]
+    questions = [question for call in accepted for question in call["questions"]]
+    tokens = collections.Counter[str]()
+    for call in accepted:
+        tokens.update(call["tokens"])
+    print(f"\n{len(records)} call(s) above: {len(accepted)} accepted, {len(records) - len(accepted)} turned away")
+    print("  time to first word ", percentiles([call["first_word"] for call in accepted if call["first_word"]]))
+    print("  OpenClaw answers   ", percentiles([q["seconds"] for q in questions if q["outcome"] == "answered"]))
+    ends = collections.Counter(row[-1] for row in rows[1:])
+    print("  how they ended     ", ", ".join(f"{end} {count}" for end, count in ends.most_common()))
+    print(f"  tokens              {tokens['input']:,} input (audio {tokens['input_audio']:,}, cached "
+          f"{tokens['input_cached']:,}), {tokens['output']:,} output (audio {tokens['output_audio']:,})")
+    print(f"                      what they cost: {PRICING}")
+
+
+def show_call(call: dict[str, Any], numbers: bool) -> None:
+    """--calls CALL_ID: one call as a timeline, then its transcript if one was kept."""
+    print(f"call {call['call_id']} from {shown(call['caller'], numbers)}, agent {call['agent'] or '-'}, "
+          f"{datetime.fromtimestamp(call['started']):%Y-%m-%d %H:%M:%S} local time ({call['start']})")
+    for at, step in call["timeline"]:
+        print(f"  {at:8.3f}s  {step}")
+    if call["tokens"]:
+        print("tokens: " + ", ".join(f"{name} {count:,}" for name, count in call["tokens"].items()))
+    if call["pin"] or call["resumed"]:
+        print(f"PIN: {call['pin'] or 'off'}{'; resumed after a restart' if call['resumed'] else ''}")
+    if call["transcript"]:
+        print("transcript:", *(f"  {line}" for line in call["transcript"]), sep="\n")
+
+
 def main() -> None:
-    """Read the config and serve; or --check, or --ask."""
+    """Read the config and serve; or --check, --ask or --calls."""
     parser = argparse.ArgumentParser(description="Phone your OpenClaw assistant through OpenAI Realtime SIP.")
     parser.add_argument("--check", action="store_true", help="check the configuration and both services, then exit")
     parser.add_argument("--ask", metavar="QUESTION", help="ask OpenClaw as a call would, print the answer, exit")
     parser.add_argument("--caller", metavar="NUMBER", help="with --ask: ask as this caller's call would")
+    parser.add_argument("--calls", nargs="?", const="", metavar="CALL_ID",
+                        help="show the last calls and how they went, or one call's timeline, then exit")
+    parser.add_argument("--last", type=int, metavar="N", help="with --calls: show the last N calls (default 20)")
+    parser.add_argument("--json", action="store_true", help="with --calls: one JSON object per call, every field")
+    parser.add_argument("--show-numbers", action="store_true", help="with --calls: show phone numbers in full")
     args = parser.parse_args()
     if args.caller is not None and args.ask is None:
         parser.error("--caller goes with --ask")
+    if args.calls is None and (args.json or args.show_numbers or args.last is not None):
+        parser.error("--last, --json and --show-numbers go with --calls")
+    if args.last is not None and args.last < 1:
+        parser.error("--last needs a number of calls, 1 or more")
     load_dotenv(Path(__file__).with_name(".env"))  # exactly this one: no search through parent directories
     try:
-        config = Config.from_env(os.environ, need_openai=args.ask is None)  # --ask needs only OpenClaw
+        config = Config.from_env(os.environ, need_openai=args.ask is None and args.calls is None)  # (only OpenClaw)
         if args.check:
             sys.exit(asyncio.run(check(config)))
         if args.ask is not None:
             sys.exit(asyncio.run(ask(config, args.ask, args.caller)))
+        if args.calls is not None:
+            sys.exit(calls(config, args.calls, args.last or 20, args.json, args.show_numbers))
         logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(message)s")
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
         log_banner(config)
