@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sqlite3
 import stat
 import subprocess
@@ -1954,10 +1955,11 @@ def test_only_the_env_file_beside_voicebridge_is_read(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "OPENCLAW_"))}
     run = [sys.executable, str(tmp_path / "app" / "voicebridge.py"), "--check"]
     result = subprocess.run(run, cwd=tmp_path / "app", env=env, capture_output=True, text=True, timeout=30)
-    assert result.returncode == 1 and "OPENAI_API_KEY is not set" in result.stderr
+    assert result.returncode == 78 and "OPENAI_API_KEY is not set" in result.stdout
     (tmp_path / "app" / ".env").write_text("OPENAI_API_KEY=sk-beside\nOPENAI_WEBHOOK_SECRET=whsec_%%%\n")
     result = subprocess.run(run, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
-    assert "OPENAI_WEBHOOK_SECRET is not valid base64" in result.stderr  # the key came from the .env beside it
+    assert "OPENAI_WEBHOOK_SECRET is not valid base64" in result.stdout  # the key came from the .env beside it
+    assert "OPENAI_API_KEY is not set" not in result.stdout
 
 
 async def test_check_fails_on_an_empty_allowlist_and_warns_about_an_unknown_voice_and_a_short_pin(
@@ -2599,13 +2601,14 @@ def test_banner_masks_secrets_and_warns_about_open_policies(caplog: pytest.LogCa
     "broken,fix",
     [
         ({}, None),
-        ({"OPENAI_API_KEY": "sk-wrong"}, "check OPENAI_API_KEY"),
+        ({"OPENAI_API_KEY": "sk-wrong"}, "HTTP 401: Incorrect API key provided. (OpenAI refused OPENAI_API_KEY"),
         ({"REALTIME_MODEL": "gpt-realtime-9"}, "(REALTIME_MODEL=gpt-realtime-9 is not available to this key's project"),
         ({"OPENCLAW_TOKEN": "wrong"}, "check OPENCLAW_TOKEN"),
         ({"mode": "disabled"}, "HTTP 404: Not Found (enable gateway.http.endpoints.chatCompletions"),
         ({"OPENCLAW_AGENT": "nobody"}, "Unknown agent 'nobody'. (check OPENCLAW_AGENT)"),
-        ({"OPENCLAW_URL": "http://127.0.0.1:9"}, "cannot connect (ClientConnectorError"),
-        ({"OPENAI_WEBHOOK_SECRET": "not-a-secret"}, "configuration error: OPENAI_WEBHOOK_SECRET must start with 'whsec_'"),
+        ({"OPENCLAW_URL": "http://127.0.0.1:9"}, "cannot connect to 127.0.0.1:9 (OPENCLAW_URL): Connect call failed"),
+        ({"OPENAI_WEBHOOK_SECRET": "not-a-secret"}, "FAIL  configuration complete, OPENAI_WEBHOOK_SECRET well formed\n"
+                                                    "      OPENAI_WEBHOOK_SECRET must start with 'whsec_'"),
     ],
 )
 async def test_check_probes_both_sides_without_making_a_call(
@@ -2616,9 +2619,9 @@ async def test_check_probes_both_sides_without_making_a_call(
     if fix is None:
         assert code == 0 and "All good" in output and "FAIL" not in output, output
     else:
-        assert code == 1 and fix in output and ("FAIL" in output or "configuration error" in output), output
+        assert code == (78 if "OPENAI_WEBHOOK_SECRET" in broken else 1) and fix in output and "FAIL" in output, output
     assert openai.rest == [] and openclaw.requests == []  # no call, no agent run
-    assert openai.models_retrieved == ([] if "OPENAI_WEBHOOK_SECRET" in broken else [broken.get("REALTIME_MODEL", "gpt-realtime-2.1")])
+    assert openai.models_retrieved == [broken.get("REALTIME_MODEL", "gpt-realtime-2.1")]  # probed in every case
     assert API_KEY not in output and CLAW_TOKEN not in output
 
 
@@ -3589,7 +3592,7 @@ async def test_the_history_keeps_every_call_and_calls_shows_it_masked(
     steps: dict[str, float] = {}
     for at, text in a["timeline"]:
         steps.setdefault(text, at)  # the first time of each step
-    assert list(steps)[:6] == ["webhook arrived", "accept sent", "accept answered: HTTP 200", "sideband open",
+    assert list(steps)[:6] == ["webhook arrived", "accept sent", "accepted", "sideband open",
                                "greeting started", "greeting audio started"]
     audio = next(e["_at"] for e in answered.sent if e["type"] == "output_audio_buffer.started")
     assert a["first_word"] == steps["greeting audio started"] and audio - rang - 0.1 < a["first_word"] <= audio - rang
@@ -3667,3 +3670,181 @@ async def test_history_days_prunes_old_calls_at_startup_and_zero_keeps_none(
     await eventually(lambda: bridge.app[voicebridge.CALLS] == {})
     await bridge.close()
     assert history_rows(state_dir) == {}
+
+
+# --- The first hour: settings files, errors all at once, exit status 78, the journal ----------------------
+
+
+async def run_with_file(tmp_path: Path, text: str, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """`voicebridge.py --env-file FILE ARGS` with only this file's settings (and `env`), as the unit would run it."""
+    (tmp_path / "voicebridge.env").write_text(text)
+    return await output_of(await run_voicebridge(env or {}, "--env-file", str(tmp_path / "voicebridge.env"), *args))
+
+
+async def test_the_untouched_env_example_names_both_placeholders_in_one_run_and_exits_78(tmp_path: Path) -> None:
+    code, output = await run_with_file(tmp_path, (HERE / ".env.example").read_text(), env={"PORT": str(free_port())})
+    assert code == 78, output
+    assert output.splitlines() == [
+        "voicebridge: configuration error: OPENAI_API_KEY is still the placeholder from .env.example: put your "
+        "OpenAI API key in the settings file",
+        "voicebridge: configuration error: OPENAI_WEBHOOK_SECRET is still the placeholder from .env.example: copy "
+        "the webhook's signing secret from OpenAI's dashboard",
+    ]
+
+
+async def test_every_broken_setting_is_named_in_one_run(tmp_path: Path) -> None:
+    text = f"OPENAI_API_KEY={API_KEY}\nOPENAI_WEBHOOK_SECRET=whsec_%%%\nPORT=http\nLOG_LEVEL=loud\nCALL_PIN=12\n"
+    code, output = await run_with_file(tmp_path, text)
+    lines = output.splitlines()
+    assert code == 78 and len(lines) == 4 and all(line.startswith("voicebridge: configuration error: ") for line in lines)
+    for named in ("OPENAI_WEBHOOK_SECRET is not valid base64", "PORT='http' is not a number", "LOG_LEVEL='LOUD'",
+                  "CALL_PIN must be 4 to 12 digits"):
+        assert any(named in line for line in lines), output
+    assert API_KEY not in output and "Traceback" not in output
+
+
+def test_a_settings_file_is_read_as_systemd_reads_it_and_what_would_differ_is_refused(tmp_path: Path) -> None:
+    good = tmp_path / "good.env"
+    good.write_text("# a comment\n\n  GREETING=Greet the caller by name  \nOPENCLAW_TOKEN=\"abc # not a note\"\n"
+                    "INSTRUCTIONS='Say \"hi\", costs $0'\nEMPTY=\nOPENCLAW_URL=http://127.0.0.1:1?a=b\n")
+    assert voicebridge.read_settings(good, required=True) == ({
+        "GREETING": "Greet the caller by name", "OPENCLAW_TOKEN": "abc # not a note",
+        "INSTRUCTIONS": 'Say "hi", costs $0', "EMPTY": "", "OPENCLAW_URL": "http://127.0.0.1:1?a=b"}, [])
+    bad = tmp_path / "bad.env"
+    lines = ["export CALL_PIN=123456", 'OPENCLAW_TOKEN="abc" # the token', "PORT = 8080", "HOST= 0.0.0.0",
+             "GREETING=Say don't", "INSTRUCTIONS=costs $0", 'VOICE="marin', "; old comment", "OPENCLAW_TOKEN=abc # x",
+             "just words", r"OPENCLAW_URL=http://a\b"]
+    bad.write_text("\n".join(["OPENAI_API_KEY=sk-fine", *lines]) + "\n")
+    values, problems = voicebridge.read_settings(bad, required=True)
+    assert values == {"OPENAI_API_KEY": "sk-fine"}  # only the lines every reader agrees on
+    assert [problem.split(":")[0] for problem in problems] == [f"{bad}, line {n}" for n in range(2, 2 + len(lines))]
+    for number, expected in enumerate(["without 'export': systemd ignores", "nothing may follow the closing quote",
+                                       "no spaces around =", "no spaces around =", "put the whole value in quotes",
+                                       "use 'single quotes'", "the quote is not closed", "start comments with #",
+                                       "put comments on a line of their own", "not a KEY=value line",
+                                       "use 'single quotes'"]):
+        assert expected in problems[number], problems[number]
+    with pytest.raises(ConfigError, match=f"--env-file {tmp_path}/none.env: there is no such file"):
+        voicebridge.read_settings(tmp_path / "none.env", required=True)
+    assert voicebridge.read_settings(tmp_path / "none.env", required=False) == ({}, [])
+
+
+def test_an_unreadable_settings_file_names_the_file_the_user_and_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (As root, which runs these tests, no file mode refuses a read: the refusal itself is simulated.)
+    def refused(self: Path, *args: Any, **kwargs: Any) -> str:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", refused)
+    user = voicebridge.pwd.getpwuid(os.geteuid()).pw_name
+    with pytest.raises(ConfigError) as refusal:
+        voicebridge.read_settings(tmp_path / "voicebridge.env", required=True)
+    assert str(refusal.value) == (f"cannot read {tmp_path}/voicebridge.env as user {user} (permission denied): let "
+                                  f"that user read it, e.g. sudo chown root:{user} {tmp_path}/voicebridge.env && "
+                                  f"sudo chmod 640 {tmp_path}/voicebridge.env")
+
+
+async def test_the_env_file_wins_over_the_environment_and_the_env_beside_the_script(
+    openai: FakeOpenAI, openclaw: FakeOpenClaw, tmp_path: Path
+) -> None:
+    text = f"OPENCLAW_URL={openclaw.url}\nOPENCLAW_TOKEN={CLAW_TOKEN}\nGREETING=Greet the caller by name\n"
+    code, output = await run_with_file(tmp_path, text, "--ask", "is it on?", env={"OPENCLAW_TOKEN": "from-the-shell"})
+    assert code == 0 and "The caller would hear: Answer to: is it on?" in output, output
+    (tmp_path / "app").mkdir()  # a copy beside a .env of its own, which --env-file must leave unread
+    (tmp_path / "app" / "voicebridge.py").write_text((HERE / "voicebridge.py").read_text())
+    (tmp_path / "app" / ".env").write_text(f"OPENCLAW_URL={openclaw.url}\nOPENCLAW_TOKEN={CLAW_TOKEN}\n"
+                                           "OPENCLAW_AGENT=nobody\n")
+    run = [sys.executable, str(tmp_path / "app" / "voicebridge.py"), "--ask", "is it on?"]
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "OPENCLAW_"))}
+    code, output = await output_of(await asyncio.create_subprocess_exec(*run, env=base, stdout=subprocess.PIPE))
+    assert code == 1 and "Unknown agent 'nobody'" in output  # without --env-file: the .env beside it
+    run += ["--env-file", str(tmp_path / "voicebridge.env")]
+    code, output = await output_of(await asyncio.create_subprocess_exec(*run, env=base, stdout=subprocess.PIPE))
+    assert code == 0 and "(agent main," in output, output
+    code, output = await output_of(await run_voicebridge({}, "--env-file", str(tmp_path / "missing.env"), "--check"))
+    assert code == 78 and f"--env-file {tmp_path}/missing.env: there is no such file" in output, output
+
+
+async def test_check_prints_its_whole_checklist_even_with_broken_settings(
+    openai: FakeOpenAI, openclaw: FakeOpenClaw, tmp_path: Path
+) -> None:
+    text = (f"OPENAI_API_KEY=sk-...\nOPENAI_WEBHOOK_SECRET={SECRET}\nOPENAI_BASE_URL={openai.url}\n"
+            f"OPENCLAW_URL={openclaw.url}\nOPENCLAW_TOKEN={CLAW_TOKEN}\nALLOWED_CALLERS={ALICE}\nPORT=http\n"
+            "export CALL_PIN=123456\n")
+    code, output = await run_with_file(tmp_path, text, "--check")
+    assert code == 78, output
+    assert ("FAIL  configuration complete, OPENAI_WEBHOOK_SECRET well formed\n"
+            f"      {tmp_path}/voicebridge.env, line 8: write it without 'export'") in output
+    assert "\n      OPENAI_API_KEY is still the placeholder from .env.example" in output and "PORT='http'" in output
+    assert "FAIL  OpenAI accepts OPENAI_API_KEY" in output and "not tried without a usable OPENAI_API_KEY" in output
+    assert "ok    OpenClaw at" in output and openai.models_retrieved == []  # the probe that could run, ran
+    assert "PIN   no CALL_PIN: callers type no PIN" in output and "problem(s) found." in output
+    text = text.replace("sk-...", API_KEY).replace("PORT=http\nexport ", "")
+    code, output = await run_with_file(tmp_path, text, "--check")
+    assert code == 0 and "PIN   CALL_PIN is set (6 digits)" in output, output
+
+
+async def test_check_tells_a_name_that_does_not_resolve_and_a_silent_server_from_a_refused_key(
+    openai: FakeOpenAI, openclaw: FakeOpenClaw
+) -> None:
+    env = {**make_env(openai, openclaw), "OPENAI_BASE_URL": "https://voicebridge-test.invalid/v1"}
+    code, output = await output_of(await run_voicebridge(env, "--check"))
+    assert code == 1 and "HTTP 0" not in output and "check OPENAI_API_KEY" not in output, output
+    assert "cannot resolve host voicebridge-test.invalid (OPENAI_BASE_URL)" in output
+    silent = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)  # accepts, never answers
+    async with silent:
+        port = silent.sockets[0].getsockname()[1]
+        env["OPENAI_BASE_URL"] = f"http://127.0.0.1:{port}/v1"
+        code, output = await output_of(await run_voicebridge(env, "--check"))
+    assert code == 1 and "no answer within 5 s (OPENAI_BASE_URL)" in output and "OPENAI_API_KEY" not in output.split(
+        "FAIL")[1].split("\n")[1], output
+
+
+async def test_a_port_in_use_is_one_line_and_no_banner(openai: FakeOpenAI, openclaw: FakeOpenClaw) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, output = await output_of(await run_voicebridge({**make_env(openai, openclaw), "PORT": str(port)}))
+    assert code == 1 and "listening" not in output and "Traceback" not in output, output
+    [line] = [line for line in output.splitlines() if "voicebridge:" in line]
+    assert line.startswith(f"voicebridge: cannot listen on 127.0.0.1:{port} (address already in use): stop the ")
+
+
+async def test_under_the_journal_each_line_carries_its_priority_and_no_timestamp(
+    openai: FakeOpenAI, openclaw: FakeOpenClaw, tmp_path: Path
+) -> None:
+    journal = tmp_path / "journal"
+    with journal.open("wb") as stream:  # the journal's stream, as systemd hands it over: JOURNAL_STREAM=dev:inode
+        info = os.fstat(stream.fileno())
+        env = {**make_env(openai, openclaw), "PORT": str(free_port()), "ALLOWED_CALLERS": "",
+               "JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino}", "REALTIME_MODEL": "gpt-realtime"}
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "OPENCLAW_"))}
+        proc = await asyncio.create_subprocess_exec(sys.executable, str(HERE / "voicebridge.py"), env={**base, **env},
+                                                    stdout=asyncio.subprocess.DEVNULL, stderr=stream)
+        await eventually(lambda: "shut down by OpenAI" in journal.read_text(), timeout=15)
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+    lines = journal.read_text().splitlines()
+    assert all(re.match(r"<[3467]>(DEBUG|INFO|WARNING|ERROR) ", line) for line in lines), lines
+    assert any(line.startswith("<6>INFO voicebridge listening on") for line in lines)
+    assert any(line.startswith("<4>WARNING REALTIME_MODEL=gpt-realtime will be shut down") for line in lines)
+    assert any(line.startswith("<3>ERROR ALLOWED_CALLERS is empty") for line in lines)
+    env["OPENAI_WEBHOOK_SECRET"] = "whsec_..."
+    with journal.open("wb") as stream:
+        info = os.fstat(stream.fileno())
+        env["JOURNAL_STREAM"] = f"{info.st_dev}:{info.st_ino}"
+        proc = await asyncio.create_subprocess_exec(sys.executable, str(HERE / "voicebridge.py"), env={**base, **env},
+                                                    stdout=asyncio.subprocess.DEVNULL, stderr=stream)
+        assert await asyncio.wait_for(proc.wait(), 15) == 78
+    assert journal.read_text().startswith("<3>voicebridge: configuration error: OPENAI_WEBHOOK_SECRET is still")
+    code, output = await output_of(await run_voicebridge({**env, "JOURNAL_STREAM": "1:2"}))  # not the journal
+    assert code == 78 and output.startswith("voicebridge: configuration error:")
+
+
+def test_the_unit_stops_restarting_on_a_configuration_error_and_reads_its_own_settings() -> None:
+    unit = (HERE / "voicebridge.service").read_text()
+    assert "\nRestartPreventExitStatus=78\n" in unit and "\nSyslogIdentifier=voicebridge\n" in unit
+    assert "--env-file /etc/voicebridge.env\n" in unit and "EnvironmentFile=" not in unit
+    assert voicebridge.EX_CONFIG == 78

@@ -11,14 +11,14 @@ The call path, top to bottom in this file:
       5. hand the answer back (function_call_output + response.create) and the model speaks it
     Audio never touches this process; it only steers the call.
 
-Needs:   Python 3.10-3.13 and requirements.txt (aiohttp, python-dotenv; on 3.10 also async-timeout)
-Run it:  cp .env.example .env  (fill it in), then  python voicebridge.py
+Needs:   Python 3.10-3.13 and requirements.txt (aiohttp; on 3.10 also async-timeout)
+Run it:  cp .env.example .env  (fill it in), then  python voicebridge.py   [--env-file FILE: that file, not .env]
          python voicebridge.py --check         probe the configuration, OpenAI and OpenClaw; no call made
          python voicebridge.py --ask "..." [--caller N]   ask OpenClaw as a call (from N) would, print the reply
          python voicebridge.py --calls [CALL_ID]   the last calls and how they went, or one call's timeline
-Routes:  POST /webhook (OpenAI's realtime.call.incoming), GET /healthz.
+Routes:  POST /webhook (OpenAI's realtime.call.incoming), GET /healthz.   Exit status 78: a configuration error.
 
-Environment (the .env file beside this one is read too; no value may hold " #", see Config.from_env):
+Settings, from the environment and the .env beside this file (or --env-file; see read_settings for the forms):
     OPENAI_API_KEY         required; Bearer for REST call control and the sideband
     OPENAI_WEBHOOK_SECRET  required; the project's webhook signing secret, "whsec_..."
     OPENAI_BASE_URL        REST base, default https://api.openai.com/v1 (sideband: http->ws, https->wss)
@@ -74,6 +74,7 @@ import json
 import logging
 import math
 import os
+import pwd
 import re
 import signal
 import sqlite3
@@ -88,7 +89,6 @@ from urllib.parse import quote
 
 import aiohttp
 from aiohttp import WSMsgType, web
-from dotenv import load_dotenv
 
 if sys.version_info >= (3, 11):
     from asyncio import timeout
@@ -101,8 +101,18 @@ log = logging.getLogger("voicebridge")
 # --- Configuration: read once at start, fail fast naming the variable --------------------------
 
 
+EX_CONFIG = 78  # the exit status of a configuration error (sysexits.h); the unit's RestartPreventExitStatus=
+
+
+class StartupError(Exception):
+    """The service cannot start for a reason outside its settings (the port is taken, say): exit status 1."""
+
+
 class ConfigError(Exception):
-    """A setting is missing or malformed; the message says which and how to fix it."""
+    """Settings that are missing or malformed: one message per problem, each saying which and how to fix it."""
+
+    def __str__(self) -> str:
+        return "\n".join(map(str, self.args))
 
 
 @dataclass(frozen=True)
@@ -136,13 +146,22 @@ class Config:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], need_openai: bool = True) -> Config:
-        """Build the config from environment variables; raise ConfigError naming what is wrong."""
+        """Build the config from environment variables; raise ConfigError naming every problem."""
+        config, problems = cls.parse(env, need_openai)
+        if problems:
+            raise ConfigError(*problems)
+        return config
+
+    @classmethod
+    def parse(cls, env: Mapping[str, str], need_openai: bool = True) -> tuple[Config, list[str]]:
+        """The config, with defaults where a setting is wrong, and what is wrong (all of it, so one run shows all)."""
+        problems: list[str] = []
 
         def get(name: str, default: str = "") -> str:
             value = env.get(name, "").strip()
             if re.search(r"\s#", value):  # systemd's EnvironmentFile keeps it; dotenv and sh drop it
-                raise ConfigError(f"{name} holds a ' #' comment, which the systemd unit would keep as part of the "
-                                  "value: put comments on a line of their own")
+                problems.append(f"{name} holds a ' #' comment, which the systemd unit would keep as part of the "
+                                "value: put comments on a line of their own")
             return value or default
 
         def number(name: str, default: float, minimum: float, maximum: float = 1e9) -> float:
@@ -150,46 +169,55 @@ class Config:
             try:
                 value = float(raw)
             except ValueError:
-                raise ConfigError(f"{name}={raw!r} is not a number") from None
+                problems.append(f"{name}={raw!r} is not a number")
+                return default
             if not minimum <= value <= maximum:  # also refuses nan and inf
-                raise ConfigError(f"{name}={raw!r} must be a number between {minimum:g} and {maximum:,.0f}")
+                problems.append(f"{name}={raw!r} must be a number between {minimum:g} and {maximum:,.0f}")
+                return default
             return value
 
-        key = get("OPENAI_API_KEY")
-        if not key and need_openai:
-            raise ConfigError("OPENAI_API_KEY is not set: put your OpenAI API key in .env")
+        key, webhook_key = get("OPENAI_API_KEY"), b""
+        if need_openai and key in ("", "sk-..."):  # (sk-...: the line as .env.example has it)
+            problems.append(f"OPENAI_API_KEY {'is still the placeholder from .env.example' if key else 'is not set'}: "
+                            "put your OpenAI API key in the settings file")
+            key = ""
+        try:
+            webhook_key = parse_webhook_secret(get("OPENAI_WEBHOOK_SECRET")) if need_openai else b""
+        except ConfigError as exc:
+            problems.append(str(exc))
         agent = get("OPENCLAW_AGENT", cls.openclaw_agent)
         if not AGENT_ID.fullmatch(agent):
-            raise ConfigError(f"OPENCLAW_AGENT={agent!r} is not an OpenClaw agent id ({AGENT_ID_RULE})")
+            problems.append(f"OPENCLAW_AGENT={agent!r} is not an OpenClaw agent id ({AGENT_ID_RULE})")
+            agent = cls.openclaw_agent
         callers: dict[str, str] = {}
         for entry in filter(None, (entry.strip() for entry in get("ALLOWED_CALLERS").split(","))):
             who, _, named = (part.strip() for part in entry.partition("="))
             caller = "*" if who == "*" else normalise_number(who)
             if caller is None:
-                raise ConfigError(f"ALLOWED_CALLERS: {who!r} is not an E.164 number like +15551234567, nor *")
-            if "=" in entry and not AGENT_ID.fullmatch(named):
-                raise ConfigError(f"ALLOWED_CALLERS: in {entry!r}, {named!r} is not an OpenClaw agent id "
-                                  f"({AGENT_ID_RULE})")
-            if callers.setdefault(caller, named or agent) != (named or agent):
-                raise ConfigError(f"ALLOWED_CALLERS lists {mask(caller)} twice, for agents {callers[caller]!r} and "
-                                  f"{named or agent!r}: keep one entry")
+                problems.append(f"ALLOWED_CALLERS: {who!r} is not an E.164 number like +15551234567, nor *")
+            elif "=" in entry and not AGENT_ID.fullmatch(named):
+                problems.append(f"ALLOWED_CALLERS: in {entry!r}, {named!r} is not an OpenClaw agent id "
+                                f"({AGENT_ID_RULE})")
+            elif callers.setdefault(caller, named or agent) != (named or agent):
+                problems.append(f"ALLOWED_CALLERS lists {mask(caller)} twice, for agents {callers[caller]!r} and "
+                                f"{named or agent!r}: keep one entry")
         pin = get("CALL_PIN")
         if pin and not re.fullmatch(r"\d{4,12}", pin):
-            raise ConfigError("CALL_PIN must be 4 to 12 digits (the caller types it on the keypad)")
+            problems.append("CALL_PIN must be 4 to 12 digits (the caller types it on the keypad)")
         transcripts = get("LOG_TRANSCRIPTS", "0").lower()
         if transcripts not in ("0", "1", "no", "yes", "false", "true", "off", "on"):
-            raise ConfigError(f"LOG_TRANSCRIPTS={transcripts!r}: use 1 to log what is said on calls, or 0 (default)")
+            problems.append(f"LOG_TRANSCRIPTS={transcripts!r}: use 1 to log what is said on calls, or 0 (default)")
         idle = number("IDLE_SECONDS", cls.idle_seconds, 0)
         if 0 < idle < 10:
-            raise ConfigError(f"IDLE_SECONDS={idle:g}: use 0 (never hang up on silence) or 10 seconds or more")
+            problems.append(f"IDLE_SECONDS={idle:g}: use 0 (never hang up on silence) or 10 seconds or more")
         systemd_state = env.get("STATE_DIRECTORY", "").split(":")[0]  # set by the unit's StateDirectory=
         state_dir = get("STATE_DIR", systemd_state) or str(Path(__file__).with_name("state"))
         level = get("LOG_LEVEL", "INFO").upper()
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            raise ConfigError(f"LOG_LEVEL={level!r}: use DEBUG, INFO, WARNING or ERROR")
-        return cls(
+            problems.append(f"LOG_LEVEL={level!r}: use DEBUG, INFO, WARNING or ERROR")
+        config = cls(
             openai_api_key=key,
-            webhook_key=parse_webhook_secret(get("OPENAI_WEBHOOK_SECRET")) if need_openai else b"",
+            webhook_key=webhook_key,
             openai_base_url=get("OPENAI_BASE_URL", cls.openai_base_url).rstrip("/"),
             openclaw_url=get("OPENCLAW_URL", cls.openclaw_url).rstrip("/"),
             openclaw_token=get("OPENCLAW_TOKEN"),
@@ -204,21 +232,76 @@ class Config:
             greeting=get("GREETING"),
             max_call_seconds=number("MAX_CALL_SECONDS", cls.max_call_seconds, 10),
             shutdown_grace=number("SHUTDOWN_GRACE", cls.shutdown_grace, 0),
-            call_pin=pin,
+            call_pin=pin if re.fullmatch(r"\d{4,12}", pin) else "",
             pin_timeout=number("PIN_TIMEOUT", cls.pin_timeout, 10),
             max_concurrent_calls=int(number("MAX_CONCURRENT_CALLS", cls.max_concurrent_calls, 0)),
-            idle_seconds=idle,
+            idle_seconds=idle if not 0 < idle < 10 else cls.idle_seconds,
             state_dir=state_dir,
             history_days=number("HISTORY_DAYS", cls.history_days, 0, 36500),
             log_transcripts=transcripts in ("1", "yes", "true", "on"),
-            log_level=level,
+            log_level=level if level in ("DEBUG", "INFO", "WARNING", "ERROR") else "INFO",
         )
+        return config, problems
+
+
+def read_settings(path: Path, required: bool) -> tuple[dict[str, str], list[str]]:
+    """A settings file read as systemd's EnvironmentFile reads it: its values, and the lines refused (with why), which
+    python-dotenv would read otherwise; ConfigError if it cannot be read."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        if required:
+            raise ConfigError(f"--env-file {path}: there is no such file") from None
+        return {}, []
+    except PermissionError:
+        user = pwd.getpwuid(os.geteuid()).pw_name
+        raise ConfigError(f"cannot read {path} as user {user} (permission denied): let that user read it, e.g. "
+                          f"sudo chown root:{user} {path} && sudo chmod 640 {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path} ({one_line(exc)})") from None
+    values, problems = {}, []
+    for number, line in enumerate(map(str.strip, lines), 1):
+        if not line or line.startswith("#"):
+            continue
+        problem = settings_line_problem(line)
+        if problem:
+            problems.append(f"{path}, line {number}: {problem}")
+        else:
+            key, value = line.split("=", 1)
+            values[key] = value[1:-1] if value[:1] in ("'", '"') else value
+    return values, problems
+
+
+def settings_line_problem(line: str) -> str:
+    """Why systemd and python-dotenv would read this settings line differently, or "" if they agree."""
+    match = re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=(.*)", line)
+    if not match:
+        return ("write it without 'export': systemd ignores such a line" if line.startswith("export ") else
+                "start comments with #" if line.startswith(";") else
+                "write KEY=value, with no spaces around =" if re.match(r"\w+\s+=", line) else
+                "this is not a KEY=value line")
+    value = match[1]
+    if value[:1].isspace():
+        return "write KEY=value, with no spaces around ="
+    quote = value[:1] if value[:1] in ("'", '"') else ""
+    if quote and value.find(quote, 1) < 0:
+        return "the quote is not closed: a value must be on one line"
+    if quote and value.find(quote, 1) != len(value) - 1:
+        return 'nothing may follow the closing quote (systemd reads KEY="value" # note as value# note)'
+    if not quote and re.search(r"\s#", value):
+        return "put comments on a line of their own: systemd keeps ' #...' as part of the value"
+    if quote != "'" and re.search(r"[$\\`]", value):
+        return "$, \\ and ` are expanded or escaped differently by systemd, python-dotenv and sh: use 'single quotes'"
+    if not quote and re.search("[\"']", value):
+        return "put the whole value in quotes (double quotes if it holds an apostrophe)"
+    return ""
 
 
 def parse_webhook_secret(secret: str) -> bytes:
     """Decode a "whsec_<base64>" webhook secret into the HMAC key."""
-    if not secret.startswith("whsec_"):
-        problem = "must start with 'whsec_'" if secret else "is not set"
+    if secret == "whsec_..." or not secret.startswith("whsec_"):  # (whsec_...: as .env.example has it)
+        problem = ("is still the placeholder from .env.example" if secret == "whsec_..." else
+                   "must start with 'whsec_'" if secret else "is not set")
         raise ConfigError(f"OPENAI_WEBHOOK_SECRET {problem}: copy the webhook's signing secret from OpenAI's dashboard")
     try:
         key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
@@ -330,6 +413,8 @@ GOODBYE_TAG = {"voicebridge": "goodbye"}
 IDLE_TAG = {"voicebridge": "anyone there"}
 
 PRICING = "https://developers.openai.com/api/docs/pricing"  # what the tokens of --calls cost; prices change
+# A call's token counts, from each response.done's usage ("cached": a part of the input, billed at a lower price).
+TOKEN_COUNTS = ("input", "input_text", "input_audio", "input_cached", "output", "output_text", "output_audio")
 
 MAX_WEBHOOK_BYTES = 64 * 1024
 BODY_TIMEOUT = 5.0  # seconds for a webhook's body to arrive (else 408), so a slow client cannot hold a socket
@@ -544,18 +629,15 @@ def history_record(call_id: str, caller: str | None, agent: str | None, started:
     }
 
 
-def add_usage(tokens: dict[str, int], response: Any) -> None:
-    """Add a response.done's usage, which is what OpenAI bills, to a call's token counts."""
+def add_usage(tokens: list[int], response: Any) -> None:
+    """Add a response.done's usage, which is what OpenAI bills, to a call's counts (in the order of TOKEN_COUNTS)."""
     usage = response.get("usage") if isinstance(response, dict) else None
-    if not isinstance(usage, dict):
-        return
-    for side in ("input", "output"):
-        details, counts = usage.get(f"{side}_token_details"), {side: usage.get(f"{side}_tokens")}
-        if isinstance(details, dict):  # (cached: a part of the input, billed at a lower price)
-            counts.update({f"{side}_{kind}": details.get(f"{kind}_tokens") for kind in ("text", "audio", "cached")})
-        for name, count in counts.items():
-            if type(count) is int and count >= 0:  # (not a bool, not a float, never negative)
-                tokens[name] = tokens.get(name, 0) + count
+    for index, name in enumerate(TOKEN_COUNTS if isinstance(usage, dict) else ()):
+        side, _, kind = name.partition("_")  # "input" is usage.input_tokens, "input_audio" its details' audio_tokens
+        counts = usage.get(f"{side}_token_details") if kind else usage  # type: ignore[union-attr]
+        count = counts.get(f"{kind or side}_tokens") if isinstance(counts, dict) else None
+        if type(count) is int and count >= 0:  # (not a bool, not a float, never negative)
+            tokens[index] += count
 
 
 class CallLog(logging.LoggerAdapter):
@@ -567,6 +649,23 @@ class CallLog(logging.LoggerAdapter):
 
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
         return f"[{self.call_id}] {msg}", kwargs
+
+
+class JournalFormat(logging.Formatter):
+    """Each line led by its priority (<3> for an ERROR) in the form the journal reads; the journal adds the time."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4}.get(record.levelno, 3)
+        return "\n".join(f"<{priority}>{line}" for line in super().format(record).splitlines())
+
+
+def stderr_is_journal() -> bool:
+    """Whether stderr is the journal: systemd then sets JOURNAL_STREAM to its device and inode."""
+    try:
+        stream = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):  # (no real file behind stderr)
+        return False
+    return os.environ.get("JOURNAL_STREAM") == f"{stream.st_dev}:{stream.st_ino}"
 
 
 @dataclass
@@ -995,6 +1094,12 @@ class StateStore:
 class Call:
     """One live call: accepts it, owns its sideband and its tool tasks, under a MAX_CALL_SECONDS deadline."""
 
+    # Slots: each live call has one, and past 30 attributes an instance dict costs ~1.5 KiB more a call.
+    __slots__ = ("app", "config", "http", "id", "caller", "agent", "received", "resumed", "accepted_at", "log", "task",
+                 "sideband", "keypad", "tools", "in_flight", "playback_stopped", "playing", "quiet_since",
+                 "asked_if_there", "caller_speaking", "silence", "prompted", "accepted", "reconnects", "asking",
+                 "tool_calls", "timeline", "questions", "tokens", "transcript", "greeting_id", "end_reason")
+
     def __init__(self, app: web.Application, call_id: str, caller: str | None, agent: str, received: float,
                  accepted_at: float | None = None) -> None:
         self.app = app
@@ -1025,10 +1130,11 @@ class Call:
         self.asking = False  # one OpenClaw question in flight per call
         self.tool_calls = 0
         # For the call history (StateStore.save_history): what happened, at seconds since the webhook.
-        self.timeline: list[tuple[float, str]] = [] if self.resumed else [(0.0, "webhook arrived")]
-        self.questions: list[dict[str, Any]] = []  # each question put to OpenClaw: when, how long, and the outcome
-        self.tokens: dict[str, int] = {}  # the sum of every response's usage
-        self.transcript: list[str] = []  # with LOG_TRANSCRIPTS only
+        # (As one string, "<seconds> <step>" per line: a live call's steps then cost ~1 byte a character.)
+        self.timeline = "" if self.resumed else "0.000 webhook arrived\n"
+        self.questions: tuple[dict[str, Any], ...] = ()  # each question put to OpenClaw: when, how long, the outcome
+        self.tokens = [0] * len(TOKEN_COUNTS)  # the sum of every response's usage
+        self.transcript: tuple[str, ...] = ()  # with LOG_TRANSCRIPTS only (tuples: an empty one costs nothing)
         self.greeting_id: Any = ""  # the greeting's response_id, until its audio starts
         # caller_hung_up | end_call | idle | max_duration | pin_failed | pin_locked | pin_timeout | shutdown
         # | sideband_lost | error
@@ -1049,7 +1155,7 @@ class Call:
                 self.mark("accept sent")
                 status, uncertain = await call_control(self.http, self.config, self.id, "accept", accept)
                 accepting = False
-                self.mark(f"accept answered: HTTP {status}")
+                self.mark("accepted" if status == 200 else f"accept answered: HTTP {status}")
                 if status != 200 and not uncertain:
                     self.end_reason = self.end_reason or ("caller_hung_up" if status == 404 else "error")
                     return
@@ -1097,24 +1203,28 @@ class Call:
                 await asyncio.gather(*self.tools, return_exceptions=True)
                 await self.sideband.close()
 
-    def mark(self, text: str) -> None:
-        """Note a step of the call for its history's timeline."""
-        self.timeline.append((round(asyncio.get_running_loop().time() - self.received, 3), text))
+    def mark(self, text: str) -> float:
+        """Note a step of the call for its history's timeline; its time, in seconds since the webhook."""
+        at = asyncio.get_running_loop().time() - self.received
+        self.timeline += f"{at:.3f} {text}\n"
+        return at
 
     def record(self) -> dict[str, Any]:
         """The call's record in the history, as it ends."""
         seconds, reason = round(asyncio.get_running_loop().time() - self.received, 1), self.end_reason or "error"
-        first = {text: at for at, text in reversed(self.timeline)}  # the first time of each step
+        steps = [(float(at), text) for at, _, text in (line.partition(" ") for line in self.timeline.splitlines())]
+        first = {text: at for at, text in reversed(steps)}  # the first time of each step
         pin = "accepted" if self.keypad.ok else f"wrong {self.keypad.failures} time(s)" if self.keypad.failures else ""
         for question in self.questions:  # one still with OpenClaw is cut off by the hangup
             question.setdefault("seconds", round(seconds - question["at"], 2))
+            question["asked"] = utc_text(self.accepted_at + question["at"])
         return history_record(
             self.id, self.caller, self.agent, self.accepted_at, end=utc_text(time.time()), seconds=seconds,
             end_reason=reason, first_word=first.get("greeting audio started", first.get("greeting started")),
-            questions=self.questions, pin=(pin or "not typed") if self.config.call_pin else None,
-            reconnects=sum(text == "sideband reconnected" for _, text in self.timeline),
-            resumed=self.resumed, tokens=self.tokens, timeline=[*self.timeline, (seconds, f"ended: {reason}")],
-            transcript=self.transcript,
+            questions=list(self.questions), pin=(pin or "not typed") if self.config.call_pin else None,
+            reconnects=sum(text == "sideband reconnected" for _, text in steps), resumed=self.resumed,
+            tokens=dict(zip(TOKEN_COUNTS, self.tokens)), timeline=[*steps, (seconds, f"ended: {reason}")],
+            transcript=list(self.transcript),
         )
 
     async def _attach_and_listen(self, delays: tuple[float, ...]) -> None:
@@ -1256,10 +1366,10 @@ class Call:
         elif kind == "response.function_call_arguments.done":
             self.log.info("function call received: %s", one_line(event.get("name")))
         elif kind == "conversation.item.input_audio_transcription.completed" and self.config.log_transcripts:
-            self.transcript.append(f"caller said: {one_line(event.get('transcript'))}")
+            self.transcript += (f"caller said: {one_line(event.get('transcript'))}",)
             self.log.info("%s", self.transcript[-1])
         elif kind == "response.output_audio_transcript.done" and self.config.log_transcripts:  # sent in any case
-            self.transcript.append(f"assistant said: {one_line(event.get('transcript'))}")
+            self.transcript += (f"assistant said: {one_line(event.get('transcript'))}",)
             self.log.info("%s", self.transcript[-1])
         elif kind == "conversation.item.input_audio_transcription.failed":  # a mumble, not a fault of ours
             self.log.debug("transcription failed: %s", one_line(json.dumps(event.get("error"))))
@@ -1373,10 +1483,9 @@ class Call:
             return "The previous question is still being worked on. Wait for that answer before asking again."
         self.asking = True
         filler = asyncio.create_task(self._filler())
-        self.mark(f"question {len(self.questions) + 1} sent to OpenClaw")
-        question: dict[str, Any] = {"at": self.timeline[-1][0], "asked": utc_text(time.time())}
-        question["outcome"] = "cancelled by the hangup"  # unless it ends otherwise
-        self.questions.append(question)
+        at = round(self.mark(f"question {len(self.questions) + 1} sent to OpenClaw"), 3)
+        question: dict[str, Any] = {"at": at, "outcome": "cancelled by the hangup"}  # unless it ends otherwise
+        self.questions += (question,)
         try:
             answer = await ask_openclaw(self.http, self.config, request.strip(), agent=self.agent,
                                         user=openclaw_user(self.caller, self.id), system=openclaw_system(self.caller))
@@ -1619,8 +1728,15 @@ async def serve(config: Config) -> None:
     """Serve until SIGTERM or Ctrl-C, then drain while still answering webhooks, then stop."""
     # aiohttp would wait 60 s for requests in flight; ours are done within BODY_TIMEOUT (a body is all they wait for)
     runner = web.AppRunner(make_app(config), handle_signals=False, shutdown_timeout=BODY_TIMEOUT)
-    await runner.setup()
-    await web.TCPSite(runner, config.host, config.port).start()
+    await runner.setup()  # (it opens STATE_DIR first)
+    try:
+        await web.TCPSite(runner, config.host, config.port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        why = os.strerror(exc.errno).lower() if exc.errno else one_line(exc)
+        raise StartupError(f"cannot listen on {config.host}:{config.port} ({why}): stop the program that has this "
+                           "port (another voicebridge?), or set HOST and PORT to a free address") from None
+    log_banner(config)  # only now: the port is open, the state store loaded
     # Move the ~35k objects from imports out of the collector's way: full collections then take a few ms
     # instead of ~80 ms, which otherwise shows up as a stall in tool results with many live calls.
     gc.freeze()
@@ -1684,53 +1800,65 @@ def log_banner(config: Config, today: date | None = None) -> None:
         log.log(level, "%s", warning)  # the service still starts: the owner may be about to fix it
 
 
-async def probe(http: aiohttp.ClientSession, method: str, url: str, **kwargs: Any) -> tuple[int, str]:
-    """One HTTP request for --check: (status, error message); status 0 if nothing answered."""
+async def probe(http: aiohttp.ClientSession, method: str, url: str, setting: str, **kwargs: Any) -> tuple[int, str]:
+    """One HTTP request for --check: (status, error message); status 0 if nothing answered, saying why."""
     try:
         async with http.request(method, url, timeout=REST_TIMEOUT, **kwargs) as resp:
             return resp.status, "" if resp.status == 200 else await error_text(resp)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        return 0, one_line(f"cannot connect ({type(exc).__name__}: {exc})")
+    except aiohttp.ClientConnectorDNSError as exc:
+        return 0, f"cannot resolve host {one_line(exc.host)} ({setting})"
+    except aiohttp.ClientConnectorError as exc:
+        why = one_line(exc.os_error.strerror or exc.os_error)
+        return 0, f"cannot connect to {one_line(exc.host)}:{exc.port} ({setting}): {why}"
+    except asyncio.TimeoutError:
+        return 0, f"no answer within {REST_TIMEOUT.total:g} s ({setting})"
+    except aiohttp.ClientError as exc:
+        return 0, one_line(f"{type(exc).__name__}: {exc} ({setting})")
 
 
-async def check(config: Config, today: date | None = None) -> int:
-    """--check: probe OpenAI and OpenClaw with the configuration, without making a call."""
+async def check(config: Config, today: date | None = None, problems: list[str] | tuple[()] = ()) -> int:
+    """--check: the whole checklist, probing OpenAI and OpenClaw without making a call; `problems`: the settings'."""
     claw_headers = {"Authorization": f"Bearer {config.openclaw_token}"} if config.openclaw_token else {}
     agents = list(dict.fromkeys([config.openclaw_agent, *config.allowed_callers.values()]))
     async with aiohttp.ClientSession() as http:
         # Retrieving the model proves the key and that its project may use the model, in one request; and
         # messages=[] makes the gateway check the token, the endpoint and the agent, then stop before any agent run.
         (status, error), *claws = await asyncio.gather(
-            probe(http, "GET", f"{config.openai_base_url}/models/{quote(config.model, safe='')}",
-                  headers={"Authorization": f"Bearer {config.openai_api_key}"}),
-            *(probe(http, "POST", f"{config.openclaw_url}/v1/chat/completions", headers=claw_headers,
+            probe(http, "GET", f"{config.openai_base_url}/models/{quote(config.model, safe='')}", "OPENAI_BASE_URL",
+                  headers={"Authorization": f"Bearer {config.openai_api_key}"}) if config.openai_api_key
+            else asyncio.sleep(0, (-1, "not tried without a usable OPENAI_API_KEY")),
+            *(probe(http, "POST", f"{config.openclaw_url}/v1/chat/completions", "OPENCLAW_URL", headers=claw_headers,
                     json={"model": f"openclaw:{agent}", "messages": []}) for agent in agents),
         )
     openai_fix = (  # a 404 is model_not_found: the key is fine, the model is not
         f"REALTIME_MODEL={config.model} is not available to this key's project: check the spelling and the project's "
         f"model permissions in the OpenAI dashboard; the default is {Config.model}" if status == 404
-        else "check OPENAI_API_KEY and OPENAI_BASE_URL"
+        else "OpenAI refused OPENAI_API_KEY: check it, and that its project is active" if status in (401, 403)
+        else "check OPENAI_BASE_URL"
     )
     warnings = config_warnings(config, today or datetime.now(timezone.utc).date())
     checks = [
-        ("configuration complete, OPENAI_WEBHOOK_SECRET well formed", ""),
+        ("configuration complete, OPENAI_WEBHOOK_SECRET well formed", "\n      ".join(problems)),
         ("no setting makes every call fail (ALLOWED_CALLERS, REALTIME_MODEL's shutdown date)",
          "\n      ".join(text for level, text in warnings if level >= logging.ERROR)),
         (f"OpenAI accepts OPENAI_API_KEY and serves REALTIME_MODEL={config.model} (GET /models/{config.model})",
-         "" if status == 200 else f"HTTP {status}: {error} ({openai_fix})"),
+         "" if status == 200 else error if status <= 0 else f"HTTP {status}: {error} ({openai_fix})"),
         *((f"OpenClaw at {safe_url(config.openclaw_url)}: reachable, token accepted, chat endpoint enabled, "
            f"agent {agent!r} exists", "" if claw == 400 and "user message" in text.lower()
+           else f"{text} ({OPENCLAW_FIXES[0]})" if claw == 0
            else f"HTTP {claw}: {text} ({openclaw_fix(config, agent, claw)})")
           for agent, (claw, text) in zip(agents, claws)),
     ]
     for level, warning in warnings:
         if level < logging.ERROR:
             print(f"WARN  {warning}")
+    pin = f"CALL_PIN is set ({len(config.call_pin)} digits)" if config.call_pin else "no CALL_PIN: callers type no PIN"
+    print(f"PIN   {pin}")
     for what, problem in checks:
         print(f"FAIL  {what}\n      {problem}" if problem else f"ok    {what}")
     failed = sum(bool(problem) for _, problem in checks)
     print(f"{failed} problem(s) found." if failed else "All good: ready for calls.")
-    return 1 if failed else 0
+    return EX_CONFIG if problems else 1 if failed else 0
 
 
 async def ask(config: Config, question: str, caller: str | None = None) -> int:
@@ -1761,12 +1889,12 @@ def calls(config: Config, call_id: str, last: int, as_json: bool, numbers: bool)
     path = Path(config.state_dir).resolve() / "voicebridge.db"
     query = "SELECT record FROM history " + ("WHERE call_id = ?" if call_id else "ORDER BY started DESC LIMIT ?")
     rows = []
-    try:
+    try:  # (exists() too can be refused: the folder is the service user's, 0700)
         if path.exists():
             with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
                 rows = db.execute(query, (call_id or last,)).fetchall()
-    except sqlite3.Error as exc:
-        print(f"cannot read the call history in {path} ({exc}): run this as the user voicebridge runs as "
+    except (OSError, sqlite3.Error) as exc:
+        print(f"cannot read the call history in {path} ({one_line(exc)}): run this as the user voicebridge runs as "
               "(sudo -u voicebridge ...), with its STATE_DIR", file=sys.stderr)
         return 1
     if not rows:
@@ -1835,6 +1963,8 @@ def show_call(call: dict[str, Any], numbers: bool) -> None:
 def main() -> None:
     """Read the config and serve; or --check, --ask or --calls."""
     parser = argparse.ArgumentParser(description="Phone your OpenClaw assistant through OpenAI Realtime SIP.")
+    parser.add_argument("--env-file", metavar="PATH",
+                        help="read the settings from this file, as the unit does (not from the .env beside this one)")
     parser.add_argument("--check", action="store_true", help="check the configuration and both services, then exit")
     parser.add_argument("--ask", metavar="QUESTION", help="ask OpenClaw as a call would, print the answer, exit")
     parser.add_argument("--caller", metavar="NUMBER", help="with --ask: ask as this caller's call would")
@@ -1850,21 +1980,34 @@ def main() -> None:
         parser.error("--last, --json and --show-numbers go with --calls")
     if args.last is not None and args.last < 1:
         parser.error("--last needs a number of calls, 1 or more")
-    load_dotenv(Path(__file__).with_name(".env"))  # exactly this one: no search through parent directories
+    journal = stderr_is_journal()
     try:
-        config = Config.from_env(os.environ, need_openai=args.ask is None and args.calls is None)  # (only OpenClaw)
-        if args.check:
-            sys.exit(asyncio.run(check(config)))
+        # --env-file: exactly the file the unit names wins, so a check sees what the service will. Otherwise the .env
+        # beside this file (no search through parent directories) fills in what the environment does not set.
+        settings, problems = read_settings(Path(args.env_file or Path(__file__).with_name(".env")), bool(args.env_file))
+        env = {**os.environ, **settings} if args.env_file else {**settings, **os.environ}
+        config, more = Config.parse(env, need_openai=args.check or (args.ask is None and args.calls is None))
+        if args.check:  # the whole checklist, whatever is wrong
+            sys.exit(asyncio.run(check(config, problems=problems + more)))
+        if problems + more:
+            raise ConfigError(*problems, *more)
         if args.ask is not None:
             sys.exit(asyncio.run(ask(config, args.ask, args.caller)))
         if args.calls is not None:
             sys.exit(calls(config, args.calls, args.last or 20, args.json, args.show_numbers))
-        logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(message)s")
+        handler = logging.StreamHandler()
+        handler.setFormatter(JournalFormat("%(levelname)s %(message)s") if journal else
+                             logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logging.basicConfig(level=config.log_level, handlers=[handler])
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-        log_banner(config)
-        asyncio.run(serve(config))  # (it opens STATE_DIR first)
+        asyncio.run(serve(config))
     except ConfigError as exc:
-        sys.exit(f"voicebridge: configuration error: {exc}")
+        print(*(f"{'<3>' * journal}voicebridge: configuration error: {problem}" for problem in exc.args),
+              sep="\n", file=sys.stderr)
+        sys.exit(EX_CONFIG)
+    except StartupError as exc:
+        print(f"{'<3>' * journal}voicebridge: {exc}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
