@@ -79,7 +79,7 @@ import re
 import signal
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
@@ -413,6 +413,9 @@ GOODBYE_TAG = {"voicebridge": "goodbye"}
 IDLE_TAG = {"voicebridge": "anyone there"}
 
 PRICING = "https://developers.openai.com/api/docs/pricing"  # what the tokens of --calls cost; prices change
+# With LOG_TRANSCRIPTS, the events that carry what was said, and who said it.
+SPEAKERS = {"conversation.item.input_audio_transcription.completed": "caller",
+            "response.output_audio_transcript.done": "assistant"}
 # A call's token counts, from each response.done's usage ("cached": a part of the input, billed at a lower price).
 TOKEN_COUNTS = ("input", "input_text", "input_audio", "input_cached", "output", "output_text", "output_audio")
 
@@ -484,9 +487,7 @@ def normalise_number(text: str) -> str | None:
     text = re.sub(r"[\s().-]", "", text)
     if text.startswith("00"):
         text = "+" + text[2:]
-    if re.fullmatch(r"\+[1-9]\d{6,14}", text):
-        return text
-    return None
+    return text if re.fullmatch(r"\+[1-9]\d{6,14}", text) else None
 
 
 def from_user(sip_headers: Any) -> str:
@@ -525,8 +526,7 @@ def describe_caller(user: str) -> str:
 
 def agent_for(config: Config, number: str | None) -> str | None:
     """The caller-ID screen: this caller's agent, or None to turn them away (a withheld number only matches "*")."""
-    own = config.allowed_callers.get(number) if number else None
-    return own or config.allowed_callers.get("*")
+    return config.allowed_callers.get(number or "*") or config.allowed_callers.get("*")
 
 
 def accept_payload(config: Config) -> dict[str, Any]:
@@ -629,9 +629,8 @@ def history_record(call_id: str, caller: str | None, agent: str | None, started:
     }
 
 
-def add_usage(tokens: list[int], response: Any) -> None:
+def add_usage(tokens: list[int], usage: Any) -> None:
     """Add a response.done's usage, which is what OpenAI bills, to a call's counts (in the order of TOKEN_COUNTS)."""
-    usage = response.get("usage") if isinstance(response, dict) else None
     for index, name in enumerate(TOKEN_COUNTS if isinstance(usage, dict) else ()):
         side, _, kind = name.partition("_")  # "input" is usage.input_tokens, "input_audio" its details' audio_tokens
         counts = usage.get(f"{side}_token_details") if kind else usage  # type: ignore[union-attr]
@@ -998,11 +997,11 @@ class StateStore:
         self._queued: list[tuple[str, str, tuple[Any, ...]]] = []  # (call_id, sql, params), for the next batch
         self._pruning: asyncio.TimerHandle | None = None
 
-    async def open(self) -> tuple[list[tuple[Any, ...]], PinLock, list[str]]:
+    async def open(self) -> tuple[list[tuple[Any, ...]], PinLock, dict[str, None]]:
         """Open or create the database; what the last run left: its live calls, the PIN lock, the call ids seen."""
         return await asyncio.wrap_future(self._thread.submit(self._open))
 
-    def _open(self) -> tuple[list[tuple[Any, ...]], PinLock, list[str]]:
+    def _open(self) -> tuple[list[tuple[Any, ...]], PinLock, dict[str, None]]:
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))  # 0600 from the start, whatever the umask
@@ -1020,7 +1019,7 @@ class StateStore:
             db.execute("PRAGMA user_version = 2")  # a write: proves folder and file writable now, not at the first call
             calls = db.execute("SELECT * FROM live_calls").fetchall()
             lock = db.execute("SELECT failures, until, locks FROM pin_lock").fetchone()
-            seen = [row[0] for row in db.execute("SELECT call_id FROM seen_calls ORDER BY rowid")]
+            seen = dict.fromkeys(row[0] for row in db.execute("SELECT call_id FROM seen_calls ORDER BY rowid"))
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"STATE_DIR={self.path.parent}: cannot create or write {self.path.name} ({exc}): "
                               "make the folder writable by the user voicebridge runs as, or set STATE_DIR") from None
@@ -1321,7 +1320,6 @@ class Call:
             await asyncio.sleep(delay)
         return None  # not reached
 
-
     # Events from the model, in the order a tool round produces them.
 
     async def _on_message(self, data: str) -> None:
@@ -1336,6 +1334,7 @@ class Call:
         kind = event.get("type")
         unasked = await self.sideband.on_event(kind, event)
         item: dict[str, Any] = event["item"] if isinstance(event.get("item"), dict) else {}
+        response: dict[str, Any] = event["response"] if isinstance(event.get("response"), dict) else {}
         if unasked or kind in CALLER_SIGNS or (kind == "conversation.item.added" and item.get("role") == "user"):
             self.quiet_since, self.asked_if_there = asyncio.get_running_loop().time(), False
             self.caller_speaking = kind == "input_audio_buffer.speech_started"  # holds the clock until it stops
@@ -1343,12 +1342,10 @@ class Call:
             self.quiet_since = asyncio.get_running_loop().time()  # the assistant's turn ends: the silence clock starts
         if kind == "response.done":
             self.prompted = True
-            add_usage(self.tokens, event.get("response"))
-            await self._on_response_done(event.get("response"))
-        elif kind == "response.created" and isinstance(event.get("response"), dict) and (
-            event["response"].get("metadata") == GREETING_TAG
-        ):
-            self.greeting_id = event["response"].get("id")
+            add_usage(self.tokens, response.get("usage"))
+            await self._on_response_done(response)
+        elif kind == "response.created" and response.get("metadata") == GREETING_TAG:
+            self.greeting_id = response.get("id")
             self.mark("greeting started")
         elif kind == "conversation.item.added" and item.get("call_id") in self.in_flight:
             self.in_flight = tuple(i for i in self.in_flight if i != item["call_id"])  # delivered: not to mention
@@ -1365,20 +1362,16 @@ class Call:
             self.playback_stopped.set()
         elif kind == "response.function_call_arguments.done":
             self.log.info("function call received: %s", one_line(event.get("name")))
-        elif kind == "conversation.item.input_audio_transcription.completed" and self.config.log_transcripts:
-            self.transcript += (f"caller said: {one_line(event.get('transcript'))}",)
-            self.log.info("%s", self.transcript[-1])
-        elif kind == "response.output_audio_transcript.done" and self.config.log_transcripts:  # sent in any case
-            self.transcript += (f"assistant said: {one_line(event.get('transcript'))}",)
+        elif kind in SPEAKERS and self.config.log_transcripts:  # (the assistant's is sent in any case)
+            self.transcript += (f"{SPEAKERS[kind]} said: {one_line(event.get('transcript'))}",)
             self.log.info("%s", self.transcript[-1])
         elif kind == "conversation.item.input_audio_transcription.failed":  # a mumble, not a fault of ours
             self.log.debug("transcription failed: %s", one_line(json.dumps(event.get("error"))))
         elif kind == "input_audio_buffer.dtmf_event_received":
             await self._on_keypad(event.get("event"))
 
-    async def _on_response_done(self, response: Any) -> None:
+    async def _on_response_done(self, response: dict[str, Any]) -> None:
         """Run the function calls of a completed response (the sideband has already sent anything that waited)."""
-        response = response if isinstance(response, dict) else {}
         status = response.get("status")
         if status in ("failed", "incomplete"):  # otherwise the caller just hears silence, and we would never know
             self.log.warning("response %s: %s", status, json.dumps(response.get("status_details"))[:500])
@@ -1665,9 +1658,8 @@ async def http_session(app: web.Application) -> AsyncIterator[None]:
 async def state_store(app: web.Application) -> AsyncIterator[None]:
     """The state store for the life of the app: what the last run left is loaded first, and every write lands."""
     app[STORE] = StateStore(app[CONFIG].state_dir, app[CONFIG].history_days)
-    app[LEFT_CALLS], app[PIN_LOCK], seen = await app[STORE].open()
+    app[LEFT_CALLS], app[PIN_LOCK], app[SEEN_CALLS] = await app[STORE].open()
     app[STORE].prune()
-    app[SEEN_CALLS].update(dict.fromkeys(seen))
     yield
     await app[STORE].close()
 
@@ -1712,9 +1704,7 @@ def make_app(config: Config) -> web.Application:
     app[CONFIG] = config
     app[CALLS] = {}
     app[TASKS] = set()
-    app[SEEN_CALLS] = {}
     app[DRAINING] = asyncio.Event()
-    app[PIN_LOCK] = PinLock()
     app[REJECTED] = Throttled()
     app.cleanup_ctx.extend((state_store, http_session))  # the store first: a bad STATE_DIR stops before anything
     app.on_startup.append(resume_calls)
@@ -1753,31 +1743,29 @@ async def serve(config: Config) -> None:
 # --- The command line ------------------------------------------------------------------------------
 
 
-def config_warnings(config: Config, today: date) -> list[tuple[int, str]]:
+def config_warnings(config: Config, today: date) -> Iterator[tuple[int, str]]:
     """What the banner and --check warn about: (WARNING, text), or (ERROR, text) for what makes calls fail."""
     warn, fail = logging.WARNING, logging.ERROR
-    warnings = []
     if not config.allowed_callers:
-        warnings.append((fail, "ALLOWED_CALLERS is empty: EVERY CALL WILL BE REJECTED. List your own number(s)."))
+        yield (fail, "ALLOWED_CALLERS is empty: EVERY CALL WILL BE REJECTED. List your own number(s).")
     elif "*" in config.allowed_callers:
         pin = "." if config.call_pin else ", and CALL_PIN is not set."
-        warnings.append((warn, "ALLOWED_CALLERS has *: ANYONE WHO DIALS THE NUMBER CAN DRIVE YOUR OPENCLAW AGENT "
-                         f"{config.allowed_callers['*']!r}{pin}"))
+        yield (warn, "ALLOWED_CALLERS has *: ANYONE WHO DIALS THE NUMBER CAN DRIVE YOUR OPENCLAW AGENT "
+               f"{config.allowed_callers['*']!r}{pin}")
     if 0 < len(config.call_pin) < 6:
-        warnings.append((warn, f"CALL_PIN has {len(config.call_pin)} digits: use 6 or more. Each extra digit makes "
-                         "guessing it ten times slower, and guessing is what the keypad is open to"))
+        yield (warn, f"CALL_PIN has {len(config.call_pin)} digits: use 6 or more. Each extra digit makes "
+               "guessing it ten times slower, and guessing is what the keypad is open to")
     if config.voice not in VOICES:
-        warnings.append((warn, f"VOICE={config.voice} is not one of the documented voices ({', '.join(VOICES)}): "
-                         "fine if OpenAI has added it, otherwise every accept fails"))
+        yield (warn, f"VOICE={config.voice} is not one of the documented voices ({', '.join(VOICES)}): "
+               "fine if OpenAI has added it, otherwise every accept fails")
     if config.model in RETIRING_MODELS:
         shutdown, replacement = RETIRING_MODELS[config.model]
         if today < shutdown:
-            warnings.append((warn, f"REALTIME_MODEL={config.model} will be shut down by OpenAI on {shutdown}: "
-                             f"set REALTIME_MODEL={replacement} before then"))
+            yield (warn, f"REALTIME_MODEL={config.model} will be shut down by OpenAI on {shutdown}: "
+                   f"set REALTIME_MODEL={replacement} before then")
         else:
-            warnings.append((fail, f"REALTIME_MODEL={config.model} was shut down by OpenAI on {shutdown}, so "
-                             f"calls will fail: set REALTIME_MODEL={replacement}"))
-    return warnings
+            yield (fail, f"REALTIME_MODEL={config.model} was shut down by OpenAI on {shutdown}, so "
+                   f"calls will fail: set REALTIME_MODEL={replacement}")
 
 
 def log_banner(config: Config, today: date | None = None) -> None:
@@ -1826,7 +1814,7 @@ async def check(config: Config, today: date | None = None, problems: list[str] |
         (status, error), *claws = await asyncio.gather(
             probe(http, "GET", f"{config.openai_base_url}/models/{quote(config.model, safe='')}", "OPENAI_BASE_URL",
                   headers={"Authorization": f"Bearer {config.openai_api_key}"}) if config.openai_api_key
-            else asyncio.sleep(0, (-1, "not tried without a usable OPENAI_API_KEY")),
+            else asyncio.sleep(0, (-1, "not tried without a usable OPENAI_API_KEY")),  # (gives just that result)
             *(probe(http, "POST", f"{config.openclaw_url}/v1/chat/completions", "OPENCLAW_URL", headers=claw_headers,
                     json={"model": f"openclaw:{agent}", "messages": []}) for agent in agents),
         )
@@ -1836,7 +1824,7 @@ async def check(config: Config, today: date | None = None, problems: list[str] |
         else "OpenAI refused OPENAI_API_KEY: check it, and that its project is active" if status in (401, 403)
         else "check OPENAI_BASE_URL"
     )
-    warnings = config_warnings(config, today or datetime.now(timezone.utc).date())
+    warnings = list(config_warnings(config, today or datetime.now(timezone.utc).date()))
     checks = [
         ("configuration complete, OPENAI_WEBHOOK_SECRET well formed", "\n      ".join(problems)),
         ("no setting makes every call fail (ALLOWED_CALLERS, REALTIME_MODEL's shutdown date)",
@@ -1902,10 +1890,13 @@ def calls(config: Config, call_id: str, last: int, as_json: bool, numbers: bool)
               f"no call history yet in {path} (STATE_DIR={config.state_dir})", file=sys.stderr)
         return 1 if call_id else 0
     records = [json.loads(row[0]) for row in rows]
-    for record in records if as_json else ():
-        print(json.dumps({**record, "caller": shown(record["caller"], numbers)}))
-    if not as_json:
-        show_call(records[0], numbers) if call_id else show_calls(records, numbers)
+    if as_json:
+        for record in records:
+            print(json.dumps({**record, "caller": shown(record["caller"], numbers)}))
+    elif call_id:
+        show_call(records[0], numbers)
+    else:
+        show_calls(records, numbers)
     return 0
 
 
