@@ -3848,3 +3848,20 @@ def test_the_unit_stops_restarting_on_a_configuration_error_and_reads_its_own_se
     assert "\nRestartPreventExitStatus=78\n" in unit and "\nSyslogIdentifier=voicebridge\n" in unit
     assert "--env-file /etc/voicebridge.env\n" in unit and "EnvironmentFile=" not in unit
     assert voicebridge.EX_CONFIG == 78
+
+
+async def test_a_store_from_before_the_history_reads_as_empty_and_the_service_upgrades_it(
+    start_bridge: Bridge, openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    (tmp_path / "state").mkdir()
+    with contextlib.closing(sqlite3.connect(tmp_path / "state" / "voicebridge.db")) as db, db:
+        db.executescript(voicebridge.StateStore.SCHEMA)  # schema 1: live calls, the PIN lock, the ids seen
+        db.execute("PRAGMA user_version = 1")
+    code, out, err = await calls_cli(str(tmp_path / "state"))
+    assert code == 0 and out == "" and "no call history yet in" in err, err
+    bridge = await start_bridge(STATE_DIR=str(tmp_path / "state"))
+    call = await connected_call(bridge, openai, "rtc_after_upgrade")
+    await call.caller_hangs_up()
+    await eventually(lambda: "rtc_after_upgrade" in history_rows(str(tmp_path / "state")))
+    with contextlib.closing(sqlite3.connect(tmp_path / "state" / "voicebridge.db")) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (2,)

@@ -1882,9 +1882,10 @@ def calls(config: Config, call_id: str, last: int, as_json: bool, numbers: bool)
             with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
                 rows = db.execute(query, (call_id or last,)).fetchall()
     except (OSError, sqlite3.Error) as exc:
-        print(f"cannot read the call history in {path} ({one_line(exc)}): run this as the user voicebridge runs as "
-              "(sudo -u voicebridge ...), with its STATE_DIR", file=sys.stderr)
-        return 1
+        if "no such table" not in str(exc):  # (that is a store the service has not opened since its upgrade)
+            print(f"cannot read the call history in {path} ({one_line(exc)}): run this as the user voicebridge runs "
+                  "as (sudo -u voicebridge ...), with its STATE_DIR", file=sys.stderr)
+            return 1
     if not rows:
         print(f"no call {call_id} in the history in {path}" if call_id else
               f"no call history yet in {path} (STATE_DIR={config.state_dir})", file=sys.stderr)
@@ -1928,7 +1929,7 @@ def show_calls(records: list[dict[str, Any]], numbers: bool) -> None:
     for call in accepted:
         tokens.update(call["tokens"])
     print(f"\n{len(records)} call(s) above: {len(accepted)} accepted, {len(records) - len(accepted)} turned away")
-    print("  time to first word ", percentiles([call["first_word"] for call in accepted if call["first_word"]]))
+    print("  time to first word ", percentiles([c["first_word"] for c in accepted if c["first_word"] is not None]))
     print("  OpenClaw answers   ", percentiles([q["seconds"] for q in questions if q["outcome"] == "answered"]))
     ends = collections.Counter(row[-1] for row in rows[1:])
     print("  how they ended     ", ", ".join(f"{end} {count}" for end, count in ends.most_common()))
