@@ -1933,8 +1933,6 @@ async def test_max_concurrent_calls_turns_the_next_caller_away_busy(
 def test_settings_that_would_mean_something_else_to_systemd_or_break_later_are_refused() -> None:
     good = {"OPENAI_API_KEY": "sk-x", "OPENAI_WEBHOOK_SECRET": SECRET}
     cases = {
-        "OPENCLAW_TOKEN holds a ' #' comment": {**good, "OPENCLAW_TOKEN": "abc # the gateway token"},
-        "OPENAI_API_KEY holds a ' #' comment": {**good, "OPENAI_API_KEY": "sk-x\t#key"},
         "MAX_CALL_SECONDS='nan' must be a number between 10 and": {**good, "MAX_CALL_SECONDS": "nan"},
         "OPENCLAW_TIMEOUT='inf' must be a number between 1 and": {**good, "OPENCLAW_TIMEOUT": "inf"},
         "PORT='70000' must be a number between 1 and 65,535": {**good, "PORT": "70000"},
@@ -1944,8 +1942,10 @@ def test_settings_that_would_mean_something_else_to_systemd_or_break_later_are_r
     for message, env in cases.items():
         with pytest.raises(ConfigError, match=re.escape(message)):
             Config.from_env(env)
-    config = Config.from_env({**good, "OPENCLAW_TOKEN": "abc#not-a-comment", "MAX_CONCURRENT_CALLS": "0"})
+    config = Config.from_env({**good, "OPENCLAW_TOKEN": "abc#not-a-comment", "MAX_CONCURRENT_CALLS": "0",
+                              "INSTRUCTIONS": "Ask for the PIN, then #"})  # (comments are the file reader's to judge)
     assert config.openclaw_token == "abc#not-a-comment" and config.max_concurrent_calls == 0
+    assert config.instructions == "Ask for the PIN, then #"
 
 
 def test_only_the_env_file_beside_voicebridge_is_read(tmp_path: Path) -> None:
@@ -2606,7 +2606,7 @@ def test_banner_masks_secrets_and_warns_about_open_policies(caplog: pytest.LogCa
         ({"OPENCLAW_TOKEN": "wrong"}, "check OPENCLAW_TOKEN"),
         ({"mode": "disabled"}, "HTTP 404: Not Found (enable gateway.http.endpoints.chatCompletions"),
         ({"OPENCLAW_AGENT": "nobody"}, "Unknown agent 'nobody'. (check OPENCLAW_AGENT)"),
-        ({"OPENCLAW_URL": "http://127.0.0.1:9"}, "cannot connect to 127.0.0.1:9 (OPENCLAW_URL): Connect call failed"),
+        ({"OPENCLAW_URL": "http://127.0.0.1:9"}, "cannot connect to 127.0.0.1:9 (OPENCLAW_URL): connection refused"),
         ({"OPENAI_WEBHOOK_SECRET": "not-a-secret"}, "FAIL  configuration complete, OPENAI_WEBHOOK_SECRET well formed\n"
                                                     "      OPENAI_WEBHOOK_SECRET must start with 'whsec_'"),
     ],
@@ -3705,7 +3705,8 @@ async def test_every_broken_setting_is_named_in_one_run(tmp_path: Path) -> None:
 
 def test_a_settings_file_is_read_as_systemd_reads_it_and_what_would_differ_is_refused(tmp_path: Path) -> None:
     good = tmp_path / "good.env"
-    good.write_text("# a comment\n\n  GREETING=Greet the caller by name  \nOPENCLAW_TOKEN=\"abc # not a note\"\n"
+    good.write_text("\ufeff# a comment, after the byte order mark an editor added\n\n  GREETING=Greet the caller by name  \n"
+                    "OPENCLAW_TOKEN=\"abc # not a note\"\n"
                     "INSTRUCTIONS='Say \"hi\", costs $0'\nEMPTY=\nOPENCLAW_URL=http://127.0.0.1:1?a=b\n")
     assert voicebridge.read_settings(good, required=True) == ({
         "GREETING": "Greet the caller by name", "OPENCLAW_TOKEN": "abc # not a note",
@@ -3713,7 +3714,7 @@ def test_a_settings_file_is_read_as_systemd_reads_it_and_what_would_differ_is_re
     bad = tmp_path / "bad.env"
     lines = ["export CALL_PIN=123456", 'OPENCLAW_TOKEN="abc" # the token', "PORT = 8080", "HOST= 0.0.0.0",
              "GREETING=Say don't", "INSTRUCTIONS=costs $0", 'VOICE="marin', "; old comment", "OPENCLAW_TOKEN=abc # x",
-             "just words", r"OPENCLAW_URL=http://a\b"]
+             "just words", r"OPENCLAW_URL=http://a\b", r'OPENCLAW_AGENT="a\"b"', "# an old path: C:\\"]
     bad.write_text("\n".join(["OPENAI_API_KEY=sk-fine", *lines]) + "\n")
     values, problems = voicebridge.read_settings(bad, required=True)
     assert values == {"OPENAI_API_KEY": "sk-fine"}  # only the lines every reader agrees on
@@ -3722,7 +3723,8 @@ def test_a_settings_file_is_read_as_systemd_reads_it_and_what_would_differ_is_re
                                        "no spaces around =", "no spaces around =", "put the whole value in quotes",
                                        "use 'single quotes'", "the quote is not closed", "start comments with #",
                                        "put comments on a line of their own", "not a KEY=value line",
-                                       "use 'single quotes'"]):
+                                       "use 'single quotes'", "use 'single quotes'",
+                                       "systemd 252 and 253 would read the next line as part of it"]):
         assert expected in problems[number], problems[number]
     with pytest.raises(ConfigError, match=f"--env-file {tmp_path}/none.env: there is no such file"):
         voicebridge.read_settings(tmp_path / "none.env", required=True)
@@ -3763,7 +3765,9 @@ async def test_the_env_file_wins_over_the_environment_and_the_env_beside_the_scr
     code, output = await output_of(await asyncio.create_subprocess_exec(*run, env=base, stdout=subprocess.PIPE))
     assert code == 0 and "(agent main," in output, output
     code, output = await output_of(await run_voicebridge({}, "--env-file", str(tmp_path / "missing.env"), "--check"))
-    assert code == 78 and f"--env-file {tmp_path}/missing.env: there is no such file" in output, output
+    assert code == 78 and ("FAIL  configuration complete, OPENAI_WEBHOOK_SECRET well formed\n"
+                           f"      --env-file {tmp_path}/missing.env: there is no such file") in output, output
+    assert "OpenClaw at" in output  # the whole checklist, even so
 
 
 async def test_check_prints_its_whole_checklist_even_with_broken_settings(
@@ -3865,3 +3869,47 @@ async def test_a_store_from_before_the_history_reads_as_empty_and_the_service_up
     await eventually(lambda: "rtc_after_upgrade" in history_rows(str(tmp_path / "state")))
     with contextlib.closing(sqlite3.connect(tmp_path / "state" / "voicebridge.db")) as db:
         assert db.execute("PRAGMA user_version").fetchone() == (2,)
+
+
+async def test_a_second_voicebridge_on_the_same_state_dir_stops_before_it_touches_the_first_ones_calls(
+    bridges: Start, openai: FakeOpenAI, openclaw: FakeOpenClaw, tmp_path: Path
+) -> None:
+    env = state_env(openai, openclaw, tmp_path / "state")
+    a = await bridges(env)
+    call = await call_on(a, openai, "rtc_owned")
+    handshakes = len(call.sideband_attempts)
+    b = await run_voicebridge({**env, "PORT": str(free_port())})  # e.g. the owner, by hand, with the unit's file
+    code, output = await output_of(b)
+    assert code == 1 and "Traceback" not in output, output
+    assert f"voicebridge: STATE_DIR={tmp_path / 'state'} is in use by another voicebridge" in output
+    assert "resuming" not in output and len(call.sideband_attempts) == handshakes and call.state == "accepted"
+    assert ("hangup", "rtc_owned") not in openai.rest and "rtc_owned" in live_calls(tmp_path / "state")
+
+
+async def test_an_address_this_machine_does_not_have_is_a_configuration_error(
+    openai: FakeOpenAI, openclaw: FakeOpenClaw
+) -> None:
+    port = free_port()
+    code, output = await output_of(await run_voicebridge({**make_env(openai, openclaw), "HOST": "192.0.2.1",
+                                                          "PORT": str(port)}))  # (TEST-NET-1: nobody's)
+    assert code == 78 and "Traceback" not in output, output
+    assert f"voicebridge: configuration error: cannot listen on 192.0.2.1:{port} (cannot assign requested address): " \
+           "check HOST and PORT" in output
+
+
+async def test_calls_leaves_out_a_record_it_cannot_read_and_shows_the_rest(
+    start_bridge: Bridge, openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    state_dir = str(tmp_path / "state")
+    bridge = await start_bridge(STATE_DIR=state_dir)
+    call = await connected_call(bridge, openai, "rtc_good")
+    await call.caller_hangs_up()
+    await eventually(lambda: "rtc_good" in history_rows(state_dir))
+    with contextlib.closing(sqlite3.connect(f"{state_dir}/voicebridge.db")) as db, db:
+        db.executemany("INSERT INTO history VALUES (?, ?, ?)", [("rtc_torn", time.time(), '{"call_id": "rtc_to'),
+                                                                ("rtc_odd", time.time(), '[1, 2]')])
+    code, out, err = await calls_cli(state_dir)
+    assert code == 0 and "caller_hung_up" in out and "1 call(s) above" in out, out + err
+    assert f"2 record(s) in {state_dir}/voicebridge.db could not be read, left out" in err
+    code, _, err = await calls_cli(str(tmp_path / "elsewhere"))
+    assert code == 0 and "there is no voicebridge.db there (is this the service's STATE_DIR?)" in err

@@ -65,6 +65,8 @@ import asyncio
 import base64
 import collections
 import contextlib
+import errno
+import fcntl
 import functools
 import gc
 import hashlib
@@ -158,11 +160,7 @@ class Config:
         problems: list[str] = []
 
         def get(name: str, default: str = "") -> str:
-            value = env.get(name, "").strip()
-            if re.search(r"\s#", value):  # systemd's EnvironmentFile keeps it; dotenv and sh drop it
-                problems.append(f"{name} holds a ' #' comment, which the systemd unit would keep as part of the "
-                                "value: put comments on a line of their own")
-            return value or default
+            return env.get(name, "").strip() or default
 
         def number(name: str, default: float, minimum: float, maximum: float = 1e9) -> float:
             raw = get(name, str(default))
@@ -248,20 +246,23 @@ def read_settings(path: Path, required: bool) -> tuple[dict[str, str], list[str]
     """A settings file read as systemd's EnvironmentFile reads it: its values, and the lines refused (with why), which
     python-dotenv would read otherwise; ConfigError if it cannot be read."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # (-sig: a byte order mark some editors add)
     except FileNotFoundError:
         if required:
             raise ConfigError(f"--env-file {path}: there is no such file") from None
         return {}, []
     except PermissionError:
-        user = pwd.getpwuid(os.geteuid()).pw_name
+        try:
+            user = pwd.getpwuid(os.geteuid()).pw_name
+        except KeyError:  # (a uid with no name, as in some containers)
+            user = f"uid {os.geteuid()}"
         raise ConfigError(f"cannot read {path} as user {user} (permission denied): let that user read it, e.g. "
                           f"sudo chown root:{user} {path} && sudo chmod 640 {path}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read {path} ({one_line(exc)})") from None
     values, problems = {}, []
     for number, line in enumerate(map(str.strip, lines), 1):
-        if not line or line.startswith("#"):
+        if (not line or line.startswith("#")) and not line.endswith("\\"):
             continue
         problem = settings_line_problem(line)
         if problem:
@@ -276,7 +277,9 @@ def settings_line_problem(line: str) -> str:
     """Why systemd and python-dotenv would read this settings line differently, or "" if they agree."""
     match = re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=(.*)", line)
     if not match:
-        return ("write it without 'export': systemd ignores such a line" if line.startswith("export ") else
+        return ("end the comment with something other than \\: systemd 252 and 253 would read the next line as part "
+                "of it" if line.startswith("#") else
+                "write it without 'export': systemd ignores such a line" if line.startswith("export ") else
                 "start comments with #" if line.startswith(";") else
                 "write KEY=value, with no spaces around =" if re.match(r"\w+\s+=", line) else
                 "this is not a KEY=value line")
@@ -286,12 +289,12 @@ def settings_line_problem(line: str) -> str:
     quote = value[:1] if value[:1] in ("'", '"') else ""
     if quote and value.find(quote, 1) < 0:
         return "the quote is not closed: a value must be on one line"
+    if quote != "'" and re.search(r"[$\\`]", value):
+        return "$, \\ and ` are expanded or escaped differently by systemd, python-dotenv and sh: use 'single quotes'"
     if quote and value.find(quote, 1) != len(value) - 1:
         return 'nothing may follow the closing quote (systemd reads KEY="value" # note as value# note)'
     if not quote and re.search(r"\s#", value):
         return "put comments on a line of their own: systemd keeps ' #...' as part of the value"
-    if quote != "'" and re.search(r"[$\\`]", value):
-        return "$, \\ and ` are expanded or escaped differently by systemd, python-dotenv and sh: use 'single quotes'"
     if not quote and re.search("[\"']", value):
         return "put the whole value in quotes (double quotes if it holds an apostrophe)"
     return ""
@@ -654,7 +657,7 @@ class JournalFormat(logging.Formatter):
     """Each line led by its priority (<3> for an ERROR) in the form the journal reads; the journal adds the time."""
 
     def format(self, record: logging.LogRecord) -> str:
-        priority = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4}.get(record.levelno, 3)
+        priority = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.CRITICAL: 2}.get(record.levelno, 3)
         return "\n".join(f"<{priority}>{line}" for line in super().format(record).splitlines())
 
 
@@ -985,8 +988,8 @@ class StateStore:
             BEGIN DELETE FROM seen_calls WHERE rowid <= NEW.rowid - {RECENT_IDS}; END;
     """
     HISTORY = """
-        CREATE TABLE history (call_id TEXT PRIMARY KEY, started REAL NOT NULL, record TEXT NOT NULL);
-        CREATE INDEX history_by_start ON history (started);
+        CREATE TABLE IF NOT EXISTS history (call_id TEXT PRIMARY KEY, started REAL NOT NULL, record TEXT NOT NULL);
+        CREATE INDEX IF NOT EXISTS history_by_start ON history (started);
     """  # schema 2: one row per call, its record as JSON (see Call.record), written as the call ends
 
     def __init__(self, state_dir: str, history_days: float) -> None:
@@ -996,6 +999,7 @@ class StateStore:
         self._failures: set[str] = set()  # causes of failed writes, each logged once
         self._queued: list[tuple[str, str, tuple[Any, ...]]] = []  # (call_id, sql, params), for the next batch
         self._pruning: asyncio.TimerHandle | None = None
+        self._lock = -1  # the file descriptor of STATE_DIR/voicebridge.lock, held for the life of the process
 
     async def open(self) -> tuple[list[tuple[Any, ...]], PinLock, dict[str, None]]:
         """Open or create the database; what the last run left: its live calls, the PIN lock, the call ids seen."""
@@ -1004,6 +1008,12 @@ class StateStore:
     def _open(self) -> tuple[list[tuple[Any, ...]], PinLock, dict[str, None]]:
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._lock = os.open(self.path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            try:  # one voicebridge per STATE_DIR: a second one would resume, and hang up, the first one's calls
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StartupError(f"STATE_DIR={self.path.parent} is in use by another voicebridge, which holds its "
+                                   "live calls: stop that one first, or give this one a STATE_DIR of its own") from None
             os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))  # 0600 from the start, whatever the umask
             self._db = db = sqlite3.connect(self.path)
             db.execute("PRAGMA journal_mode=WAL")
@@ -1014,15 +1024,15 @@ class StateStore:
                                   f"(schema {version}): upgrade voicebridge, or set STATE_DIR to another folder")
             if version == 0:
                 db.executescript(self.SCHEMA)
-            if version < 2:
-                db.executescript(self.HISTORY)
+            db.executescript(self.HISTORY)  # (IF NOT EXISTS: a crash before user_version was set leaves it made)
             db.execute("PRAGMA user_version = 2")  # a write: proves folder and file writable now, not at the first call
             calls = db.execute("SELECT * FROM live_calls").fetchall()
             lock = db.execute("SELECT failures, until, locks FROM pin_lock").fetchone()
             seen = dict.fromkeys(row[0] for row in db.execute("SELECT call_id FROM seen_calls ORDER BY rowid"))
         except (OSError, sqlite3.Error) as exc:
-            raise ConfigError(f"STATE_DIR={self.path.parent}: cannot create or write {self.path.name} ({exc}): "
-                              "make the folder writable by the user voicebridge runs as, or set STATE_DIR") from None
+            failure = ConfigError if isinstance(exc, OSError) else StartupError  # rights are the owner's to fix
+            raise failure(f"STATE_DIR={self.path.parent}: cannot create or write {self.path.name} ({exc}): "
+                          "make the folder writable by the user voicebridge runs as, or set STATE_DIR") from None
         return calls, PinLock(json.loads(lock[0]), lock[1], lock[2]) if lock else PinLock(), seen
 
     def _write(self, batch: list[tuple[str, str, tuple[Any, ...]]]) -> None:
@@ -1084,6 +1094,8 @@ class StateStore:
         if self._db is not None:
             await asyncio.wrap_future(self.hand_over())
             await asyncio.wrap_future(self._thread.submit(self._db.close))
+        if self._lock >= 0:
+            os.close(self._lock)  # (which lets the lock go)
         self._thread.shutdown()
 
 
@@ -1210,7 +1222,7 @@ class Call:
 
     def record(self) -> dict[str, Any]:
         """The call's record in the history, as it ends."""
-        seconds, reason = round(asyncio.get_running_loop().time() - self.received, 1), self.end_reason or "error"
+        seconds, reason = asyncio.get_running_loop().time() - self.received, self.end_reason or "error"
         steps = [(float(at), text) for at, _, text in (line.partition(" ") for line in self.timeline.splitlines())]
         first = {text: at for at, text in reversed(steps)}  # the first time of each step
         pin = "accepted" if self.keypad.ok else f"wrong {self.keypad.failures} time(s)" if self.keypad.failures else ""
@@ -1218,11 +1230,11 @@ class Call:
             question.setdefault("seconds", round(seconds - question["at"], 2))
             question["asked"] = utc_text(self.accepted_at + question["at"])
         return history_record(
-            self.id, self.caller, self.agent, self.accepted_at, end=utc_text(time.time()), seconds=seconds,
+            self.id, self.caller, self.agent, self.accepted_at, end=utc_text(time.time()), seconds=round(seconds, 1),
             end_reason=reason, first_word=first.get("greeting audio started", first.get("greeting started")),
             questions=list(self.questions), pin=(pin or "not typed") if self.config.call_pin else None,
             reconnects=sum(text == "sideband reconnected" for _, text in steps), resumed=self.resumed,
-            tokens=dict(zip(TOKEN_COUNTS, self.tokens)), timeline=[*steps, (seconds, f"ended: {reason}")],
+            tokens=dict(zip(TOKEN_COUNTS, self.tokens)), timeline=[*steps, (round(seconds, 3), f"ended: {reason}")],
             transcript=list(self.transcript),
         )
 
@@ -1721,11 +1733,13 @@ async def serve(config: Config) -> None:
     await runner.setup()  # (it opens STATE_DIR first)
     try:
         await web.TCPSite(runner, config.host, config.port).start()
-    except OSError as exc:
+    except OSError as exc:  # taken (it may come free: exit 1), or HOST and PORT are wrong here (78)
         await runner.cleanup()
-        why = os.strerror(exc.errno).lower() if exc.errno else one_line(exc)
-        raise StartupError(f"cannot listen on {config.host}:{config.port} ({why}): stop the program that has this "
-                           "port (another voicebridge?), or set HOST and PORT to a free address") from None
+        why = os.strerror(exc.errno).lower() if exc.errno and exc.errno > 0 else one_line(exc)
+        taken = exc.errno == errno.EADDRINUSE
+        raise (StartupError if taken else ConfigError)(
+            f"cannot listen on {config.host}:{config.port} ({why}): " + ("stop the program that has this port "
+            "(another voicebridge?), or set PORT to a free one" if taken else "check HOST and PORT")) from None
     log_banner(config)  # only now: the port is open, the state store loaded
     # Move the ~35k objects from imports out of the collector's way: full collections then take a few ms
     # instead of ~80 ms, which otherwise shows up as a stall in tool results with many live calls.
@@ -1796,7 +1810,7 @@ async def probe(http: aiohttp.ClientSession, method: str, url: str, setting: str
     except aiohttp.ClientConnectorDNSError as exc:
         return 0, f"cannot resolve host {one_line(exc.host)} ({setting})"
     except aiohttp.ClientConnectorError as exc:
-        why = one_line(exc.os_error.strerror or exc.os_error)
+        why = os.strerror(exc.os_error.errno).lower() if exc.os_error.errno else one_line(exc.os_error)
         return 0, f"cannot connect to {one_line(exc.host)}:{exc.port} ({setting}): {why}"
     except asyncio.TimeoutError:
         return 0, f"no answer within {REST_TIMEOUT.total:g} s ({setting})"
@@ -1886,11 +1900,14 @@ def calls(config: Config, call_id: str, last: int, as_json: bool, numbers: bool)
             print(f"cannot read the call history in {path} ({one_line(exc)}): run this as the user voicebridge runs "
                   "as (sudo -u voicebridge ...), with its STATE_DIR", file=sys.stderr)
             return 1
-    if not rows:
+    records = [record for record in map(history_row, rows) if record]
+    if len(records) < len(rows):
+        print(f"{len(rows) - len(records)} record(s) in {path} could not be read, left out", file=sys.stderr)
+    if not records:
+        where = "" if rows or path.exists() else ": there is no voicebridge.db there (is this the service's STATE_DIR?)"
         print(f"no call {call_id} in the history in {path}" if call_id else
-              f"no call history yet in {path} (STATE_DIR={config.state_dir})", file=sys.stderr)
+              f"no call history yet in {path} (STATE_DIR={config.state_dir}){where}", file=sys.stderr)
         return 1 if call_id else 0
-    records = [json.loads(row[0]) for row in rows]
     if as_json:
         for record in records:
             print(json.dumps({**record, "caller": shown(record["caller"], numbers)}))
@@ -1899,6 +1916,16 @@ def calls(config: Config, call_id: str, last: int, as_json: bool, numbers: bool)
     else:
         show_calls(records, numbers)
     return 0
+
+
+def history_row(row: tuple[Any, ...]) -> dict[str, Any] | None:
+    """One call of the history, every field present; None for a record that cannot be read."""
+    try:
+        record = json.loads(row[0])
+        datetime.fromtimestamp(record["started"])  # (the field every view needs)
+    except (ValueError, TypeError, LookupError, OverflowError, OSError, RecursionError):
+        return None
+    return {**history_record("", None, None, record["started"]), **record}
 
 
 def percentiles(values: list[float]) -> str:
@@ -1976,7 +2003,11 @@ def main() -> None:
     try:
         # --env-file: exactly the file the unit names wins, so a check sees what the service will. Otherwise the .env
         # beside this file (no search through parent directories) fills in what the environment does not set.
-        settings, problems = read_settings(Path(args.env_file or Path(__file__).with_name(".env")), bool(args.env_file))
+        try:
+            path = Path(args.env_file or Path(__file__).with_name(".env"))
+            settings, problems = read_settings(path, required=args.env_file is not None)
+        except ConfigError as exc:  # unreadable, or not there: --check still shows the rest
+            settings, problems = {}, list(exc.args)
         env = {**os.environ, **settings} if args.env_file else {**settings, **os.environ}
         config, more = Config.parse(env, need_openai=args.check or (args.ask is None and args.calls is None))
         if args.check:  # the whole checklist, whatever is wrong
