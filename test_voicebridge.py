@@ -3796,11 +3796,14 @@ async def test_check_tells_a_name_that_does_not_resolve_and_a_silent_server_from
     code, output = await output_of(await run_voicebridge(env, "--check"))
     assert code == 1 and "HTTP 0" not in output and "check OPENAI_API_KEY" not in output, output
     assert "cannot resolve host voicebridge-test.invalid (OPENAI_BASE_URL)" in output
-    silent = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)  # accepts, never answers
+    held: list[asyncio.StreamWriter] = []
+    silent = await asyncio.start_server(lambda reader, writer: held.append(writer), "127.0.0.1", 0)  # never answers
     async with silent:
         port = silent.sockets[0].getsockname()[1]
         env["OPENAI_BASE_URL"] = f"http://127.0.0.1:{port}/v1"
         code, output = await output_of(await run_voicebridge(env, "--check"))
+        for writer in held:  # (from 3.12 on, the server's close waits for its connections)
+            writer.close()
     assert code == 1 and "no answer within 5 s (OPENAI_BASE_URL)" in output and "OPENAI_API_KEY" not in output.split(
         "FAIL")[1].split("\n")[1], output
 
