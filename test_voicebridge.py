@@ -3896,8 +3896,9 @@ async def test_an_address_this_machine_does_not_have_is_a_configuration_error(
     code, output = await output_of(await run_voicebridge({**make_env(openai, openclaw), "HOST": "192.0.2.1",
                                                           "PORT": str(port)}))  # (TEST-NET-1: nobody's)
     assert code == 78 and "Traceback" not in output, output
-    assert f"voicebridge: configuration error: cannot listen on 192.0.2.1:{port} (cannot assign requested address): " \
-           "check HOST and PORT" in output
+    [line] = output.splitlines()  # (why, in the brackets, is the OS's words: 3.13's asyncio words it its own way)
+    assert line.startswith(f"voicebridge: configuration error: cannot listen on 192.0.2.1:{port} (")
+    assert line.endswith("): check HOST and PORT") and "address" in line
 
 
 async def test_calls_leaves_out_a_record_it_cannot_read_and_shows_the_rest(
