@@ -641,6 +641,11 @@ async def post_webhook(bridge: Any, body: bytes, headers: dict[str, str] | None 
     return resp
 
 
+def calls_over(bridge: Any) -> bool:
+    """No call is live, and every call's task has finished: hung up, recorded and summed up in the log."""
+    return not bridge.app[voicebridge.CALLS] and not bridge.app[voicebridge.TASKS]
+
+
 async def active_calls(bridge: Any) -> int:
     resp = await bridge.get("/healthz")
     return (await resp.json())["active_calls"]
@@ -909,7 +914,7 @@ async def test_each_caller_reaches_their_own_agent(
         "rtc_stranger": "voicebridge:+15559999999", "rtc_withheld": "voicebridge:call:rtc_withheld"}
     assert asked["rtc_family"][2].endswith(f"Caller ID: {BOB} (caller ID can be faked).")
     assert asked["rtc_withheld"][2].endswith("Caller ID: withheld.")
-    await eventually(lambda: bridge.app[voicebridge.CALLS] == {})
+    await eventually(lambda: calls_over(bridge))
     for line in ("[rtc_family] webhook verified, caller +1******4321 allowed, agent family",
                  "[rtc_withheld] webhook verified, caller withheld allowed, agent guest",
                  "[rtc_stranger] call summary: caller=+1******9999 agent=guest"):
@@ -1051,7 +1056,7 @@ async def test_a_call_from_webhook_to_spoken_answer(
     assert call.errors == []
 
     await call.caller_hangs_up()
-    await eventually(lambda: openai.calls and bridge.app[voicebridge.CALLS] == {})
+    await eventually(lambda: openai.calls and calls_over(bridge))
     assert await active_calls(bridge) == 0
 
     # The log tells the story, with the call id on every line, and no secrets or full numbers.
@@ -1130,7 +1135,7 @@ async def test_accept_400_names_the_settings_that_shape_the_accept_body(
     bridge = await start_bridge(**setting)
     call = openai.ring("rtc_badmodel")
     await post_webhook(bridge, incoming_event("rtc_badmodel"))
-    await eventually(lambda: bridge.app[voicebridge.CALLS] == {})
+    await eventually(lambda: calls_over(bridge))
     [line] = [r.getMessage() for r in caplog.records if "accept failed" in r.getMessage()]
     assert f"HTTP 400: Invalid value: {next(iter(setting.values()))!r}" in line  # OpenAI's message, quoted
     assert "(check REALTIME_MODEL, VOICE, INSTRUCTIONS and LOG_TRANSCRIPTS: they shape the accept body)" in line
@@ -1150,7 +1155,7 @@ async def test_sideband_that_stays_404_is_given_up(bridge: Any, openai: FakeOpen
     call = openai.ring("rtc_never")
     call.sideband_404s = 100
     await post_webhook(bridge, incoming_event("rtc_never"))
-    await eventually(lambda: bridge.app[voicebridge.CALLS] == {}, timeout=20)
+    await eventually(lambda: calls_over(bridge), timeout=20)
     assert "sideband unavailable, giving up" in caplog.text
     assert 8 <= len(call.sideband_attempts) <= 12 and await active_calls(bridge) == 0
     assert call.sideband_attempts[-1][0] - call.sideband_attempts[0][0] >= 7.5  # nobody has measured the race: ~8 s
@@ -1363,7 +1368,7 @@ async def test_end_call_hangs_up_after_the_goodbye_has_played(bridge: Any, opena
     await eventually(lambda: call.hangup_at)
     stopped = [e["_at"] for e in call.sent if e["type"] == "output_audio_buffer.stopped"][-1]
     assert call.hangup_at is not None and call.hangup_at >= stopped
-    await eventually(lambda: bridge.app[voicebridge.CALLS] == {})
+    await eventually(lambda: calls_over(bridge))
     assert "end_call" in caplog.text and "reason=end_call" in caplog.text
 
 
@@ -1376,7 +1381,7 @@ async def test_caller_hanging_up_mid_question_aborts_the_openclaw_request(
     await eventually(lambda: openclaw.requests)
     await call.caller_hangs_up()
     await eventually(lambda: openclaw.cancelled, timeout=2)
-    await eventually(lambda: bridge.app[voicebridge.CALLS] == {})
+    await eventually(lambda: calls_over(bridge))
     assert await active_calls(bridge) == 0 and not bridge.app[voicebridge.TASKS]
     assert "Traceback" not in caplog.text
 
@@ -1386,7 +1391,7 @@ async def test_max_call_seconds_hangs_up(start_bridge: Bridge, openai: FakeOpenA
     call = await connected_call(bridge, openai)
     await eventually(lambda: call.state == "ended")
     assert ("hangup", "rtc_happy") in openai.rest
-    await eventually(lambda: bridge.app[voicebridge.CALLS] == {})
+    await eventually(lambda: calls_over(bridge))
     assert "MAX_CALL_SECONDS" in caplog.text and "reason=max_duration" in caplog.text
 
 
@@ -1449,7 +1454,7 @@ async def test_three_wrong_pins_hang_up(
     assert goodbye == {"instructions": voicebridge.PIN_GOODBYE, "tool_choice": "none", "metadata": {"voicebridge": "goodbye"}}
     await eventually(lambda: call.state == "ended")
     assert call.hangup_at is not None and call.hangup_at >= [e["_at"] for e in call.sent if e["type"] == "output_audio_buffer.stopped"][-1]
-    await eventually(lambda: bridge.app[voicebridge.CALLS] == {})
+    await eventually(lambda: calls_over(bridge))
     assert openclaw.requests == [] and "reason=pin_failed" in caplog.text
     ours = [r.getMessage() for r in caplog.records if r.name == "voicebridge"]
     assert "[rtc_happy] wrong PIN (3 of 3)" in ours and not any("1111" in line or "2467" in line for line in ours)
@@ -1524,7 +1529,7 @@ async def test_no_reconnect_when_the_call_is_over(
         await call.caller_hangs_up()
     else:
         await call.model_response([("end_call", "{}")])
-    await eventually(lambda: bridge.app[voicebridge.CALLS] == {})
+    await eventually(lambda: calls_over(bridge))
     await asyncio.sleep(0.3)
     # A clean close is checked with one handshake (404: over); after our own hangup there is nothing to check.
     assert len(call.sideband_attempts) == (1 if how == "after our hangup" else 2)
@@ -1539,7 +1544,7 @@ async def test_reconnect_is_bounded(
     call = await connected_call(bridge, openai)
     call.sideband_down = True
     await call.drop(1011)
-    await eventually(lambda: bridge.app[voicebridge.CALLS] == {})
+    await eventually(lambda: calls_over(bridge))
     assert len(call.sideband_attempts) == 1 + 4
     assert "sideband unavailable, giving up: HTTP 503" in caplog.text
     await eventually(lambda: call.state == "ended")  # (the hangup goes out as the call's last act)
@@ -1662,7 +1667,7 @@ async def test_a_server_that_closes_every_sideband_at_once_gets_bounded_reconnec
     assert len(times) == 1 + 5  # the first attach, then the budget of 5 reconnects
     for gap, wait in zip(itertools.pairwise(times[1:]), backoff[1:]):
         assert gap[1] - gap[0] >= wait * 0.9  # backoff between cycles, not only between failed handshakes
-    await eventually(lambda: bridge.app[voicebridge.CALLS] == {})
+    await eventually(lambda: calls_over(bridge))
     assert "after 5 reconnects within 60s: giving up" in caplog.text and "reason=sideband_lost" in caplog.text
 
 
@@ -1700,7 +1705,7 @@ async def test_a_result_written_into_a_dead_connection_is_delivered_after_the_re
         assert call.outputs() == [{"type": "function_call_output", "call_id": fc_id, "output": "Answer to: long one"}]
         assert call.errors == []
         await call.caller_hangs_up()  # before the proxy goes away, or the call would try to reconnect through it
-        await eventually(lambda: bridge.app[voicebridge.CALLS] == {})
+        await eventually(lambda: calls_over(bridge))
     finally:
         await proxy.close()
 
@@ -1733,7 +1738,7 @@ async def test_a_crash_is_logged_once_and_the_call_hung_up(
         monkeypatch.setattr(voicebridge.Call, "_on_response_done", broken)
     await call.model_response([("ask_openclaw", '{"request": "boom"}')])
     await eventually(lambda: call.state == "ended")
-    await eventually(lambda: bridge.app[voicebridge.CALLS] == {} and not bridge.app[voicebridge.TASKS])
+    await eventually(lambda: calls_over(bridge))
     [error] = errors_logged(caplog)
     assert error.getMessage().startswith("[rtc_happy] unexpected error") and error.exc_info is not None
     assert "injected failure" in caplog.text and "reason=error" in caplog.text
@@ -2030,7 +2035,7 @@ async def test_the_60_minute_cap_ends_the_call_without_a_new_handshake(
 ) -> None:
     call = await connected_call(bridge, openai)
     await call.drop(1001, "Your session hit the maximum duration of 60 minutes.")
-    await eventually(lambda: bridge.app[voicebridge.CALLS] == {})
+    await eventually(lambda: calls_over(bridge))
     assert len(call.sideband_attempts) == 1 and openai.rest[-1] == ("hangup", "rtc_happy")
     assert "reason 'Your session hit the maximum duration of 60 minutes.'" in caplog.text
     assert "reason=max_duration" in caplog.text and not errors_logged(caplog)
@@ -2165,7 +2170,7 @@ async def test_a_store_that_cannot_write_is_logged_once_and_calls_go_on(
         await eventually(lambda: call.outputs())
         assert call.outputs()[0]["output"] == "Answer to: still working?"
         await call.caller_hangs_up()
-    await eventually(lambda: bridge.app[voicebridge.CALLS] == {})
+    await eventually(lambda: calls_over(bridge))
     [error] = errors_logged(caplog)
     assert "state not saved to" in error.getMessage() and "readonly" in error.getMessage()
 
@@ -2230,7 +2235,7 @@ async def test_silent_callers_count_toward_the_lock(
         call = await connected_call(bridge, openai, f"rtc_silent_{n}")
         if how == "hangs up after the prompt":
             await call.caller_hangs_up()
-        await eventually(lambda: bridge.app[voicebridge.CALLS] == {}, timeout=3)
+        await eventually(lambda: calls_over(bridge), timeout=3)
     await eventually(lambda: "across calls: new calls are turned away until" in caplog.text)
     nth = openai.ring("rtc_silent_3")
     await post_webhook(bridge, incoming_event("rtc_silent_3"))
@@ -3667,7 +3672,7 @@ async def test_history_days_prunes_old_calls_at_startup_and_zero_keeps_none(
     await eventually(lambda: history_rows(state_dir) == {})
     call = await connected_call(bridge, openai, "rtc_unkept")
     await call.caller_hangs_up()
-    await eventually(lambda: bridge.app[voicebridge.CALLS] == {})
+    await eventually(lambda: calls_over(bridge))
     await bridge.close()
     assert history_rows(state_dir) == {}
 
