@@ -2065,7 +2065,8 @@ async def test_a_line_with_nobody_on_it_is_asked_once_then_hung_up(
 ) -> None:
     bridge = await start_bridge(idle_seconds=0.5)
     call = await connected_call(bridge, openai)  # accepted, greeted, and then: nothing (the caller hung up ringing)
-    greeting_heard = max(e["_at"] for e in call.sent if e["type"] == "output_audio_buffer.stopped")
+    stopped = await eventually(lambda: [e["_at"] for e in call.sent if e["type"] == "output_audio_buffer.stopped"])
+    greeting_heard = max(stopped)  # (its .stopped comes just after response.done: waited for, not assumed)
     await eventually(lambda: idle_checks(call), timeout=3)
     [check] = idle_checks(call)
     assert check["response"]["tool_choice"] == "none" and check["_at"] - greeting_heard >= 0.45
