@@ -3732,8 +3732,8 @@ def test_a_settings_file_is_read_as_systemd_reads_it_and_what_would_differ_is_re
                                        "use 'single quotes'", "use 'single quotes'",
                                        "systemd 252 and 253 would read the next line as part of it"]):
         assert expected in problems[number], problems[number]
-    with pytest.raises(ConfigError, match=f"--env-file {tmp_path}/none.env: there is no such file"):
-        voicebridge.read_settings(tmp_path / "none.env", required=True)
+    assert voicebridge.read_settings(tmp_path / "none.env", required=True) == (
+        {}, [f"--env-file {tmp_path}/none.env: there is no such file"])
     assert voicebridge.read_settings(tmp_path / "none.env", required=False) == ({}, [])
 
 
@@ -3746,9 +3746,8 @@ def test_an_unreadable_settings_file_names_the_file_the_user_and_the_fix(
 
     monkeypatch.setattr(Path, "read_text", refused)
     user = voicebridge.pwd.getpwuid(os.geteuid()).pw_name
-    with pytest.raises(ConfigError) as refusal:
-        voicebridge.read_settings(tmp_path / "voicebridge.env", required=True)
-    assert str(refusal.value) == (f"cannot read {tmp_path}/voicebridge.env as user {user} (permission denied): let "
+    values, [refusal] = voicebridge.read_settings(tmp_path / "voicebridge.env", required=True)
+    assert values == {} and refusal == (f"cannot read {tmp_path}/voicebridge.env as user {user} (permission denied): let "
                                   f"that user read it, e.g. sudo chown root:{user} {tmp_path}/voicebridge.env && "
                                   f"sudo chmod 640 {tmp_path}/voicebridge.env")
 

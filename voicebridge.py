@@ -243,23 +243,21 @@ class Config:
 
 
 def read_settings(path: Path, required: bool) -> tuple[dict[str, str], list[str]]:
-    """A settings file read as systemd's EnvironmentFile reads it: its values, and the lines refused (with why), which
-    python-dotenv would read otherwise; ConfigError if it cannot be read."""
+    """A settings file read as systemd's EnvironmentFile reads it: its values, and its problems (a line refused, as
+    python-dotenv would read it otherwise, or the whole file, if it cannot be read)."""
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()  # (-sig: a byte order mark some editors add)
     except FileNotFoundError:
-        if required:
-            raise ConfigError(f"--env-file {path}: there is no such file") from None
-        return {}, []
+        return {}, [f"--env-file {path}: there is no such file"] if required else []
     except PermissionError:
         try:
             user = pwd.getpwuid(os.geteuid()).pw_name
         except KeyError:  # (a uid with no name, as in some containers)
             user = f"uid {os.geteuid()}"
-        raise ConfigError(f"cannot read {path} as user {user} (permission denied): let that user read it, e.g. "
-                          f"sudo chown root:{user} {path} && sudo chmod 640 {path}") from None
+        return {}, [f"cannot read {path} as user {user} (permission denied): let that user read it, e.g. "
+                    f"sudo chown root:{user} {path} && sudo chmod 640 {path}"]
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read {path} ({one_line(exc)})") from None
+        return {}, [f"cannot read {path} ({one_line(exc)})"]
     values, problems = {}, []
     for number, line in enumerate(map(str.strip, lines), 1):
         if (not line or line.startswith("#")) and not line.endswith("\\"):
@@ -2003,11 +2001,8 @@ def main() -> None:
     try:
         # --env-file: exactly the file the unit names wins, so a check sees what the service will. Otherwise the .env
         # beside this file (no search through parent directories) fills in what the environment does not set.
-        try:
-            path = Path(args.env_file or Path(__file__).with_name(".env"))
-            settings, problems = read_settings(path, required=args.env_file is not None)
-        except ConfigError as exc:  # unreadable, or not there: --check still shows the rest
-            settings, problems = {}, list(exc.args)
+        path = Path(args.env_file or Path(__file__).with_name(".env"))
+        settings, problems = read_settings(path, required=args.env_file is not None)
         env = {**os.environ, **settings} if args.env_file else {**settings, **os.environ}
         config, more = Config.parse(env, need_openai=args.check or (args.ask is None and args.calls is None))
         if args.check:  # the whole checklist, whatever is wrong
