@@ -202,17 +202,20 @@ class Config:
         pin = get("CALL_PIN")
         if pin and not re.fullmatch(r"\d{4,12}", pin):
             problems.append("CALL_PIN must be 4 to 12 digits (the caller types it on the keypad)")
+            pin = ""
         transcripts = get("LOG_TRANSCRIPTS", "0").lower()
         if transcripts not in ("0", "1", "no", "yes", "false", "true", "off", "on"):
             problems.append(f"LOG_TRANSCRIPTS={transcripts!r}: use 1 to log what is said on calls, or 0 (default)")
         idle = number("IDLE_SECONDS", cls.idle_seconds, 0)
         if 0 < idle < 10:
             problems.append(f"IDLE_SECONDS={idle:g}: use 0 (never hang up on silence) or 10 seconds or more")
+            idle = cls.idle_seconds
         systemd_state = env.get("STATE_DIRECTORY", "").split(":")[0]  # set by the unit's StateDirectory=
         state_dir = get("STATE_DIR", systemd_state) or str(Path(__file__).with_name("state"))
         level = get("LOG_LEVEL", "INFO").upper()
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             problems.append(f"LOG_LEVEL={level!r}: use DEBUG, INFO, WARNING or ERROR")
+            level = cls.log_level
         config = cls(
             openai_api_key=key,
             webhook_key=webhook_key,
@@ -230,14 +233,14 @@ class Config:
             greeting=get("GREETING"),
             max_call_seconds=number("MAX_CALL_SECONDS", cls.max_call_seconds, 10),
             shutdown_grace=number("SHUTDOWN_GRACE", cls.shutdown_grace, 0),
-            call_pin=pin if re.fullmatch(r"\d{4,12}", pin) else "",
+            call_pin=pin,
             pin_timeout=number("PIN_TIMEOUT", cls.pin_timeout, 10),
             max_concurrent_calls=int(number("MAX_CONCURRENT_CALLS", cls.max_concurrent_calls, 0)),
-            idle_seconds=idle if not 0 < idle < 10 else cls.idle_seconds,
+            idle_seconds=idle,
             state_dir=state_dir,
             history_days=number("HISTORY_DAYS", cls.history_days, 0, 36500),
             log_transcripts=transcripts in ("1", "yes", "true", "on"),
-            log_level=level if level in ("DEBUG", "INFO", "WARNING", "ERROR") else "INFO",
+            log_level=level,
         )
         return config, problems
 
@@ -632,9 +635,11 @@ def history_record(call_id: str, caller: str | None, agent: str | None, started:
 
 def add_usage(tokens: list[int], usage: Any) -> None:
     """Add a response.done's usage, which is what OpenAI bills, to a call's counts (in the order of TOKEN_COUNTS)."""
-    for index, name in enumerate(TOKEN_COUNTS if isinstance(usage, dict) else ()):
+    if not isinstance(usage, dict):
+        return
+    for index, name in enumerate(TOKEN_COUNTS):
         side, _, kind = name.partition("_")  # "input" is usage.input_tokens, "input_audio" its details' audio_tokens
-        counts = usage.get(f"{side}_token_details") if kind else usage  # type: ignore[union-attr]
+        counts = usage.get(f"{side}_token_details") if kind else usage
         count = counts.get(f"{kind or side}_tokens") if isinstance(counts, dict) else None
         if type(count) is int and count >= 0:  # (not a bool, not a float, never negative)
             tokens[index] += count
@@ -1498,8 +1503,9 @@ class Call:
             question.update(outcome="too slow" if exc.say == SAY_TOO_SLOW else "failed", why=str(exc))
             return exc.say
         finally:
-            self.asking, self.quiet_since = False, asyncio.get_running_loop().time()
-            question["seconds"] = round(self.quiet_since - self.received - question["at"], 2)
+            now = asyncio.get_running_loop().time()
+            self.asking, self.quiet_since = False, now
+            question["seconds"] = round(now - self.received - question["at"], 2)
             why = f": {question['why']}" if "why" in question else ""
             self.mark(f"question {len(self.questions)} {question['outcome']} after {question['seconds']:.1f}s{why}")
             filler.cancel()
@@ -1884,7 +1890,7 @@ async def ask(config: Config, question: str, caller: str | None = None) -> int:
     return 1 if problem else 0
 
 
-def calls(config: Config, call_id: str, last: int, as_json: bool, numbers: bool) -> int:
+def show_history(config: Config, call_id: str, last: int, as_json: bool, numbers: bool) -> int:
     """--calls: read the history read-only (the running service is never held up) and show it."""
     path = Path(config.state_dir).resolve() / "voicebridge.db"
     query = "SELECT record FROM history " + ("WHERE call_id = ?" if call_id else "ORDER BY started DESC LIMIT ?")
@@ -2012,7 +2018,7 @@ def main() -> None:
         if args.ask is not None:
             sys.exit(asyncio.run(ask(config, args.ask, args.caller)))
         if args.calls is not None:
-            sys.exit(calls(config, args.calls, args.last or 20, args.json, args.show_numbers))
+            sys.exit(show_history(config, args.calls, args.last or 20, args.json, args.show_numbers))
         handler = logging.StreamHandler()
         handler.setFormatter(JournalFormat("%(levelname)s %(message)s") if journal else
                              logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
