@@ -1734,6 +1734,9 @@ async def serve(config: Config) -> None:
     """Serve until SIGTERM or Ctrl-C, then drain while still answering webhooks, then stop."""
     # aiohttp would wait 60 s for requests in flight; ours are done within BODY_TIMEOUT (a body is all they wait for)
     runner = web.AppRunner(make_app(config), handle_signals=False, shutdown_timeout=BODY_TIMEOUT)
+    stop = asyncio.Event()  # (first: a SIGTERM the moment the banner is out must drain, not kill)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(signum, stop.set)
     await runner.setup()  # (it opens STATE_DIR first)
     try:
         await web.TCPSite(runner, config.host, config.port).start()
@@ -1748,9 +1751,6 @@ async def serve(config: Config) -> None:
     # Move the ~35k objects from imports out of the collector's way: full collections then take a few ms
     # instead of ~80 ms, which otherwise shows up as a stall in tool results with many live calls.
     gc.freeze()
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        asyncio.get_running_loop().add_signal_handler(signum, stop.set)
     await stop.wait()
     log.info("shutdown requested: new calls are now refused")
     await drain(runner.app, config.shutdown_grace)
