@@ -1,6 +1,6 @@
 """Tests for voicebridge.py, over real loopback sockets against fake OpenAI and fake OpenClaw servers.
 
-The fakes follow ../shared/PROTOCOL.md: the OpenAI fake refuses a sideband for a call that is not
+The fakes follow docs/protocol.md and OpenAI's API reference: the OpenAI fake refuses a sideband for a call that is not
 accepted (404 call_id_not_found), refuses ?model= and OpenAI-Beta, sends the full function-call event
 sequence, and answers a response.create sent while a response is active with the
 conversation_already_has_active_response error. The OpenClaw fake checks the token, the model name and
@@ -44,6 +44,14 @@ from aiohttp import web
 
 import voicebridge
 from voicebridge import Config, ConfigError, make_app, verify_signature
+
+def config_from(env: dict[str, str]) -> Config:
+    """The Config of these settings, or ConfigError naming every problem (as main() reports them)."""
+    config, problems = Config.parse(env)
+    if problems:
+        raise ConfigError(*problems)
+    return config
+
 
 SECRET = "whsec_" + base64.b64encode(b"voicebridge-test-signing-key-32b").decode()
 API_KEY = "sk-test-openai-key-never-logged"
@@ -193,7 +201,7 @@ class FakeCall:
     ) -> list[str]:
         """A response the model starts on its own (server VAD), optionally with function calls.
 
-        Sends the full event sequence of PROTOCOL.md section 5 and returns the function call_ids.
+        Sends the full event sequence of a tool round (docs/protocol.md, step 5) and returns the function call_ids.
         """
         await self.wait_idle()
         self.response_active = True
@@ -305,7 +313,7 @@ class FakeCall:
         self.response_active = False  # the fake's model is cut off mid-response too
 
     async def caller_hangs_up(self, clean: bool = False) -> None:
-        """The caller puts the phone down: the sideband just dies, no close frame (PROTOCOL.md section 8), unless
+        """The caller puts the phone down: the sideband just dies, no close frame (docs/protocol.md, step 4), unless
         `clean`; from then on a handshake or a hangup gets 404."""
         self.state = "ended"
         if self.ws is not None and clean:
@@ -624,7 +632,7 @@ async def start_bridge(aiohttp_client: Any, openai: FakeOpenAI, openclaw: FakeOp
     async def start(**overrides: Any) -> Any:
         env = {k: v for k, v in overrides.items() if k.isupper()}
         fields = {k: v for k, v in overrides.items() if not k.isupper()}
-        config = dataclasses.replace(Config.from_env(make_env(openai, openclaw, **env)), **fields)
+        config = dataclasses.replace(config_from(make_env(openai, openclaw, **env)), **fields)
         return await aiohttp_client(make_app(config))
 
     return start
@@ -673,7 +681,7 @@ def test_known_good_vector_from_openai_python() -> None:
         "webhook-timestamp": "1750861210",
         "webhook-signature": "v1,gUAg4R2hWouRZqRQG4uJypNS8YK885G838+EHb4nKBY=",
     }
-    key = voicebridge.parse_webhook_secret(secret)
+    key = voicebridge.parse_webhook_secret(secret)[0]
     verify_signature(key, headers, body, now=1750861210)
     verify_signature(key, headers, body, now=1750861210 + 299)
     with pytest.raises(voicebridge.SignatureError, match="5 minutes"):
@@ -948,14 +956,14 @@ def test_routing_entries_are_checked_at_startup(caplog: pytest.LogCaptureFixture
     }
     for message, callers in cases.items():
         with pytest.raises(ConfigError, match=re.escape(message)):
-            Config.from_env({**good, "ALLOWED_CALLERS": callers})
+            config_from({**good, "ALLOWED_CALLERS": callers})
     with pytest.raises(ConfigError, match=re.escape("OPENCLAW_AGENT='Main' is not an OpenClaw agent id")):
-        Config.from_env({**good, "OPENCLAW_AGENT": "Main"})
-    config = Config.from_env({**good, "ALLOWED_CALLERS": f"{ALICE}=main,{ALICE}, {BOB}=fam_1-x ,*={'a' * 64}"})
+        config_from({**good, "OPENCLAW_AGENT": "Main"})
+    config = config_from({**good, "ALLOWED_CALLERS": f"{ALICE}=main,{ALICE}, {BOB}=fam_1-x ,*={'a' * 64}"})
     assert config.allowed_callers == {ALICE: "main", BOB: "fam_1-x", "*": "a" * 64}  # the same route twice is fine
     assert [voicebridge.agent_for(config, n) for n in (ALICE, BOB, "+15559999999", None)] == ["main", "fam_1-x", *["a" * 64] * 2]
     caplog.set_level("INFO", logger="voicebridge")
-    voicebridge.log_banner(Config.from_env({**good, "OPENCLAW_AGENT": "me", "ALLOWED_CALLERS": f"{ALICE},{BOB}=family,*=guest"}))
+    voicebridge.log_banner(config_from({**good, "OPENCLAW_AGENT": "me", "ALLOWED_CALLERS": f"{ALICE},{BOB}=family,*=guest"}))
     assert "callers    +1******4567 -> me, +1******4321 -> family, * -> guest (caller -> OpenClaw agent)" in caplog.text
     assert "ANYONE WHO DIALS THE NUMBER CAN DRIVE YOUR OPENCLAW AGENT 'guest'" in caplog.text
 
@@ -991,11 +999,11 @@ async def test_transcripts_are_logged_only_when_asked_for(
 def test_transcript_setting_is_checked_and_shown(caplog: pytest.LogCaptureFixture) -> None:
     good = {"OPENAI_API_KEY": "sk-x", "OPENAI_WEBHOOK_SECRET": SECRET}
     with pytest.raises(ConfigError, match=re.escape("LOG_TRANSCRIPTS='maybe': use 1 to log what is said on calls, or 0")):
-        Config.from_env({**good, "LOG_TRANSCRIPTS": "maybe"})
+        config_from({**good, "LOG_TRANSCRIPTS": "maybe"})
     caplog.set_level("INFO", logger="voicebridge")
     for value, shown in (("true", "transcripts LOGGED (LOG_TRANSCRIPTS=1)"), ("off", "transcripts off")):
         caplog.clear()
-        voicebridge.log_banner(Config.from_env({**good, "LOG_TRANSCRIPTS": value}))
+        voicebridge.log_banner(config_from({**good, "LOG_TRANSCRIPTS": value}))
         assert shown in caplog.text
 
 
@@ -1062,7 +1070,7 @@ async def test_a_call_from_webhook_to_spoken_answer(
     # The log tells the story, with the call id on every line, and no secrets or full numbers.
     story = [r.getMessage() for r in caplog.records if r.name == "voicebridge"]
     for expected in ("webhook verified, caller +1******4567 allowed, agent main", "call accepted in", "sideband connected",
-                     "function call received: ask_openclaw", "OpenClaw answered in", "result sent for",
+                     "function call ask_openclaw: its response completed", "OpenClaw answered in", "result sent for",
                      "sideband closed (code 1006)", "sideband refused (HTTP 404): the call is over",
                      "call summary: caller=+1******4567 agent=main duration=", "tool_calls=1 openclaw_seconds=0.0 reason=caller_hung_up"):
         assert any(expected in line for line in story), expected
@@ -1178,14 +1186,14 @@ async def test_the_fake_refuses_what_the_real_server_refuses(openai: FakeOpenAI)
         async with http.ws_connect(f"{ws_base}?call_id=rtc_strict", headers={**auth, "OpenAI-Beta": "realtime=v1"}) as ws:
             await ws.receive()
             assert ws.close_code == 4000
-        # The SIP accept refuses turn-detection tuning (PROTOCOL.md section 8), so voicebridge never sends any.
+        # The SIP accept refuses turn-detection tuning (docs/protocol.md, step 7), so voicebridge never sends any.
         tuned = {"type": "realtime", "model": "gpt-realtime-2.1", "audio": {"output": {"voice": "marin"},
                  "input": {"turn_detection": {"type": "server_vad", "threshold": 0.6}}}}
         openai.ring("rtc_tuned")
         async with http.post(f"{openai.url}/realtime/calls/rtc_tuned/accept", json=tuned, headers=auth) as resp:
             assert resp.status == 400
             assert (await resp.json())["error"]["message"] == "Unknown parameter: 'session.audio.input.turn_detection.threshold'."
-    assert "turn_detection" not in json.dumps(voicebridge.accept_payload(Config.from_env(make_env(openai, FakeOpenClaw()))))
+    assert "turn_detection" not in json.dumps(voicebridge.accept_payload(config_from(make_env(openai, FakeOpenClaw()))))
 
 
 # --- Tool calls -------------------------------------------------------------------------------------------------
@@ -1473,8 +1481,8 @@ def test_pin_must_be_digits() -> None:
     good = {"OPENAI_API_KEY": "sk-x", "OPENAI_WEBHOOK_SECRET": SECRET}
     for bad in ("12a4", "123", "1234567890123", "12 34"):
         with pytest.raises(ConfigError, match="CALL_PIN"):
-            Config.from_env({**good, "CALL_PIN": bad})
-    assert Config.from_env({**good, "CALL_PIN": "0042"}).call_pin == "0042"
+            config_from({**good, "CALL_PIN": bad})
+    assert config_from({**good, "CALL_PIN": "0042"}).call_pin == "0042"
 
 
 # --- Surviving a real network: reconnects, slow answers ----------------------------------------------------
@@ -1935,7 +1943,7 @@ async def test_max_concurrent_calls_turns_the_next_caller_away_busy(
     assert fourth.state == "accepted" and second.state == "accepted"
 
 
-def test_settings_that_would_mean_something_else_to_systemd_or_break_later_are_refused() -> None:
+def test_settings_that_would_break_later_are_refused_and_a_hash_in_a_value_is_kept() -> None:
     good = {"OPENAI_API_KEY": "sk-x", "OPENAI_WEBHOOK_SECRET": SECRET}
     cases = {
         "MAX_CALL_SECONDS='nan' must be a number between 10 and": {**good, "MAX_CALL_SECONDS": "nan"},
@@ -1946,8 +1954,8 @@ def test_settings_that_would_mean_something_else_to_systemd_or_break_later_are_r
     }
     for message, env in cases.items():
         with pytest.raises(ConfigError, match=re.escape(message)):
-            Config.from_env(env)
-    config = Config.from_env({**good, "OPENCLAW_TOKEN": "abc#not-a-comment", "MAX_CONCURRENT_CALLS": "0",
+            config_from(env)
+    config = config_from({**good, "OPENCLAW_TOKEN": "abc#not-a-comment", "MAX_CONCURRENT_CALLS": "0",
                               "INSTRUCTIONS": "Ask for the PIN, then #"})  # (comments are the file reader's to judge)
     assert config.openclaw_token == "abc#not-a-comment" and config.max_concurrent_calls == 0
     assert config.instructions == "Ask for the PIN, then #"
@@ -2126,11 +2134,11 @@ async def test_any_sign_of_the_caller_restarts_the_silence_clock(
 
 def test_idle_seconds_is_off_or_at_least_ten() -> None:
     env = {"OPENAI_API_KEY": API_KEY, "OPENAI_WEBHOOK_SECRET": SECRET}
-    assert Config.from_env(env).idle_seconds == 30
-    assert Config.from_env({**env, "IDLE_SECONDS": "0"}).idle_seconds == 0
-    assert Config.from_env({**env, "IDLE_SECONDS": "10"}).idle_seconds == 10
+    assert config_from(env).idle_seconds == 30
+    assert config_from({**env, "IDLE_SECONDS": "0"}).idle_seconds == 0
+    assert config_from({**env, "IDLE_SECONDS": "10"}).idle_seconds == 10
     with pytest.raises(ConfigError, match="IDLE_SECONDS=5: use 0"):
-        Config.from_env({**env, "IDLE_SECONDS": "5"})
+        config_from({**env, "IDLE_SECONDS": "5"})
 
 
 def live_rows(state_dir: str) -> list[tuple[Any, ...]]:
@@ -2400,7 +2408,7 @@ async def test_healthz(bridge: Any) -> None:
 
 def test_config_errors_name_the_variable() -> None:
     good = {"OPENAI_API_KEY": "sk-x", "OPENAI_WEBHOOK_SECRET": SECRET}
-    assert Config.from_env(good).allowed_callers == {}
+    assert config_from(good).allowed_callers == {}
     cases = {
         "OPENAI_API_KEY": {"OPENAI_WEBHOOK_SECRET": SECRET},
         "OPENAI_WEBHOOK_SECRET is not set": {"OPENAI_API_KEY": "sk-x"},
@@ -2413,34 +2421,11 @@ def test_config_errors_name_the_variable() -> None:
     }
     for message, env in cases.items():
         with pytest.raises(ConfigError, match=message):
-            Config.from_env(env)
-    config = Config.from_env({**good, "ALLOWED_CALLERS": " +1 555 123 4567 ,*", "OPENAI_BASE_URL": "http://127.0.0.1:1/v1/"})
+            config_from(env)
+    config = config_from({**good, "ALLOWED_CALLERS": " +1 555 123 4567 ,*", "OPENAI_BASE_URL": "http://127.0.0.1:1/v1/"})
     assert config.allowed_callers == {"+15551234567": "main", "*": "main"}
     assert voicebridge.sideband_url(config, "rtc_1") == "ws://127.0.0.1:1/v1/realtime?call_id=rtc_1"
-    assert voicebridge.sideband_url(Config.from_env(good), "rtc_1") == "wss://api.openai.com/v1/realtime?call_id=rtc_1"
-
-
-def test_python_version_check() -> None:
-    assert voicebridge.python_problem((3, 10)) == "" and voicebridge.python_problem((3, 13, 0)) == ""
-    problem = voicebridge.python_problem((3, 9, 18))
-    assert "needs Python 3.10 or newer, and this is Python 3.9" in problem
-    assert "-m venv .venv && .venv/bin/pip install -r requirements.txt" in problem  # the fix
-
-
-def old_pythons() -> list[Path]:
-    """Interpreters older than 3.10 that pyenv has on this machine (none is fine: the test is skipped)."""
-    root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
-    return sorted(p for p in root.glob("versions/3.[789].*/bin/python3") if p.is_file())
-
-
-@pytest.mark.skipif(not old_pythons(), reason="no Python 3.7-3.9 under pyenv on this machine")
-@pytest.mark.parametrize("python", old_pythons(), ids=lambda p: p.parent.parent.name)
-def test_too_old_python_stops_at_once_saying_what_to_do(tmp_path: Path, python: Path) -> None:
-    # The bare interpreter, without aiohttp: the check must come before any import that would fail.
-    result = subprocess.run([str(python), str(HERE / "voicebridge.py")], cwd=tmp_path, capture_output=True, text=True, timeout=30)
-    version = python.parent.parent.name.rsplit(".", 1)[0]
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-    assert f"needs Python 3.10 or newer, and this is Python {version}." in result.stderr
+    assert voicebridge.sideband_url(config_from(good), "rtc_1") == "wss://api.openai.com/v1/realtime?call_id=rtc_1"
 
 
 def test_startup_fails_fast_naming_the_missing_variable(tmp_path: Path) -> None:
@@ -2593,13 +2578,13 @@ async def test_ctrl_c_with_no_calls_exits_at_once(openai: FakeOpenAI, openclaw: 
 def test_banner_masks_secrets_and_warns_about_open_policies(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level("INFO", logger="voicebridge")
     env = {"OPENAI_API_KEY": API_KEY, "OPENAI_WEBHOOK_SECRET": SECRET, "OPENCLAW_TOKEN": CLAW_TOKEN}
-    voicebridge.log_banner(Config.from_env({**env, "ALLOWED_CALLERS": ALICE}))
+    voicebridge.log_banner(config_from({**env, "ALLOWED_CALLERS": ALICE}))
     assert "+1******4567" in caplog.text and "model gpt-realtime-2.1, voice marin" in caplog.text
     assert API_KEY not in caplog.text and CLAW_TOKEN not in caplog.text and ALICE not in caplog.text
     assert "WARNING" not in caplog.text
     for callers, warning in (("", "EVERY CALL WILL BE REJECTED"), ("*", "ANYONE WHO DIALS")):
         caplog.clear()
-        voicebridge.log_banner(Config.from_env({**env, "ALLOWED_CALLERS": callers}))
+        voicebridge.log_banner(config_from({**env, "ALLOWED_CALLERS": callers}))
         assert warning in caplog.text
 
 
@@ -2643,7 +2628,7 @@ async def test_check_probes_both_sides_without_making_a_call(
 async def test_check_warns_before_a_models_shutdown_date_and_fails_after(
     openai: FakeOpenAI, openclaw: FakeOpenClaw, capsys: pytest.CaptureFixture[str], today: date, expected: str, code: int
 ) -> None:
-    config = Config.from_env(make_env(openai, openclaw, REALTIME_MODEL="gpt-realtime"))
+    config = config_from(make_env(openai, openclaw, REALTIME_MODEL="gpt-realtime"))
     assert await voicebridge.check(config, today=today) == code
     output = capsys.readouterr().out
     assert expected in output, output
@@ -2652,7 +2637,7 @@ async def test_check_warns_before_a_models_shutdown_date_and_fails_after(
 
 
 def test_banner_warns_about_a_retiring_model_and_errors_after_its_date(caplog: pytest.LogCaptureFixture) -> None:
-    config = Config.from_env({"OPENAI_API_KEY": API_KEY, "OPENAI_WEBHOOK_SECRET": SECRET, "ALLOWED_CALLERS": ALICE,
+    config = config_from({"OPENAI_API_KEY": API_KEY, "OPENAI_WEBHOOK_SECRET": SECRET, "ALLOWED_CALLERS": ALICE,
                               "REALTIME_MODEL": "gpt-realtime-mini"})
     for today, level, text in (
         (date(2026, 11, 26), "WARNING", "REALTIME_MODEL=gpt-realtime-mini will be shut down by OpenAI on 2027-01-20: "
@@ -2686,7 +2671,7 @@ async def test_a_password_in_a_url_is_never_shown(
 ) -> None:
     host = openclaw.url.removeprefix("http://")
     env = make_env(openai, openclaw, OPENCLAW_URL=f"http://user:secret@{host}", OPENCLAW_TOKEN="")
-    voicebridge.log_banner(Config.from_env({**env, "OPENAI_BASE_URL": openai.url.replace("//", "//sk:secret@")}))
+    voicebridge.log_banner(config_from({**env, "OPENAI_BASE_URL": openai.url.replace("//", "//sk:secret@")}))
     assert f"OpenClaw   http://{host}  token NOT SET" in caplog.text and "secret" not in caplog.text
     assert f"OpenAI     {openai.url}  key set" in caplog.text
     code, output = await output_of(await run_voicebridge(env, "--check"))  # the fake wants a token: 401
@@ -2807,7 +2792,7 @@ class Stack:
     async def start(self) -> None:
         self.openai.url = await self.serve(self.openai.app) + "/v1"
         self.openclaw.url = await self.serve(self.openclaw.app)
-        self.app = make_app(Config.from_env(make_env(self.openai, self.openclaw)))
+        self.app = make_app(config_from(make_env(self.openai, self.openclaw)))
         self.url = await self.serve(self.app)
         self.http = aiohttp.ClientSession()
 
@@ -2841,14 +2826,14 @@ def stack() -> Any:
     st.sampled_from(["webhook-id", "webhook-timestamp", "webhook-signature", "content-type", "x-other"]), header_text))
 def test_signature_check_never_raises_anything_but_a_clear_no(body: bytes, headers: dict[str, str]) -> None:
     with pytest.raises(voicebridge.SignatureError):
-        verify_signature(voicebridge.parse_webhook_secret(SECRET), headers, body)
+        verify_signature(voicebridge.parse_webhook_secret(SECRET)[0], headers, body)
 
 
 @PROPERTY
 @given(body=st.binary(min_size=1, max_size=500), position=st.integers(min_value=0), flip=st.integers(1, 255),
        field=st.sampled_from(["body", "webhook-id", "webhook-timestamp", "webhook-signature"]))
 def test_any_change_to_a_signed_delivery_breaks_the_signature(body: bytes, position: int, flip: int, field: str) -> None:
-    key = voicebridge.parse_webhook_secret(SECRET)
+    key = voicebridge.parse_webhook_secret(SECRET)[0]
     headers = sign(body)
     verify_signature(key, headers, body)
     if field == "body":
@@ -2970,7 +2955,7 @@ async def test_raw_non_utf8_header_bytes_are_a_clear_400(bridge: Any, openai: Fa
 
 
 # --- The keypad and the sideband's sending rules, driven directly (no event loop for the keypad, no socket for
-# the rules: PROTOCOL.md section 5 is checked line by line against a recorder of what would be sent) -----------------
+# the rules: docs/protocol.md steps 5 and 6 are checked line by line against a recorder of what would be sent) -----------------
 
 
 def test_the_keypad_accepts_the_pin_counts_wrong_ones_and_ignores_what_is_not_a_key() -> None:
@@ -3018,6 +3003,44 @@ def test_no_sequence_of_keys_accepts_anything_but_the_pin(pin: str, presses: lis
             assert not pad.waiting and all(pad.press(k, now) == "" for k in pin)  # out of tries: the PIN is not taken
             break
     assert pad.failures == strikes and pad.ok == (outcome == "accepted" if presses else False)
+
+
+def test_the_silence_clock_asks_once_then_hangs_up_and_waits_for_whoever_is_talking() -> None:
+    clock = voicebridge.SilenceClock(idle=30.0, quiet_since=100.0)
+    assert clock.due == 130.0 and clock.look(129.9, busy=False) == ""
+    assert clock.look(130.0, busy=True) == "" and clock.due == 160.0  # a response or a question: the clock waits
+    assert clock.look(160.0, busy=False) == "ask" and clock.asked and clock.due == 190.0
+    clock.heard(170.0)  # the assistant's "anyone there?" ends: the silence counts from then
+    assert clock.look(190.0, busy=False) == "" and clock.look(200.0, busy=False) == "hang up"
+    clock.caller(201.0, speaking=True)  # a sign of the caller: no longer asked, and the clock waits while they speak
+    assert not clock.asked and clock.look(231.0, busy=False) == "" and clock.due == 261.0
+    clock.caller(240.0)  # their next sign ends the speech
+    assert clock.look(270.0, busy=False) == "ask"
+
+
+def test_a_calls_record_keeps_its_steps_questions_tokens_and_first_word() -> None:
+    record = voicebridge.CallRecord(received=time.monotonic() - 1.0, resumed=False)
+    record.greeting_id = "resp_hello"
+    record.audio_started("resp_other")  # another response's audio is not the greeting's first word
+    record.audio_started("resp_hello")
+    record.add_usage(USAGE)
+    record.add_usage({"input_tokens": True, "output_tokens": -5, "input_token_details": "junk"})  # never counted
+    answered, cut_off = record.ask(), record.ask()
+    answered["outcome"] = "answered"
+    record.settle(answered)
+    assert record.said("caller", "hello") == "caller said: hello"
+    entry = record.close("rtc_rec", ALICE, "main", time.time() - 1.0, "end_call", pin=None)
+    assert entry["first_word"] is not None and 1.0 <= entry["first_word"] < 2.0
+    assert [step for _, step in entry["timeline"]][:3] == ["webhook arrived", "greeting audio started",
+                                                           "question 1 sent to OpenClaw"]
+    assert entry["timeline"][-1][1] == "ended: end_call" and entry["end_reason"] == "end_call"
+    assert [q["outcome"] for q in entry["questions"]] == ["answered", "cancelled by the hangup"]
+    assert all("seconds" in q and "asked" in q for q in entry["questions"]) and cut_off in entry["questions"]
+    assert entry["tokens"] == {"input": 300, "input_text": 120, "input_audio": 180, "input_cached": 64,
+                               "output": 80, "output_text": 20, "output_audio": 60}
+    assert entry["transcript"] == ["caller said: hello"] and entry["caller"] == ALICE and not entry["resumed"]
+    resumed = voicebridge.CallRecord(received=time.monotonic(), resumed=True)
+    assert resumed.timeline == "" and resumed.close("rtc_r", None, "main", time.time(), "idle", None)["resumed"]
 
 
 class Recorder:
@@ -3709,32 +3732,38 @@ async def test_every_broken_setting_is_named_in_one_run(tmp_path: Path) -> None:
     assert API_KEY not in output and "Traceback" not in output
 
 
-def test_a_settings_file_is_read_as_systemd_reads_it_and_what_would_differ_is_refused(tmp_path: Path) -> None:
+def test_a_settings_file_is_read_as_python_dotenv_reads_it_and_a_line_it_cannot_read_is_refused(tmp_path: Path) -> None:
     good = tmp_path / "good.env"
     good.write_text("\ufeff# a comment, after the byte order mark an editor added\n\n  GREETING=Greet the caller by name  \n"
-                    "OPENCLAW_TOKEN=\"abc # not a note\"\n"
-                    "INSTRUCTIONS='Say \"hi\", costs $0'\nEMPTY=\nOPENCLAW_URL=http://127.0.0.1:1?a=b\n")
+                    'export OPENCLAW_TOKEN="abc # not a note"  # the token\n'
+                    "INSTRUCTIONS='Say \"hi\", costs $0'\nEMPTY=\nOPENCLAW_URL=http://127.0.0.1:1?a=b\n"
+                    "CALL_PIN = 123456 # a note after a space\nOPENCLAW_AGENT=main#not-a-note\n"
+                    'OPENAI_API_KEY="sk-$HOME\\"x"\n')
     assert voicebridge.read_settings(good, required=True) == ({
         "GREETING": "Greet the caller by name", "OPENCLAW_TOKEN": "abc # not a note",
-        "INSTRUCTIONS": 'Say "hi", costs $0', "EMPTY": "", "OPENCLAW_URL": "http://127.0.0.1:1?a=b"}, [])
+        "INSTRUCTIONS": 'Say "hi", costs $0', "EMPTY": "", "OPENCLAW_URL": "http://127.0.0.1:1?a=b",
+        "CALL_PIN": "123456", "OPENCLAW_AGENT": "main#not-a-note", "OPENAI_API_KEY": 'sk-$HOME"x'}, [])  # $: literal
     bad = tmp_path / "bad.env"
-    lines = ["export CALL_PIN=123456", 'OPENCLAW_TOKEN="abc" # the token', "PORT = 8080", "HOST= 0.0.0.0",
-             "GREETING=Say don't", "INSTRUCTIONS=costs $0", 'VOICE="marin', "; old comment", "OPENCLAW_TOKEN=abc # x",
-             "just words", r"OPENCLAW_URL=http://a\b", r'OPENCLAW_AGENT="a\"b"', "# an old path: C:\\"]
-    bad.write_text("\n".join(["OPENAI_API_KEY=sk-fine", *lines]) + "\n")
+    bad.write_text('OPENAI_API_KEY=sk-fine\nCALL_PIN="123456\nOPENCLAW_AGENT=main\njust words\nVOICE\n')
     values, problems = voicebridge.read_settings(bad, required=True)
-    assert values == {"OPENAI_API_KEY": "sk-fine"}  # only the lines every reader agrees on
-    assert [problem.split(":")[0] for problem in problems] == [f"{bad}, line {n}" for n in range(2, 2 + len(lines))]
-    for number, expected in enumerate(["without 'export': systemd ignores", "nothing may follow the closing quote",
-                                       "no spaces around =", "no spaces around =", "put the whole value in quotes",
-                                       "use 'single quotes'", "the quote is not closed", "start comments with #",
-                                       "put comments on a line of their own", "not a KEY=value line",
-                                       "use 'single quotes'", "use 'single quotes'",
-                                       "systemd 252 and 253 would read the next line as part of it"]):
-        assert expected in problems[number], problems[number]
+    assert values == {"OPENAI_API_KEY": "sk-fine", "OPENCLAW_AGENT": "main"}  # and never CALL_PIN
+    assert [problem.split(": ")[0] for problem in problems] == [f"{bad}, line {n}" for n in (2, 4, 5)]
+    assert all("python-dotenv cannot read this line" in problem and "KEY=value" in problem for problem in problems)
     assert voicebridge.read_settings(tmp_path / "none.env", required=True) == (
         {}, [f"--env-file {tmp_path}/none.env: there is no such file"])
     assert voicebridge.read_settings(tmp_path / "none.env", required=False) == ({}, [])
+
+
+@pytest.mark.parametrize("text", ['CALL_PIN="123456\n', 'CALL_PIN="123456\nGREETING=Say it"\n',
+                                  "CALL_PIN='123456\n"])
+async def test_a_pin_with_an_unclosed_quote_never_runs_the_service_without_a_pin(
+    openai: FakeOpenAI, openclaw: FakeOpenClaw, tmp_path: Path, text: str
+) -> None:
+    settings = "".join(f"{key}={value}\n" for key, value in make_env(openai, openclaw).items())
+    code, output = await run_with_file(tmp_path, settings + text, env={"PORT": str(free_port())})
+    assert code == 78 and "Traceback" not in output and "listening" not in output, output
+    assert (f"{tmp_path}/voicebridge.env, line {len(settings.splitlines()) + 1}: python-dotenv cannot read" in output
+            or "CALL_PIN must be 4 to 12 digits" in output), output  # (a quote closed lines later: no PIN either)
 
 
 def test_an_unreadable_settings_file_names_the_file_the_user_and_the_fix(
@@ -3744,7 +3773,7 @@ def test_an_unreadable_settings_file_names_the_file_the_user_and_the_fix(
     def refused(self: Path, *args: Any, **kwargs: Any) -> str:
         raise PermissionError(13, "Permission denied", str(self))
 
-    monkeypatch.setattr(Path, "read_text", refused)
+    monkeypatch.setattr(Path, "open", refused)
     user = voicebridge.pwd.getpwuid(os.geteuid()).pw_name
     values, [refusal] = voicebridge.read_settings(tmp_path / "voicebridge.env", required=True)
     assert values == {} and refusal == (f"cannot read {tmp_path}/voicebridge.env as user {user} (permission denied): let "
@@ -3780,16 +3809,16 @@ async def test_check_prints_its_whole_checklist_even_with_broken_settings(
 ) -> None:
     text = (f"OPENAI_API_KEY=sk-...\nOPENAI_WEBHOOK_SECRET={SECRET}\nOPENAI_BASE_URL={openai.url}\n"
             f"OPENCLAW_URL={openclaw.url}\nOPENCLAW_TOKEN={CLAW_TOKEN}\nALLOWED_CALLERS={ALICE}\nPORT=http\n"
-            "export CALL_PIN=123456\n")
+            "CALL_PIN 123456\n")
     code, output = await run_with_file(tmp_path, text, "--check")
     assert code == 78, output
     assert ("FAIL  configuration complete, OPENAI_WEBHOOK_SECRET well formed\n"
-            f"      {tmp_path}/voicebridge.env, line 8: write it without 'export'") in output
+            f"      {tmp_path}/voicebridge.env, line 8: python-dotenv cannot read this line") in output
     assert "\n      OPENAI_API_KEY is still the placeholder from .env.example" in output and "PORT='http'" in output
     assert "FAIL  OpenAI accepts OPENAI_API_KEY" in output and "not tried without a usable OPENAI_API_KEY" in output
     assert "ok    OpenClaw at" in output and openai.models_retrieved == []  # the probe that could run, ran
     assert "PIN   no CALL_PIN: callers type no PIN" in output and "problem(s) found." in output
-    text = text.replace("sk-...", API_KEY).replace("PORT=http\nexport ", "")
+    text = text.replace("sk-...", API_KEY).replace("PORT=http\n", "").replace("CALL_PIN ", "export CALL_PIN=")
     code, output = await run_with_file(tmp_path, text, "--check")
     assert code == 0 and "PIN   CALL_PIN is set (6 digits)" in output, output
 

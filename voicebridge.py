@@ -1,69 +1,24 @@
 """voicebridge: phone your own OpenClaw assistant through OpenAI's Realtime API over SIP.
 
-The call path, top to bottom in this file:
+The call path, in the order of this file (the audio never touches this process: it only steers the call):
+  1. OpenAI posts a signed realtime.call.incoming webhook to POST /webhook: verify it, screen the caller ID.
+  2. POST /v1/realtime/calls/{call_id}/accept with the session config (or /reject with a SIP status).
+  3. Only after the accept answered 200, open the call's control WebSocket, the "sideband":
+     wss://.../v1/realtime?call_id={call_id}   (never ?model=, which opens a new, empty session).
+  4. When a completed response holds an ask_openclaw call, ask OpenClaw: POST {OPENCLAW_URL}/v1/chat/completions.
+  5. Hand the answer back as a function_call_output item, then response.create: the model speaks it.
+  However it ends, the call ends with POST /v1/realtime/calls/{call_id}/hangup.
 
-    caller --SIP--> OpenAI --signed webhook--> POST /webhook (here)
-      1. verify the Standard Webhooks signature, screen the caller ID
-      2. POST /v1/realtime/calls/{call_id}/accept   (or /reject with 603)
-      3. only after accept answered 200: open the call's control WebSocket, the "sideband",
-         wss://.../v1/realtime?call_id={call_id}   (never ?model=, which is a new empty session)
-      4. the voice model calls ask_openclaw -> POST {OPENCLAW_URL}/v1/chat/completions
-      5. hand the answer back (function_call_output + response.create) and the model speaks it
-    Audio never touches this process; it only steers the call.
-
-Needs:   Python 3.10-3.13 and requirements.txt (aiohttp; on 3.10 also async-timeout)
-Run it:  cp .env.example .env  (fill it in), then  python voicebridge.py   [--env-file FILE: that file, not .env]
-         python voicebridge.py --check         probe the configuration, OpenAI and OpenClaw; no call made
-         python voicebridge.py --ask "..." [--caller N]   ask OpenClaw as a call (from N) would, print the reply
-         python voicebridge.py --calls [CALL_ID]   the last calls and how they went, or one call's timeline
-Routes:  POST /webhook (OpenAI's realtime.call.incoming), GET /healthz.   Exit status 78: a configuration error.
-
-Settings, from the environment and the .env beside this file (or --env-file; see read_settings for the forms):
-    OPENAI_API_KEY         required; Bearer for REST call control and the sideband
-    OPENAI_WEBHOOK_SECRET  required; the project's webhook signing secret, "whsec_..."
-    OPENAI_BASE_URL        REST base, default https://api.openai.com/v1 (sideband: http->ws, https->wss)
-    OPENCLAW_URL           OpenClaw gateway, default http://127.0.0.1:18789
-    OPENCLAW_TOKEN         gateway token; no Authorization header when empty
-    OPENCLAW_AGENT         agent id, default "main" (sent as model "openclaw:<agent>"); callers' default agent
-    OPENCLAW_TIMEOUT       seconds before ask_openclaw gives up, default 30
-    ALLOWED_CALLERS        who may call, and which agent answers them: comma-separated E.164 numbers, "*" = anyone
-                           else; NUMBER=AGENT or *=AGENT picks the agent. Empty (default): reject every call
-    HOST, PORT             listen address, default 127.0.0.1 and 8080 (put a TLS proxy in front)
-    REALTIME_MODEL, VOICE  default gpt-realtime-2.1 (RETIRING_MODELS below lists shutdowns) and marin
-    INSTRUCTIONS, GREETING override the session instructions, and the instruction for the first spoken line
-    MAX_CALL_SECONDS       hang up after this long, default 900
-    SHUTDOWN_GRACE         on SIGTERM/Ctrl-C, let live calls go on this long before hanging up, default 30
-    CALL_PIN, PIN_TIMEOUT  4-12 digits to type on the keypad before ask_openclaw works (empty: none), within 60 s
-    MAX_CONCURRENT_CALLS   calls at once, more are turned away busy (SIP 486); default 3, 0 = no limit
-    IDLE_SECONDS           silence before "anyone there?", and as long again before hanging up; default 30, 0: off
-    STATE_DIR              live calls, the PIN lock and the call history; default $STATE_DIRECTORY, else ./state
-    HISTORY_DAYS           days the call history is kept (python voicebridge.py --calls reads it); default 30, 0: none
-    LOG_TRANSCRIPTS        1: log what caller and assistant say (input transcription is billed); default 0: never
-    LOG_LEVEL              default INFO
+Run it:  cp .env.example .env  (every setting is explained there), then  python voicebridge.py  [--env-file FILE]
+         python voicebridge.py --check | --ask "QUESTION" | --calls [CALL_ID]     (--help says what each does)
+Step by step, with where each step lives in this file: docs/protocol.md. Exit status 78: a configuration error.
 """
 
 from __future__ import annotations
 
-import sys
-
-def python_problem(version: tuple[int, ...]) -> str:
-    """Why this Python cannot run voicebridge, or "" if it can (checked before anything else is imported)."""
-    if version[:2] >= (3, 10):
-        return ""
-    return (
-        f"voicebridge needs Python 3.10 or newer, and this is Python {version[0]}.{version[1]}. Install Python "
-        "3.10-3.13 (the python3 of Ubuntu 22.04+ or Debian 12+, or pyenv), then recreate the venv with it: "
-        "rm -rf .venv && python3.11 -m venv .venv && .venv/bin/pip install -r requirements.txt"
-    )
-
-
-if python_problem(sys.version_info[:2]):
-    sys.exit(python_problem(sys.version_info[:2]))
-
 import argparse
 import asyncio
 import base64
-import collections
 import contextlib
 import errno
 import fcntl
@@ -80,7 +35,9 @@ import pwd
 import re
 import signal
 import sqlite3
+import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -91,272 +48,33 @@ from urllib.parse import quote
 
 import aiohttp
 from aiohttp import WSMsgType, web
+from dotenv.parser import parse_stream
 
 if sys.version_info >= (3, 11):
     from asyncio import timeout
-else:  # Python 3.10: the backport, which requirements.txt installs there (it raises asyncio.TimeoutError)
+else:  # Python 3.10: the backport in requirements.txt (it raises asyncio.TimeoutError)
     from async_timeout import timeout
 
 log = logging.getLogger("voicebridge")
 
 
-# --- Configuration: read once at start, fail fast naming the variable --------------------------
+# --- The protocol at a glance: every URL and message voicebridge sends OpenAI ---
 
 
-EX_CONFIG = 78  # the exit status of a configuration error (sysexits.h); the unit's RestartPreventExitStatus=
+def bearer(key: str) -> dict[str, str]:
+    """The header of every request to OpenAI (never OpenAI-Beta: that API is gone) and OpenClaw."""
+    return {"Authorization": f"Bearer {key}"} if key else {}  # (an OpenClaw gateway may have no token)
 
 
-class StartupError(Exception):
-    """The service cannot start for a reason outside its settings (the port is taken, say): exit status 1."""
+def call_control_url(config: Config, call_id: str, action: str) -> str:
+    """Step 2 and the end: POST .../accept (accept_payload), .../reject ({"status_code": 603}), .../hangup."""
+    return f"{config.openai_base_url}/realtime/calls/{call_id}/{action}"
 
 
-class ConfigError(Exception):
-    """Settings that are missing or malformed: one message per problem, each saying which and how to fix it."""
+def sideband_url(config: Config, call_id: str) -> str:
+    """Step 3: the call's control WebSocket: https://.../v1 gives wss://.../v1/realtime?call_id=..."""
+    return re.sub(r"^http", "ws", config.openai_base_url) + f"/realtime?call_id={call_id}"
 
-    def __str__(self) -> str:
-        return "\n".join(map(str, self.args))
-
-
-@dataclass(frozen=True)
-class Config:
-    """Every setting, parsed and checked."""
-
-    openai_api_key: str
-    webhook_key: bytes  # OPENAI_WEBHOOK_SECRET, base64-decoded
-    openai_base_url: str = "https://api.openai.com/v1"
-    openclaw_url: str = "http://127.0.0.1:18789"
-    openclaw_token: str = ""
-    openclaw_agent: str = "main"
-    openclaw_timeout: float = 30.0
-    allowed_callers: dict[str, str] = field(default_factory=dict)  # E.164 number or "*" -> OpenClaw agent id
-    host: str = "127.0.0.1"
-    port: int = 8080
-    model: str = "gpt-realtime-2.1"
-    voice: str = "marin"
-    instructions: str = ""  # empty: INSTRUCTIONS below
-    greeting: str = ""  # empty: GREETING below
-    max_call_seconds: float = 900.0
-    shutdown_grace: float = 30.0
-    call_pin: str = ""  # keypad PIN required before ask_openclaw; empty: none
-    pin_timeout: float = 60.0  # seconds to type the right PIN before the call is hung up
-    max_concurrent_calls: int = 3  # 0: no limit
-    idle_seconds: float = 30.0  # 0: off
-    state_dir: str = "state"  # from_env resolves the default: systemd's $STATE_DIRECTORY, or ./state beside this file
-    history_days: float = 30.0  # 0: no call history
-    log_transcripts: bool = False
-    log_level: str = "INFO"
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str], need_openai: bool = True) -> Config:
-        """Build the config from environment variables; raise ConfigError naming every problem."""
-        config, problems = cls.parse(env, need_openai)
-        if problems:
-            raise ConfigError(*problems)
-        return config
-
-    @classmethod
-    def parse(cls, env: Mapping[str, str], need_openai: bool = True) -> tuple[Config, list[str]]:
-        """The config, with defaults where a setting is wrong, and what is wrong (all of it, so one run shows all)."""
-        problems: list[str] = []
-
-        def get(name: str, default: str = "") -> str:
-            return env.get(name, "").strip() or default
-
-        def number(name: str, default: float, minimum: float, maximum: float = 1e9) -> float:
-            raw = get(name, str(default))
-            try:
-                value = float(raw)
-            except ValueError:
-                problems.append(f"{name}={raw!r} is not a number")
-                return default
-            if not minimum <= value <= maximum:  # also refuses nan and inf
-                problems.append(f"{name}={raw!r} must be a number between {minimum:g} and {maximum:,.0f}")
-                return default
-            return value
-
-        key, webhook_key = get("OPENAI_API_KEY"), b""
-        if need_openai and key in ("", "sk-..."):  # (sk-...: the line as .env.example has it)
-            problems.append(f"OPENAI_API_KEY {'is still the placeholder from .env.example' if key else 'is not set'}: "
-                            "put your OpenAI API key in the settings file")
-            key = ""
-        try:
-            webhook_key = parse_webhook_secret(get("OPENAI_WEBHOOK_SECRET")) if need_openai else b""
-        except ConfigError as exc:
-            problems.append(str(exc))
-        agent = get("OPENCLAW_AGENT", cls.openclaw_agent)
-        if not AGENT_ID.fullmatch(agent):
-            problems.append(f"OPENCLAW_AGENT={agent!r} is not an OpenClaw agent id ({AGENT_ID_RULE})")
-            agent = cls.openclaw_agent
-        callers: dict[str, str] = {}
-        for entry in filter(None, (entry.strip() for entry in get("ALLOWED_CALLERS").split(","))):
-            who, _, named = (part.strip() for part in entry.partition("="))
-            caller = "*" if who == "*" else normalise_number(who)
-            if caller is None:
-                problems.append(f"ALLOWED_CALLERS: {who!r} is not an E.164 number like +15551234567, nor *")
-            elif "=" in entry and not AGENT_ID.fullmatch(named):
-                problems.append(f"ALLOWED_CALLERS: in {entry!r}, {named!r} is not an OpenClaw agent id "
-                                f"({AGENT_ID_RULE})")
-            elif callers.setdefault(caller, named or agent) != (named or agent):
-                problems.append(f"ALLOWED_CALLERS lists {mask(caller)} twice, for agents {callers[caller]!r} and "
-                                f"{named or agent!r}: keep one entry")
-        pin = get("CALL_PIN")
-        if pin and not re.fullmatch(r"\d{4,12}", pin):
-            problems.append("CALL_PIN must be 4 to 12 digits (the caller types it on the keypad)")
-            pin = ""
-        transcripts = get("LOG_TRANSCRIPTS", "0").lower()
-        if transcripts not in ("0", "1", "no", "yes", "false", "true", "off", "on"):
-            problems.append(f"LOG_TRANSCRIPTS={transcripts!r}: use 1 to log what is said on calls, or 0 (default)")
-        idle = number("IDLE_SECONDS", cls.idle_seconds, 0)
-        if 0 < idle < 10:
-            problems.append(f"IDLE_SECONDS={idle:g}: use 0 (never hang up on silence) or 10 seconds or more")
-            idle = cls.idle_seconds
-        systemd_state = env.get("STATE_DIRECTORY", "").split(":")[0]  # set by the unit's StateDirectory=
-        state_dir = get("STATE_DIR", systemd_state) or str(Path(__file__).with_name("state"))
-        level = get("LOG_LEVEL", "INFO").upper()
-        if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            problems.append(f"LOG_LEVEL={level!r}: use DEBUG, INFO, WARNING or ERROR")
-            level = cls.log_level
-        config = cls(
-            openai_api_key=key,
-            webhook_key=webhook_key,
-            openai_base_url=get("OPENAI_BASE_URL", cls.openai_base_url).rstrip("/"),
-            openclaw_url=get("OPENCLAW_URL", cls.openclaw_url).rstrip("/"),
-            openclaw_token=get("OPENCLAW_TOKEN"),
-            openclaw_agent=agent,
-            openclaw_timeout=number("OPENCLAW_TIMEOUT", cls.openclaw_timeout, 1),
-            allowed_callers=callers,
-            host=get("HOST", cls.host),
-            port=int(number("PORT", cls.port, 1, 65535)),
-            model=get("REALTIME_MODEL", cls.model),
-            voice=get("VOICE", cls.voice),
-            instructions=get("INSTRUCTIONS"),
-            greeting=get("GREETING"),
-            max_call_seconds=number("MAX_CALL_SECONDS", cls.max_call_seconds, 10),
-            shutdown_grace=number("SHUTDOWN_GRACE", cls.shutdown_grace, 0),
-            call_pin=pin,
-            pin_timeout=number("PIN_TIMEOUT", cls.pin_timeout, 10),
-            max_concurrent_calls=int(number("MAX_CONCURRENT_CALLS", cls.max_concurrent_calls, 0)),
-            idle_seconds=idle,
-            state_dir=state_dir,
-            history_days=number("HISTORY_DAYS", cls.history_days, 0, 36500),
-            log_transcripts=transcripts in ("1", "yes", "true", "on"),
-            log_level=level,
-        )
-        return config, problems
-
-
-def read_settings(path: Path, required: bool) -> tuple[dict[str, str], list[str]]:
-    """A settings file read as systemd's EnvironmentFile reads it: its values, and its problems (a line refused, as
-    python-dotenv would read it otherwise, or the whole file, if it cannot be read)."""
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()  # (-sig: a byte order mark some editors add)
-    except FileNotFoundError:
-        return {}, [f"--env-file {path}: there is no such file"] if required else []
-    except PermissionError:
-        try:
-            user = pwd.getpwuid(os.geteuid()).pw_name
-        except KeyError:  # (a uid with no name, as in some containers)
-            user = f"uid {os.geteuid()}"
-        return {}, [f"cannot read {path} as user {user} (permission denied): let that user read it, e.g. "
-                    f"sudo chown root:{user} {path} && sudo chmod 640 {path}"]
-    except (OSError, UnicodeDecodeError) as exc:
-        return {}, [f"cannot read {path} ({one_line(exc)})"]
-    values, problems = {}, []
-    for number, line in enumerate(map(str.strip, lines), 1):
-        if (not line or line.startswith("#")) and not line.endswith("\\"):
-            continue
-        problem = settings_line_problem(line)
-        if problem:
-            problems.append(f"{path}, line {number}: {problem}")
-        else:
-            key, value = line.split("=", 1)
-            values[key] = value[1:-1] if value[:1] in ("'", '"') else value
-    return values, problems
-
-
-def settings_line_problem(line: str) -> str:
-    """Why systemd and python-dotenv would read this settings line differently, or "" if they agree."""
-    match = re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=(.*)", line)
-    if not match:
-        return ("end the comment with something other than \\: systemd 252 and 253 would read the next line as part "
-                "of it" if line.startswith("#") else
-                "write it without 'export': systemd ignores such a line" if line.startswith("export ") else
-                "start comments with #" if line.startswith(";") else
-                "write KEY=value, with no spaces around =" if re.match(r"\w+\s+=", line) else
-                "this is not a KEY=value line")
-    value = match[1]
-    if value[:1].isspace():
-        return "write KEY=value, with no spaces around ="
-    quote = value[:1] if value[:1] in ("'", '"') else ""
-    if quote and value.find(quote, 1) < 0:
-        return "the quote is not closed: a value must be on one line"
-    if quote != "'" and re.search(r"[$\\`]", value):
-        return "$, \\ and ` are expanded or escaped differently by systemd, python-dotenv and sh: use 'single quotes'"
-    if quote and value.find(quote, 1) != len(value) - 1:
-        return 'nothing may follow the closing quote (systemd reads KEY="value" # note as value# note)'
-    if not quote and re.search(r"\s#", value):
-        return "put comments on a line of their own: systemd keeps ' #...' as part of the value"
-    if not quote and re.search("[\"']", value):
-        return "put the whole value in quotes (double quotes if it holds an apostrophe)"
-    return ""
-
-
-def parse_webhook_secret(secret: str) -> bytes:
-    """Decode a "whsec_<base64>" webhook secret into the HMAC key."""
-    if secret == "whsec_..." or not secret.startswith("whsec_"):  # (whsec_...: as .env.example has it)
-        problem = ("is still the placeholder from .env.example" if secret == "whsec_..." else
-                   "must start with 'whsec_'" if secret else "is not set")
-        raise ConfigError(f"OPENAI_WEBHOOK_SECRET {problem}: copy the webhook's signing secret from OpenAI's dashboard")
-    try:
-        key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
-    except ValueError:  # binascii.Error
-        key = b""
-    if not key:
-        raise ConfigError("OPENAI_WEBHOOK_SECRET is not valid base64 after 'whsec_': was it cut short?")
-    return key
-
-
-# --- Constants ---------------------------------------------------------------------------------
-
-# Models with an announced shutdown (openai-python 3.57.0, the `model` docs of realtime.calls.accept):
-# model -> (shutdown date, the replacement we suggest). See https://developers.openai.com/api/docs/deprecations
-RETIRING_MODELS: dict[str, tuple[date, str]] = {
-    model: (date(2027, 1, 20), "gpt-realtime-2.1-mini" if "mini" in model else "gpt-realtime-2.1")
-    for model in ("gpt-realtime", "gpt-realtime-2025-08-28", "gpt-realtime-mini", "gpt-realtime-mini-2025-12-15",
-                  "gpt-audio-mini", "gpt-audio-mini-2025-12-15")
-}
-
-INSTRUCTIONS = """\
-You are the owner's voice assistant on a phone call. Speak naturally and briefly: one to three short
-sentences at a time, no lists, no markdown, no URLs read out letter by letter. For anything about the
-owner's own world (email, calendar, files, messages, reminders, notes, the web, or taking an action),
-use the ask_openclaw tool, which reaches their personal assistant. Say you are checking before you call
-it, and wait for its answer rather than guessing. Relay its answer in your own spoken words. If it
-fails, say so plainly and offer to try again. When the caller is done, say a short goodbye, then call
-end_call."""
-
-GREETING = "Greet the caller in one short sentence and ask how you can help."
-
-PIN_INSTRUCTIONS = """
-Before you can use ask_openclaw, the caller must type their PIN on the phone keypad. Ask for it after
-your greeting. Never say or guess the PIN. You will be told when it has been accepted."""
-PIN_NEEDED = "Not sent: the caller has not typed their PIN yet. Ask them to type it on the keypad, then try again."
-PIN_ACCEPTED = "The caller typed the correct PIN. Confirm briefly and carry on with what they asked for."
-PIN_WRONG = "The caller typed a wrong PIN. Ask them to type it again; star clears the entry."
-PIN_GOODBYE = "The PIN was wrong three times. Say politely that you cannot help without it, and goodbye."
-PIN_LOCKED_GOODBYE = "Too many wrong PINs have been typed. Say politely that you cannot help now, and goodbye."
-PIN_TIMEOUT_GOODBYE = ("The caller did not type the PIN in time. Say politely that you cannot help without it, "
-                       "and goodbye.")
-PIN_TRIES = 3  # wrong PINs per call
-PIN_IDLE = 5.0  # seconds without a key after which a half-typed PIN is forgotten
-# Wrong PINs across all calls: PIN_LOCK_AFTER within PIN_LOCK_WINDOW turn every new call away for PIN_LOCK_SECONDS,
-# doubled at each further lock up to a day, and hang up every call still waiting for its PIN. A call that ends without
-# the PIN after being asked for it (timed out, hung up, silent) counts as a wrong PIN. A restart keeps the lock.
-PIN_LOCK_AFTER = 10
-PIN_LOCK_WINDOW = 3600.0
-PIN_LOCK_SECONDS = 3600.0
-PIN_LOCK_LONGEST = 24 * 3600.0
-KEYPAD = tuple("0123456789*#")
 
 ASK_OPENCLAW_TOOL: dict[str, Any] = {
     "type": "function",
@@ -382,83 +100,903 @@ END_CALL_TOOL: dict[str, Any] = {
     "parameters": {"type": "object", "properties": {}},
 }
 
-OPENCLAW_SYSTEM_PROMPT = (
-    "This request is relayed from a live phone call and your answer will be read aloud. "
-    "Answer in one to three short, plain spoken sentences: no markdown, lists, links or emoji."
-)
-SAY_UNREACHABLE = "I couldn't reach your assistant just now. Please try again in a moment."
-SAY_TOO_SLOW = "Your assistant is taking too long to answer. Please try again in a moment."
-SAY_NO_ANSWER = "Your assistant didn't have an answer for that."
-SAY_TOO_LONG = "Your assistant's answer was far too long to read out. Please ask for something shorter."
-OPENCLAW_FIXES = {  # what the owner should do about an OpenClaw failure, by HTTP status (0: no answer at all)
-    0: "is the gateway running? check OPENCLAW_URL",
-    401: "check OPENCLAW_TOKEN",
-    403: "check OPENCLAW_TOKEN",
-    404: "enable gateway.http.endpoints.chatCompletions in the OpenClaw config, or check OPENCLAW_URL",
-    429: "the gateway is rate limiting",
-}
-FILLER_INSTRUCTIONS = (
-    "The owner's assistant is still working on the caller's question. In a few words, tell the caller "
-    "you are still checking and it will be a moment. Do not guess the answer."
-)
-SHUTDOWN_GOODBYE = "The line has to close now for maintenance. Apologise briefly and say goodbye in one sentence."
-IDLE_CHECK = "The line has been silent for a while. Ask briefly whether the caller is still there."
-IDLE_GOODBYE = "The caller seems to have gone. Say a short goodbye in one sentence."
+
+def accept_payload(config: Config) -> dict[str, Any]:
+    """Step 2's body: the session config. No audio format: SIP negotiates the codec."""
+    audio: dict[str, Any] = {"output": {"voice": config.voice}}
+    if config.log_transcripts:  # only then: input transcription is billed
+        audio["input"] = {"transcription": {"model": TRANSCRIPTION_MODEL}}
+    return {
+        "type": "realtime",  # required: without it the accept answers 200 and the sideband then 404s
+        "model": config.model,
+        "instructions": (config.instructions or INSTRUCTIONS) + (PIN_INSTRUCTIONS if config.call_pin else ""),
+        "audio": audio,
+        "tools": [ASK_OPENCLAW_TOOL, END_CALL_TOOL],
+        "tool_choice": "auto",
+    }
+
+
+# On the sideband, the model's function calls come in a completed response.done (step 4). Each
+# client event carries an event_id, so that an `error` event can point back at it.
+
+
+def function_call_output(call_id: str, output: str) -> dict[str, Any]:
+    """Step 5: a tool's answer to the model's function call `call_id`, as a conversation item."""
+    return {"type": "function_call_output", "call_id": call_id, "output": output}
+
+
+def item_create(item: dict[str, Any], event_id: str) -> dict[str, Any]:
+    """Add an item (an output, or a note for the model) to the conversation."""
+    return {"type": "conversation.item.create", "event_id": event_id, "item": item}
+
+
+def response_create(response: dict[str, Any] | None, event_id: str) -> dict[str, Any]:
+    """Step 5: make the model speak (after an output: the answer); see Sideband for when."""
+    return {"type": "response.create", "event_id": event_id, **({"response": response} if response else {})}
+
+
+# --- The webhook: where a call starts ---
+
+
+async def webhook(request: web.Request) -> web.Response:
+    """Step 1: verify, deduplicate, screen the caller, then accept (or reject) in the background."""
+    app, received = request.app, time.monotonic()
+    try:  # over MAX_WEBHOOK_BYTES (client_max_size): 413 at once
+        async with timeout(BODY_TIMEOUT):
+            body = await request.read()
+    except asyncio.TimeoutError:
+        app[REJECTED].warning(f"webhook rejected: the body did not arrive within {BODY_TIMEOUT:g}s")
+        return web.Response(status=408, text=f"the body did not arrive within {BODY_TIMEOUT:g}s\n")
+    except ConnectionError:  # the client went away mid-body: routine
+        log.debug("webhook client disconnected before its body arrived")
+        return web.Response(status=400)
+    try:
+        verify_signature(app[CONFIG].webhook_key, request.headers, body)
+    except SignatureError as exc:
+        app[REJECTED].warning(f"webhook rejected: {exc}")
+        return web.Response(status=400, text=f"invalid webhook signature: {exc}\n")
+    event = json_object(body)
+    if event is not None and event.get("type") != "realtime.call.incoming":  # a 2xx, or it comes again for days
+        log.info("webhook verified: %s, ignored", one_line(event.get("type")))
+        return web.Response(text="ignored\n")
+    data = (event or {}).get("data")
+    if not isinstance(data, dict) or "call_id" not in data:
+        app[REJECTED].warning("webhook rejected: signed, but not a JSON event with data.call_id")
+        return web.Response(status=400, text="body is not a realtime.call.incoming event\n")
+    call_id = data["call_id"]
+    if not isinstance(call_id, str) or not CALL_ID.fullmatch(call_id):
+        log.warning("webhook verified, but its call_id is malformed, ignored")
+        return web.Response(text="ignored\n")
+    if not first_time(app[SEEN_CALLS], call_id):  # a retried delivery, or a replay: a call is owned once
+        log.info("[%s] call already handled, duplicate delivery ignored", call_id)
+        return web.Response(text="duplicate\n")
+    app[STORE].seen(call_id)
+
+    config, user = app[CONFIG], from_user(data.get("sip_headers"))
+    caller, who = normalise_number(user), describe_caller(user)
+    agent = agent_for(config, caller)
+    away, why, status = turned_away(app, agent)
+    if not away and agent is not None:
+        log.info("[%s] webhook verified, caller %s allowed, agent %s", call_id, who, agent)
+        call = app[CALLS][call_id] = Call(app, call_id, caller, agent, received)
+        call.task = spawn(app[TASKS], call_id, call.run())
+        return web.Response(text="ok\n")
+    log.warning("[%s] rejecting the call from %s with SIP %d: %s", call_id, who, status, why)
+    app[STORE].save_history(history_record(call_id, caller, agent, time.time(), turned_away=away,
+                                           timeline=[(0.0, f"turned away with SIP {status}: {why}")]))
+    spawn(app[TASKS], call_id, call_control(app[HTTP], config, call_id, "reject", {"status_code": status}))
+    return web.Response(text="ok\n")
+
+
+# --- One call, in the order it goes: accept, attach, events, tools, output + response.create, hang up ---
+
+
+class Call:
+    """One call, from its webhook (or a restart) to its hangup."""
+
+    def __init__(self, app: web.Application, call_id: str, caller: str | None, agent: str, received: float,
+                 accepted_at: float | None = None) -> None:
+        self.app = app
+        self.config = app[CONFIG]
+        self.http = app[HTTP]
+        self.id = call_id
+        self.caller = caller
+        self.agent = agent
+        self.resumed = accepted_at is not None  # left live by a crashed run, and picked up again
+        self.accepted_at = time.time() if accepted_at is None else accepted_at  # wall clock, kept in the store
+        self.log = CallLog(call_id)
+        self.task: asyncio.Task[None] | None = None  # run(), set by whoever spawns it
+        self.sideband = Sideband(self.log)
+        self.keypad = Keypad(self.config.call_pin)
+        self.silence = SilenceClock(self.config.idle_seconds, received)
+        self.record = CallRecord(received, self.resumed)
+        self.tools: set[asyncio.Task[None]] = set()
+        self.in_flight: tuple[str, ...] = ()  # function calls (call_ids) whose output is not confirmed yet
+        self.playback_stopped = asyncio.Event()  # clear from output_audio_buffer.started to .stopped
+        self.playback_stopped.set()
+        self.playing: Any = None  # the response_id of the latest output_audio_buffer.started
+        self.prompted = self.resumed  # the model has spoken (and so asked for the PIN, if one is needed)
+        self.accepted = self.resumed  # (or may be): a /hangup is owed until hang_up() sends it
+        self.reconnects: list[float] = []  # times of recent reconnects, for the budget
+        self.asking = False  # one OpenClaw question in flight per call
+        self.end_reason = ""  # caller_hung_up, end_call, idle, ... error: each in docs/history.md
+
+    async def run(self) -> None:
+        """The call's whole life: accept it (or resume it after a restart), attach, follow it to its end."""
+        accepting = False  # the accept is out: cut off now, it may still take effect
+        try:
+            async with timeout(self.config.max_call_seconds - max(0.0, time.time() - self.accepted_at)):
+                if self.resumed:  # a 404 now means the call ended while no process watched it
+                    if not self.end_reason:  # (past MAX_CALL_SECONDS: only hung up)
+                        await self._attach_and_listen(RECONNECT_DELAYS)
+                    return
+                self.app[STORE].save_call(self)
+                await self.app[STORE].written()  # so that a crash from now on finds it
+                accepting, accept = True, accept_payload(self.config)
+                self.record.mark("accept sent")
+                status, uncertain = await call_control(self.http, self.config, self.id, "accept", accept)
+                accepting = False
+                self.record.mark("accepted" if status == 200 else f"accept answered: HTTP {status}")
+                if status != 200 and not uncertain:
+                    self.end_reason = self.end_reason or ("caller_hung_up" if status == 404 else "error")
+                    return
+                self.accepted = True  # or may be: a retry after a timeout gets 404 or 409, yet OpenAI holds it
+                if self.end_reason:
+                    return  # ended while the accept was out (a PIN lock, a shutdown): hung up, never greeted
+                if status == 200:
+                    self.log.info("call accepted in %.0f ms", (time.monotonic() - self.record.received) * 1000)
+                    return await self._attach_and_listen(SIDEBAND_RETRY_DELAYS)
+                self.log.warning("accept's outcome is unknown (HTTP %s after a failed try): trying the sideband once",
+                                 status)
+                await self._attach_and_listen(())
+        except asyncio.TimeoutError:
+            self.log.info("call reached MAX_CALL_SECONDS=%g", self.config.max_call_seconds)
+            await self.hang_up("max_duration")
+        except asyncio.CancelledError:
+            self.end_reason = self.end_reason or "shutdown"
+            raise
+        finally:
+            await self._end(accepting)
+
+    async def _connect_sideband(self, delays: tuple[float, ...]) -> aiohttp.ClientWebSocketResponse | None:
+        """Open ?call_id=, retrying after `delays`; None once the call is over or out of reach."""
+        race = self.sideband.ws is None and not self.resumed  # right after the accept, a 404 may be a race
+        for delay in (*delays, None):
+            try:
+                async with timeout(HANDSHAKE_TIMEOUT):
+                    return await self.http.ws_connect(
+                        sideband_url(self.config, self.id), headers=bearer(self.config.openai_api_key),
+                        heartbeat=SIDEBAND_HEARTBEAT, timeout=aiohttp.ClientWSTimeout(ws_close=5))
+            except aiohttp.WSServerHandshakeError as exc:
+                why = f"HTTP {exc.status}"  # the status alone: a real 404 can have an empty body
+                if exc.status in (404, 410) and not race:  # the call is over
+                    self.log.info("sideband refused (%s): the call is over", why)
+                    self.end_reason = self.end_reason or "caller_hung_up"
+                    return None
+                if 400 <= exc.status < 500 and exc.status not in (404, 429):
+                    self.log.error("sideband refused (%s)%s", why, " (check OPENAI_API_KEY)" * (exc.status == 401))
+                    return None
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                why = exc_text(exc)
+            if delay is None or self.end_reason:
+                self.log.error("sideband unavailable, giving up: %s", why)
+                return None
+            self.log.debug("sideband not ready (%s), retrying in %.2fs", why, delay)
+            await asyncio.sleep(delay)
+        return None  # not reached
+
+    async def _attach_and_listen(self, delays: tuple[float, ...]) -> None:
+        """Step 3 on: open the sideband, greet, read its events; after a close, see if the call goes on."""
+        while (ws := await self._connect_sideband(delays)) is not None:
+            again = self.sideband.ws is not None
+            self.log.log(logging.WARNING if again else logging.INFO, "sideband %s",
+                         "reconnected: the call goes on" if again else "connected")
+            self.record.mark("sideband reconnected" if again else "sideband open")
+            await self.sideband.attach(ws, again=again or self.resumed)
+            if not again:
+                await self._begin()
+            msg = await ws.receive()
+            while msg.type not in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                if msg.type == WSMsgType.TEXT:
+                    await self._on_message(msg.data)
+                msg = await ws.receive()
+            reason = one_line(msg.extra, 200) if msg.type == WSMsgType.CLOSE and msg.extra else ""
+            next_delays = await self._after_close(None if ws.close_code is None else int(ws.close_code), reason)
+            if next_delays is None:
+                return
+            delays = next_delays
+        self.end_reason = self.end_reason or "sideband_lost"  # never leave a caller with a model cut off
+
+    async def _on_message(self, data: str) -> None:
+        """Step 4: one sideband event; anything malformed is logged and skipped."""
+        event = json_object(data)
+        if event is None:
+            self.log.warning("sideband sent something other than a JSON object, ignored")
+            return
+        kind = event.get("type")
+        unasked = await self.sideband.on_event(kind, event)
+        item: dict[str, Any] = event["item"] if isinstance(event.get("item"), dict) else {}
+        response: dict[str, Any] = event["response"] if isinstance(event.get("response"), dict) else {}
+        now = time.monotonic()
+        if unasked or kind in CALLER_SIGNS or (kind == "conversation.item.added" and item.get("role") == "user"):
+            self.silence.caller(now, speaking=kind == "input_audio_buffer.speech_started")
+        elif kind in ("response.done", "output_audio_buffer.stopped", "output_audio_buffer.cleared"):
+            self.silence.heard(now)  # the assistant's turn ends: the silence starts
+        if kind == "response.done":
+            self.prompted = True
+            self.record.add_usage(response.get("usage"))
+            await self._on_response_done(response)
+        elif kind == "response.created" and response.get("metadata") == GREETING_TAG:
+            self.record.greeting_id = response.get("id")
+            self.record.mark("greeting started")
+        elif kind == "conversation.item.added" and item.get("call_id") in self.in_flight:
+            self.in_flight = tuple(i for i in self.in_flight if i != item["call_id"])  # delivered: not to mention
+            self.app[STORE].save_call(self)
+        elif kind == "output_audio_buffer.started":
+            self.playing = event.get("response_id")
+            self.playback_stopped.clear()
+            self.record.audio_started(self.playing)
+        elif kind == "output_audio_buffer.cleared" or (  # .cleared: the caller barged in
+            kind == "output_audio_buffer.stopped" and event.get("response_id") in (None, self.playing)
+        ):  # (an earlier response's audio ending while a later one's plays is not silence)
+            self.playback_stopped.set()
+        elif kind in SPEAKERS and self.config.log_transcripts:  # (the assistant's is sent in any case)
+            self.log.info("%s", self.record.said(SPEAKERS[kind], one_line(event.get("transcript"))))
+        elif kind == "conversation.item.input_audio_transcription.failed":  # a mumble, not a fault of ours
+            self.log.debug("transcription failed: %s", one_line(json.dumps(event.get("error"))))
+        elif kind == "input_audio_buffer.dtmf_event_received":
+            await self._on_keypad(event.get("event"))
+
+    async def _on_response_done(self, response: dict[str, Any]) -> None:
+        """Run the function calls of a completed response, never of one the caller interrupted."""
+        status = response.get("status")
+        if status in ("failed", "incomplete"):  # the caller hears silence: say why
+            self.log.warning("response %s: %s", status, json.dumps(response.get("status_details"))[:500])
+        output = response.get("output")
+        calls = [item for item in (output if isinstance(output, list) else [])
+                 if isinstance(item, dict) and item.get("type") == "function_call"]
+        names = one_line(", ".join(str(item.get("name")) for item in calls))
+        if status == "completed" and calls:
+            self.log.info("function call %s: its response completed, running it now", names)
+            self._start(self._run_calls(calls))
+        elif calls:
+            self.log.info("function call %s not run: its response was %s", names, one_line(status))
+
+    async def _run_calls(self, items: list[dict[str, Any]]) -> None:
+        """Run the function calls of one response in turn, in the order the model made them."""
+        asked = [item["call_id"] for item in items if item.get("name") != "end_call" and item.get("call_id")]
+        self.in_flight += tuple(call_id for call_id in asked if isinstance(call_id, str))
+        self.app[STORE].save_call(self)  # first: a restart tells the model of each, and never runs one again
+        for item in items:
+            if item.get("name") == "end_call":
+                self.log.info("end_call: hanging up after the goodbye")
+                await self.hang_up_after_goodbye("end_call")
+            elif not isinstance(item.get("call_id"), str) or not item["call_id"]:
+                self.log.warning("function call %s has no call_id, ignored", one_line(item.get("name")))
+            else:
+                self.record.tool_calls += 1
+                output = await self._tool_output(item.get("name"), item.get("arguments"))
+                await self.sideband.queue(function_call_output(item["call_id"], output))  # + response.create
+
+    async def _tool_output(self, name: Any, arguments: Any) -> str:
+        """The output string for one function call; errors become outputs the model can act on."""
+        if name != "ask_openclaw":
+            self.log.warning("unknown tool %s called", one_line(repr(name), 100))
+            return f"Error: there is no tool named {one_line(repr(name), 100)}. Use ask_openclaw or end_call."
+        if not self.keypad.ok:
+            self.log.info("ask_openclaw before the PIN was entered: not sent")
+            return PIN_NEEDED
+        if self.end_reason:
+            self.log.info("ask_openclaw while the call is ending: not sent")
+            return "Not sent: the call is ending."
+        fits = isinstance(arguments, str) and len(arguments) <= MAX_REQUEST_CHARS + 100
+        request = (json_object(arguments) or {}).get("request") if fits else None
+        if not isinstance(request, str) or not request.strip():
+            self.log.warning('ask_openclaw arguments missing, invalid or too long, not sent: need {"request": "..."}')
+            return 'Error: call ask_openclaw with JSON arguments {"request": "<the question in one or two sentences>"}.'
+        if self.asking:
+            self.log.info("ask_openclaw while the previous question is still running: not sent")
+            return "The previous question is still being worked on. Wait for that answer before asking again."
+        self.asking = True
+        filler = asyncio.create_task(self._filler())
+        question = self.record.ask()
+        try:
+            answer = await ask_openclaw(self.http, self.config, request.strip(), agent=self.agent,
+                                        user=openclaw_user(self.caller, self.id), system=openclaw_system(self.caller))
+            question["outcome"] = "answered"
+        except OpenClawError as exc:
+            self.log.warning("OpenClaw failed: %s", exc)
+            question.update(outcome="too slow" if exc.say == SAY_TOO_SLOW else "failed", why=str(exc))
+            return exc.say
+        finally:
+            self.asking = False
+            self.silence.heard(time.monotonic())
+            self.record.settle(question)
+            filler.cancel()
+        self.log.info("OpenClaw answered in %.1fs", question["seconds"])
+        return answer
+
+    async def hang_up_after_goodbye(self, reason: str, goodbye: str = "") -> None:
+        """Let what is said play out (bounded), then hang up; `goodbye`: ask the model for it first."""
+        self.end_reason = self.end_reason or reason  # from now on no filler and no "anyone there?"
+        try:
+            async with timeout(GOODBYE_TIMEOUT):
+                if self.sideband.ws is not None and not self.sideband.ws.closed:
+                    # Owed: it goes now, or after the active response, ahead of any results waiting.
+                    # Then wait until it and all before it (an answer asked for in the same breath
+                    # as end_call) are done.
+                    if goodbye:
+                        self.playback_stopped.clear()
+                        await self.sideband.owe({"instructions": goodbye, "tool_choice": "none",
+                                                 "metadata": GOODBYE_TAG})
+                    await self.sideband.wait_idle(settled=True)
+                await self.playback_stopped.wait()
+        except asyncio.TimeoutError:
+            self.log.info("goodbye still playing after %.0fs, hanging up anyway", GOODBYE_TIMEOUT)
+        await self.hang_up(reason)
+
+    async def hang_up(self, reason: str) -> None:
+        """End the call over REST (retried for a while: an open call is billed); run() cleans up."""
+        self.end_reason = self.end_reason or reason
+        if not self.accepted:  # hung up already, or the accept is still out (run() hangs up once it answers)
+            return
+        self.accepted = False
+        await call_control(self.http, self.config, self.id, "hangup", delays=HANGUP_RETRY_DELAYS)
+        await self.sideband.close()
+
+    # The rest of the call: its end, reconnects, the greeting, the PIN, the filler, the silence.
+
+    async def _end(self, accepting: bool) -> None:
+        """However it ended: count a missing PIN, hang up, record the call, log a summary, stop its tools."""
+        # Bookkeeping first: shutdown may cancel this task again while it awaits below.
+        self.app[CALLS].pop(self.id, None)
+        self.accepted = self.accepted or accepting
+        silent = self.keypad.waiting and self.prompted  # asked for the PIN, and it never came
+        if silent and self.end_reason not in ("shutdown", "sideband_lost", "pin_locked", ""):
+            self.log.warning("the call ended (%s) without the PIN: counts as a wrong PIN", self.end_reason)
+            self._wrong_pin()  # so silent callers cannot hold the lines without risking a strike
+        self.silence.stop()
+        try:
+            if self.accepted:  # one rule, whatever happened: a 404 answer just means it was over already
+                await self.hang_up(self.end_reason or "error")  # (no reason: a crash, which spawn() logged)
+        finally:
+            self.app[STORE].end_call(self.id)
+            pad = self.keypad
+            pin = "accepted" if pad.ok else f"wrong {pad.failures} time(s)" if pad.failures else "not typed"
+            record = self.record.close(self.id, self.caller, self.agent, self.accepted_at, self.end_reason or "error",
+                                       pin if self.config.call_pin else None)
+            self.app[STORE].save_history(record)
+            answers = [question["seconds"] for question in record["questions"] if question["outcome"] == "answered"]
+            self.log.info(
+                "call summary: caller=%s agent=%s duration=%.1fs tool_calls=%d openclaw_seconds=%s reason=%s",
+                mask(self.caller), self.agent, record["seconds"], self.record.tool_calls,
+                ",".join(f"{s:.1f}" for s in answers) or "-", record["end_reason"],
+            )
+            for task in self.tools:
+                task.cancel()  # which also closes a question's request to OpenClaw: its agent run stops
+            await asyncio.gather(*self.tools, return_exceptions=True)
+            await self.sideband.close()
+
+    async def _after_close(self, code: int | None, reason: str) -> tuple[float, ...] | None:
+        """The sideband closed: the delays to reconnect with, or None if the call is over (or given up)."""
+        self.sideband.response_active = True  # nothing can be sent until a reconnect: results wait
+        self.playback_stopped.set()  # (and its output_audio_buffer.stopped will never come)
+        self.log.info("sideband closed (code %s%s)", code, f", reason {reason!r}" if reason else "")
+        self.record.mark(f"sideband closed (code {code})")
+        if self.end_reason:
+            return None  # we hung up, or are hanging up
+        if code in NORMAL_CLOSE and MAX_DURATION_CLOSE in reason.lower():
+            self.end_reason = "max_duration"
+            return None
+        now = time.monotonic()
+        self.reconnects = [at for at in self.reconnects if now - at < RECONNECT_WINDOW]
+        if code == 1008 or (code or 0) >= 4000:  # (4000: beta_api_shape_disabled): retrying won't help
+            self.log.error("sideband closed with code %s: the server refuses this session, not reconnecting", code)
+        elif len(self.reconnects) == len(RECONNECT_BACKOFF):
+            self.log.error("sideband dropped (code %s) after %d reconnects within %gs: giving up",
+                           code, len(self.reconnects), RECONNECT_WINDOW)
+        else:
+            # A clean close may be a backend rotating under a live call: one handshake at once
+            # tells. A drop (usually a caller's hangup, which sends no close frame) waits the
+            # budget's backoff.
+            backoff = 0.0 if code in NORMAL_CLOSE else RECONNECT_BACKOFF[len(self.reconnects)]
+            self.reconnects.append(now)
+            self.log.info("sideband: checking whether the call goes on%s", f" in {backoff:g}s" * bool(backoff))
+            await asyncio.sleep(backoff)
+            return () if code in NORMAL_CLOSE else RECONNECT_DELAYS
+        self.end_reason = "sideband_lost"
+        return None
+
+    async def _begin(self) -> None:
+        """After the first attach: greet a new caller, or tell the model of questions a restart cut off."""
+        self.silence.heard(time.monotonic())  # (after a restart, the time down is not silence)
+        if self.resumed:
+            self.log.info("resumed after a restart")
+            for call_id in self.in_flight:
+                await self.sideband.queue(function_call_output(call_id, RESTARTED))
+        else:
+            greeting = {"instructions": self.config.greeting or GREETING, "metadata": GREETING_TAG}
+            await self.sideband.request_response(greeting)
+        if self.keypad.waiting and self.app[PIN_LOCK].locked:  # (resumed while the line is locked)
+            self._start(self.hang_up_after_goodbye("pin_locked", goodbye=PIN_LOCKED_GOODBYE))
+        elif self.keypad.waiting:
+            self._start(self._pin_deadline())
+        if self.config.idle_seconds:
+            self._check_silence()
+
+    async def _on_keypad(self, key: Any) -> None:
+        """A key: a note for the model, a strike toward the PIN lock, or the goodbye."""
+        if self.app[PIN_LOCK].locked:
+            return  # while the line is locked no PIN is checked (this call is being hung up)
+        outcome = self.keypad.press(key, time.monotonic())
+        if outcome == "accepted":
+            self.record.mark("PIN accepted")
+            self.log.info("PIN accepted")
+            self.app[STORE].save_call(self)  # so a restart does not ask again
+            await self._tell_model(PIN_ACCEPTED)
+        elif outcome:
+            wrong = f"wrong PIN ({self.keypad.failures} of {PIN_TRIES})"
+            self.record.mark(wrong)
+            self.log.warning("%s", wrong)
+            self._wrong_pin()
+            if outcome == "out of tries":
+                self._start(self.hang_up_after_goodbye("pin_failed", goodbye=PIN_GOODBYE))
+            else:
+                await self._tell_model(PIN_WRONG)
+
+    def _wrong_pin(self) -> None:
+        """Count a wrong PIN across calls; if that locks the line, hang up all calls waiting for a PIN."""
+        lock = self.app[PIN_LOCK]
+        if lock.locked:
+            return
+        locked = lock.wrong_pin(time.time())
+        self.app[STORE].save_lock(self.id, lock)
+        if not locked:
+            return
+        self.log.error("%d wrong PINs within %gs, across calls: new calls are turned away until %s",
+                       PIN_LOCK_AFTER, PIN_LOCK_WINDOW, utc_text(lock.until))
+        for call in self.app[CALLS].values():
+            if call.keypad.waiting and not call.end_reason:
+                call._start(call.hang_up_after_goodbye("pin_locked", goodbye=PIN_LOCKED_GOODBYE))
+
+    async def _pin_deadline(self) -> None:
+        """Hang up on a caller with no right PIN within PIN_TIMEOUT: a silent call is billed too."""
+        await asyncio.sleep(self.config.pin_timeout)
+        if self.keypad.waiting:
+            self.log.warning("no right PIN within PIN_TIMEOUT=%gs: hanging up", self.config.pin_timeout)
+            await self.hang_up_after_goodbye("pin_timeout", goodbye=PIN_TIMEOUT_GOODBYE)
+
+    async def _tell_model(self, text: str) -> None:
+        """Add a system note to the conversation and let the model respond to it."""
+        note = {"type": "input_text", "text": text}
+        await self.sideband.queue({"type": "message", "role": "system", "content": [note]})
+
+    def _start(self, coro: Any) -> None:
+        """Run a tool in a task of its own, so events keep coming; the call cancels it at its end."""
+        spawn(self.tools, self.id, coro, crashed=lambda: self._start(self.hang_up("error")))
+
+    async def _filler(self) -> None:
+        """While OpenClaw is slow, have the model say now and then that it is still checking."""
+        await asyncio.sleep(FILLER_AFTER)
+        while True:
+            await self.sideband.wait_idle()  # never over the model's own speech
+            if self.end_reason:
+                return  # a goodbye is under way
+            self.log.info("OpenClaw is slow: asking the model to say it is still checking")
+            await self.sideband.request_response({"instructions": FILLER_INSTRUCTIONS, "tool_choice": "none"})
+            await asyncio.sleep(FILLER_EVERY)
+
+    def _check_silence(self) -> None:
+        """The silence clock is due: ask whether anyone is there, hang up, or look again later."""
+        if self.end_reason:
+            return
+        busy = self.sideband.response_active or self.asking or not self.playback_stopped.is_set()
+        verdict = self.silence.look(time.monotonic(), busy)
+        if verdict == "ask":
+            self.log.info("no sign of the caller for %gs: asking whether anyone is there", self.config.idle_seconds)
+            check = {"instructions": IDLE_CHECK, "tool_choice": "none", "metadata": IDLE_TAG}
+            self._start(self.sideband.request_response(check))
+        elif verdict == "hang up":
+            self.log.info("still no sign of the caller: hanging up")
+            return self._start(self.hang_up_after_goodbye("idle", goodbye=IDLE_GOODBYE))
+        # A timer, not a task: one per live call, and a sleeping task costs ~1.5 KiB more.
+        self.silence.timer = asyncio.get_running_loop().call_at(self.silence.due, self._check_silence)
+
+
+# --- What the model is told, and the numbers a call runs by ---
+
+INSTRUCTIONS = """\
+You are the owner's voice assistant on a phone call. Speak naturally and briefly: one to three short
+sentences at a time, no lists, no markdown, no URLs read out letter by letter. For anything about the
+owner's own world (email, calendar, files, messages, reminders, notes, the web, or taking an action),
+use the ask_openclaw tool, which reaches their personal assistant. Say you are checking before you call
+it, and wait for its answer rather than guessing. Relay its answer in your own spoken words. If it
+fails, say so plainly and offer to try again. When the caller is done, say a short goodbye, then call
+end_call."""
+GREETING = "Greet the caller in one short sentence and ask how you can help."
+FILLER_INSTRUCTIONS = ("The owner's assistant is still working on the caller's question. In a few words, tell the "
+                       "caller you are still checking and it will be a moment. Do not guess the answer.")
 RESTARTED = ("The owner's assistant was restarted while working on this request, so it may or may not have been done. "
              "Tell the caller, and ask whether they want you to try again.")
-# What shows that someone is on the line (PROTOCOL.md section 8), besides the caller's own conversation items and a
-# response the server started unasked (its turn detection heard the caller). No one signal is relied on alone.
-CALLER_SIGNS = ("input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
-                "input_audio_buffer.committed", "input_audio_buffer.dtmf_event_received",
-                "conversation.item.input_audio_transcription.completed")
-# Metadata on our own response.create, which comes back in the response's response.created and response.done.
+IDLE_CHECK = "The line has been silent for a while. Ask briefly whether the caller is still there."
+IDLE_GOODBYE = "The caller seems to have gone. Say a short goodbye in one sentence."
+SHUTDOWN_GOODBYE = "The line has to close now for maintenance. Apologise briefly and say goodbye in one sentence."
+PIN_INSTRUCTIONS = """
+Before you can use ask_openclaw, the caller must type their PIN on the phone keypad. Ask for it after
+your greeting. Never say or guess the PIN. You will be told when it has been accepted."""
+PIN_NEEDED = "Not sent: the caller has not typed their PIN yet. Ask them to type it on the keypad, then try again."
+PIN_ACCEPTED = "The caller typed the correct PIN. Confirm briefly and carry on with what they asked for."
+PIN_WRONG = "The caller typed a wrong PIN. Ask them to type it again; star clears the entry."
+PIN_GOODBYE = "The PIN was wrong three times. Say politely that you cannot help without it, and goodbye."
+PIN_LOCKED_GOODBYE = "Too many wrong PINs have been typed. Say politely that you cannot help now, and goodbye."
+PIN_TIMEOUT_GOODBYE = ("The caller did not type the PIN in time. Say politely that you cannot help without it, "
+                       "and goodbye.")
+# Metadata on our response.create, which comes back in its response.created and response.done.
 GREETING_TAG = {"voicebridge": "greeting"}
 GOODBYE_TAG = {"voicebridge": "goodbye"}
 IDLE_TAG = {"voicebridge": "anyone there"}
-
-PRICING = "https://developers.openai.com/api/docs/pricing"  # what the tokens of --calls cost; prices change
-# With LOG_TRANSCRIPTS, the events that carry what was said, and who said it.
+# Signs of the caller, besides their own conversation items and a response the server started
+# unasked (its turn detection heard them). No one signal is relied on alone.
+CALLER_SIGNS = ("input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
+                "input_audio_buffer.committed", "input_audio_buffer.dtmf_event_received",
+                "conversation.item.input_audio_transcription.completed")
+# With LOG_TRANSCRIPTS: who said what, and the model that transcribes the caller (it has no shutdown
+# date).
 SPEAKERS = {"conversation.item.input_audio_transcription.completed": "caller",
             "response.output_audio_transcript.done": "assistant"}
-# A call's token counts, from each response.done's usage ("cached": a part of the input, billed at a lower price).
-TOKEN_COUNTS = ("input", "input_text", "input_audio", "input_cached", "output", "output_text", "output_audio")
+TRANSCRIPTION_MODEL = "gpt-realtime-whisper"
 
 MAX_WEBHOOK_BYTES = 64 * 1024
-BODY_TIMEOUT = 5.0  # seconds for a webhook's body to arrive (else 408), so a slow client cannot hold a socket
-SIGNATURE_TOLERANCE = 300  # seconds either side of now, as in Standard Webhooks
-RECENT_IDS = 4096  # call_ids remembered for deduplication
-RECORD_WAIT = 0.2  # seconds the accept waits at most for the state store to record the call
-STORE_BATCH = 0.05  # seconds the state store gathers records before its thread writes them in one transaction
-REST_TIMEOUT = aiohttp.ClientTimeout(total=5)
-REST_RETRY_DELAYS = (0.25, 0.5, 1.0, 2.0)  # transient accept/reject failures; ~4 s in all (the phone is ringing)
-# A call we fail to hang up stays open, billed, until OpenAI's 60-minute cap: keep trying for ~16 s.
-HANGUP_RETRY_DELAYS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
-SIDEBAND_RETRY_DELAYS = (0.25, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)  # a 404 right after accept: a race (~8 s)
-RECONNECT_DELAYS = (0.25, 0.5, 1.0, 2.0, 4.0)  # between failed handshakes of one reconnect; 404/410 stops at once
-RECONNECT_BACKOFF = (0.0, 1.0, 2.0, 4.0, 8.0)  # before the 1st..5th reconnect within RECONNECT_WINDOW; no 6th
+BODY_TIMEOUT = 5.0  # seconds for a webhook's body to arrive (else 408): a slow client holds no socket
+CALL_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # with fullmatch: "$" would let a trailing newline through
+DOUBLING = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # seconds between retries: one schedule, each use a slice of it
+REST_RETRY_DELAYS = DOUBLING[:4]  # a failed accept or reject: ~4 s in all (the phone is ringing)
+HANGUP_RETRY_DELAYS = DOUBLING  # a call not hung up is billed until OpenAI's 60-minute cap: ~16 s
+SIDEBAND_RETRY_DELAYS = (*DOUBLING[:2], *[1.0] * 7)  # a 404 right after the accept: a race (~8 s)
+RECONNECT_DELAYS = DOUBLING[:5]  # between the handshakes of one reconnect; 404/410 stops at once
+RECONNECT_BACKOFF = (0.0, *DOUBLING[2:])  # before the 1st..5th reconnect within RECONNECT_WINDOW; no 6th
 RECONNECT_WINDOW = 60.0
-NORMAL_CLOSE = (1000, 1001)  # a clean close, which a backend rotation sends too: a new handshake tells if it is over
-MAX_DURATION_CLOSE = "maximum duration"  # in the reason of the 60-minute cap's 1001: over, no new handshake
-HANDSHAKE_TIMEOUT = 10.0  # for one sideband handshake (the client session's default would be 300 s)
-SIDEBAND_HEARTBEAT = 20.0  # a ping this often; no pong within half of it and the socket counts as dead
-GOODBYE_TIMEOUT = 10.0  # wait at most this long for a goodbye to finish playing
-SHUTDOWN_AFTER_GRACE = 20.0  # after SHUTDOWN_GRACE: the goodbye (10 s), then the hangups; systemd waits 60 s in all
+NORMAL_CLOSE = (1000, 1001)  # a clean close, which a backend rotation sends too: a handshake tells if it is over
+MAX_DURATION_CLOSE = "maximum duration"  # in the reason of the 60-minute cap's 1001: over
+HANDSHAKE_TIMEOUT = 10.0  # for one sideband handshake (aiohttp's default would be 300 s)
+SIDEBAND_HEARTBEAT = 20.0  # a ping this often; no pong within half of it: the socket is dead
+GOODBYE_TIMEOUT = 10.0  # for a goodbye to finish playing
 FILLER_AFTER = 4.0  # seconds of OpenClaw silence before the model says "still checking"
 FILLER_EVERY = 9.0  # and then at most this often
 MAX_REQUEST_CHARS = 4000  # ask_openclaw arguments accepted
-MAX_ANSWER_CHARS = 4000  # OpenClaw answer passed to the model
-# With LOG_TRANSCRIPTS: the caller's side is transcribed by this model (openai-python 3.57.0 gives it no shutdown
-# date, unlike whisper-1 and gpt-4o-*-transcribe: 2027-02-26), and each turn is logged as one line of at most:
-TRANSCRIPTION_MODEL = "gpt-realtime-whisper"
-MAX_TRANSCRIPT_CHARS = 500
-MAX_BODY_BYTES = 256 * 1024  # OpenClaw answers and all error bodies are read up to this, never whole
-CALL_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # used with fullmatch: "$" would let a trailing newline through
-AGENT_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # an OpenClaw agent id, also used with fullmatch
-AGENT_ID_RULE = "lowercase letters, digits, '-' and '_', starting with a letter or digit, at most 64"
-VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar")
+MAX_TRANSCRIPT_CHARS = 500  # a logged line of what was said, at most
 
 
-# --- Small pure helpers --------------------------------------------------------------------------
+# --- The rules, without I/O: each a small class or function you can test without a socket ---
+
+
+class Sideband:
+    """The sideband's sending rules: one response at a time, each item delivered once."""
+
+    def __init__(self, log: CallLog) -> None:
+        self.log = log
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.idle = asyncio.Event()  # set while no response is active (clear until attached)
+        self.outbox: list[dict[str, Any]] = []  # conversation items waiting for no active response
+        self.unconfirmed: dict[str, dict[str, Any]] = {}  # items sent, by item id, until the server confirms them
+        self.owed: dict[str, Any] | None = None  # a response.create to send once no response is active
+        self.last_response: tuple[str, dict[str, Any] | None] = ("", None)  # our last response.create: id, body
+        self.asked = 0  # our response.creates the server has neither started nor refused
+        self.creates: dict[str, str] = {}  # event_id of each conversation.item.create -> its item id
+        self._ids = itertools.count(1)
+
+    @property
+    def response_active(self) -> bool:
+        """A response is under way (or the sideband is down): a response.create now would fail."""
+        return not self.idle.is_set()
+
+    @response_active.setter
+    def response_active(self, active: bool) -> None:
+        # The one place the flag changes, so whoever waits on `idle` wakes exactly when it turns
+        # false.
+        if active:
+            self.idle.clear()
+        else:
+            self.idle.set()
+
+    async def attach(self, ws: aiohttp.ClientWebSocketResponse, again: bool) -> None:
+        """Use a new sideband; `again` (a reconnect): send what may have been lost with the old one."""
+        self.ws, self.asked = ws, 0
+        if again:
+            self.response_active = False  # (a response cut off by the drop never reports response.done)
+            # Items never confirmed may have gone into a dead socket: send them again under the same
+            # ids, so one that did arrive is refused as a duplicate, not added twice.
+            self.outbox[:0] = self.unconfirmed.values()
+            self.unconfirmed.clear()
+            await self.flush()
+
+    async def close(self) -> None:
+        if self.ws is not None:
+            await self.ws.close()
+
+    async def queue(self, item: dict[str, Any]) -> None:
+        """Add a conversation item, then a response.create, as soon as no response is active."""
+        self.outbox.append(item)
+        await self.flush()
+
+    async def owe(self, response: dict[str, Any]) -> None:
+        """Ask for this response now, or after the active one's response.done, ahead of any results."""
+        self.owed = response
+        await self.flush()
+
+    async def wait_idle(self, settled: bool = False) -> None:
+        """Wait (not poll) until no response is active; `settled`: and nothing is owed."""
+        while self.response_active or (settled and self.owed is not None):
+            await self.idle.wait()
+
+    async def on_event(self, kind: Any, event: dict[str, Any]) -> bool:
+        """Follow the server events the rules depend on; True for a response nobody here asked for."""
+        if kind == "response.created":
+            unasked = self.asked == 0
+            self.response_active, self.asked = True, max(0, self.asked - 1)
+            return unasked
+        elif kind == "response.done":
+            self.response_active = False
+            await self.flush()
+        elif kind in ("conversation.item.added", "conversation.item.created"):  # .created: the pre-GA name
+            item = event.get("item")
+            if isinstance(item, dict) and isinstance(item.get("id"), str):
+                self.unconfirmed.pop(item["id"], None)  # the server has it: no need to send it again
+        elif kind == "error":  # if it refused our response.create, that is repeated after the active one
+            error = event["error"] if isinstance(event.get("error"), dict) else {}
+            self.log.warning("server error %s: %s", one_line(error.get("code")), one_line(error.get("message")))
+            # A refused item ("already exists" after a resend, or invalid) is settled: resending
+            # won't help.
+            self.unconfirmed.pop(self.creates.get(str(error.get("event_id")), ""), None)
+            event_id, body = self.last_response
+            if event_id and error.get("event_id") == event_id:
+                # We lost a race with a response the server just started: repeat ours after it,
+                # except a greeting or "anyone there?", stale once the model has answered.
+                self.response_active = error.get("code") == "conversation_already_has_active_response"
+                self.asked = max(0, self.asked - 1)
+                stale = (body or {}).get("metadata") in (GREETING_TAG, IDLE_TAG)
+                if self.response_active and not stale and self.owed is None:  # (an owed goodbye stays first)
+                    self.owed = body or {}
+        return False
+
+    async def flush(self) -> None:
+        """Send queued items and one response.create, but only while no response is active."""
+        if self.response_active or not (self.outbox or self.owed is not None):
+            return  # (a dropped sideband counts as active: what comes during a reconnect waits for it)
+        items, owed, self.outbox, self.owed = self.outbox, self.owed, [], None
+        self.response_active = True  # claimed before the first await, so a concurrent flush waits
+        for item in items:
+            item.setdefault("id", f"vb_item_{next(self._ids)}")  # ours: a repeat can't add it twice
+            event = item_create(item, self._event_id())
+            self.unconfirmed[item["id"]], self.creates[event["event_id"]] = item, item["id"]
+            await self._send(event)
+            if "call_id" in item:
+                self.log.info("result sent for %s", one_line(item["call_id"]))
+        goodbye = owed is not None and owed.get("metadata") == GOODBYE_TAG
+        await self.request_response(owed if goodbye or not items else None)  # new results beat a stale filler
+
+    async def request_response(self, response: dict[str, Any] | None = None) -> None:
+        """Send response.create and count the response as active until response.done."""
+        event = response_create(response, self._event_id())
+        self.response_active, self.last_response = True, (event["event_id"], response)
+        self.asked += await self._send(event)
+
+    def _event_id(self) -> str:
+        return f"vb_{next(self._ids)}"
+
+    async def _send(self, event: dict[str, Any]) -> bool:
+        """Send one client event, True if it went out; a closing sideband is no error."""
+        if self.ws is None or self.ws.closed:
+            self.log.debug("sideband closed, %s not sent", event["type"])
+            return False
+        try:
+            await self.ws.send_json(event)
+        except ConnectionError as exc:
+            self.log.debug("sideband closing, %s not sent (%s)", event["type"], one_line(exc))
+            return False
+        return True
+
+
+class Keypad:
+    """The caller's PIN on the phone keypad: press() takes a key and says what happened."""
+
+    def __init__(self, pin: str) -> None:
+        self.pin = pin
+        self.ok = not pin  # the right PIN was typed (or none is needed)
+        self.failures = 0
+        self.entry = ""  # digits so far; never logged
+        self.last_key = float("-inf")
+
+    @property
+    def waiting(self) -> bool:  # the PIN is still to be typed, and tries are left
+        return not self.ok and self.failures < PIN_TRIES
+
+    def press(self, key: Any, now: float) -> str:
+        """One key at `now` (seconds): "accepted", "wrong", "out of tries", or "" (nothing yet)."""
+        if not self.waiting or key not in KEYPAD:
+            return ""
+        if key in "*#" or now - self.last_key > PIN_IDLE:
+            self.entry = ""  # so a stray key, or the "#" after a PIN, never costs a strike
+        self.last_key = now
+        if key in "*#":
+            return ""
+        self.entry += key
+        if len(self.entry) < len(self.pin):
+            return ""
+        entry, self.entry = self.entry, ""
+        if hmac.compare_digest(entry.encode(), self.pin.encode()):
+            self.ok = True
+            return "accepted"
+        self.failures += 1
+        return "wrong" if self.failures < PIN_TRIES else "out of tries"
+
+
+KEYPAD = tuple("0123456789*#")
+PIN_TRIES = 3  # wrong PINs per call
+PIN_IDLE = 5.0  # seconds without a key after which a half-typed PIN is forgotten
+# PIN_LOCK_AFTER wrong PINs across calls within PIN_LOCK_WINDOW lock the line for PIN_LOCK_SECONDS,
+# doubled at each further lock up to a day (docs/security.md). A call that ends without the PIN
+# after being asked counts as wrong.
+PIN_LOCK_AFTER = 10
+PIN_LOCK_WINDOW = 3600.0
+PIN_LOCK_SECONDS = 3600.0
+PIN_LOCK_LONGEST = 24 * 3600.0
+
+
+@dataclass
+class PinLock:
+    """Wrong PINs across all calls, and the lock they set; a restart keeps it."""
+
+    failures: list[float] = field(default_factory=list)  # time.time() of recent wrong PINs
+    until: float = 0.0  # time.time() when the lock lifts
+    locks: int = 0
+
+    @property
+    def locked(self) -> bool:
+        return self.until > time.time()
+
+    def wrong_pin(self, now: float) -> bool:
+        """Count one wrong PIN; True if that locks the line."""
+        self.failures = [at for at in self.failures if now - at < PIN_LOCK_WINDOW] + [now]
+        if len(self.failures) < PIN_LOCK_AFTER:
+            return False
+        self.until = now + min(PIN_LOCK_SECONDS * 2**self.locks, PIN_LOCK_LONGEST)
+        self.locks += 1
+        self.failures.clear()
+        return True
+
+
+@dataclass(slots=True)
+class SilenceClock:
+    """IDLE_SECONDS with no sign of the caller: ask whether anyone is there; as long again: hang up."""
+
+    idle: float  # IDLE_SECONDS (0: off)
+    quiet_since: float  # time.monotonic() since when neither side has been heard
+    asked: bool = False  # "anyone there?" was asked, and the caller has given no sign since
+    speaking: bool = False  # from the caller's speech_started to their next sign
+    timer: asyncio.TimerHandle | None = None  # when Call looks next
+
+    def caller(self, now: float, speaking: bool = False) -> None:
+        """A sign of the caller: the clock starts again (and waits while they speak)."""
+        self.quiet_since, self.asked, self.speaking = now, False, speaking
+
+    def heard(self, now: float) -> None:
+        """The assistant's turn ended, or OpenClaw answered: the silence counts from now."""
+        self.quiet_since = now
+
+    @property
+    def due(self) -> float:
+        return self.quiet_since + self.idle
+
+    def look(self, now: float, busy: bool) -> str:
+        """What to do at `now`: "" (nothing yet), "ask" (is anyone there?) or "hang up"."""
+        if now < self.due:
+            return ""
+        if busy or self.speaking:
+            self.quiet_since = now  # someone talks, or OpenClaw works: the clock waits
+            return ""
+        if self.asked:
+            return "hang up"
+        self.quiet_since, self.asked = now, True
+        return "ask"
+
+    def stop(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+
+
+# A call's token counts, from each response.done's usage ("cached": part of the input, billed
+# lower).
+TOKEN_COUNTS = ("input", "input_text", "input_audio", "input_cached", "output", "output_text", "output_audio")
+
+
+@dataclass(slots=True)
+class CallRecord:
+    """What the call history keeps of a call (docs/history.md), gathered as it goes."""
+
+    received: float  # time.monotonic() (the event loop's clock) when the webhook arrived
+    resumed: bool
+    timeline: str = ""  # "<seconds since the webhook> <step>" a line: one string costs ~1 byte a character
+    questions: tuple[dict[str, Any], ...] = ()  # each question put to OpenClaw: when, how long, the outcome
+    tokens: list[int] = field(default_factory=lambda: [0] * len(TOKEN_COUNTS))  # summed from every response
+    transcript: tuple[str, ...] = ()  # with LOG_TRANSCRIPTS only (an empty tuple costs nothing)
+    greeting_id: Any = ""  # the greeting's response_id, until its audio starts
+    tool_calls: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.resumed:
+            self.mark("webhook arrived", self.received)
+
+    def mark(self, step: str, now: float | None = None) -> float:
+        """Note a step on the timeline; its time, in seconds since the webhook."""
+        at = (time.monotonic() if now is None else now) - self.received
+        self.timeline += f"{at:.3f} {step}\n"
+        return at
+
+    def audio_started(self, response_id: Any) -> None:
+        """The assistant's audio started: the greeting's ends the wait for a first word."""
+        if self.greeting_id and response_id == self.greeting_id:
+            self.greeting_id = ""
+            self.mark("greeting audio started")
+
+    def said(self, speaker: str, text: str) -> str:
+        """Keep a line of the transcript (with LOG_TRANSCRIPTS), and return it."""
+        self.transcript += (f"{speaker} said: {text}",)
+        return self.transcript[-1]
+
+    def add_usage(self, usage: Any) -> None:
+        """Add a response.done's usage (what OpenAI bills) to the counts."""
+        if not isinstance(usage, dict):
+            return
+        for index, name in enumerate(TOKEN_COUNTS):
+            side, _, kind = name.partition("_")  # input: usage.input_tokens; input_audio: its details' audio_tokens
+            counts = usage.get(f"{side}_token_details") if kind else usage
+            count = counts.get(f"{kind or side}_tokens") if isinstance(counts, dict) else None
+            if type(count) is int and count >= 0:  # (not a bool, not a float, never negative)
+                self.tokens[index] += count
+
+    def ask(self) -> dict[str, Any]:
+        """A question goes to OpenClaw: "cancelled by the hangup" until settled otherwise."""
+        at = round(self.mark(f"question {len(self.questions) + 1} sent to OpenClaw"), 3)
+        self.questions += ({"at": at, "outcome": "cancelled by the hangup"},)
+        return self.questions[-1]
+
+    def settle(self, question: dict[str, Any]) -> None:
+        """The question's answer (or failure) is in: how long it took."""
+        question["seconds"] = round(time.monotonic() - self.received - question["at"], 2)
+        why = f": {question['why']}" if "why" in question else ""
+        self.mark(f"question {len(self.questions)} {question['outcome']} after {question['seconds']:.1f}s{why}")
+
+    def close(self, call_id: str, caller: str | None, agent: str, started: float, reason: str,
+              pin: str | None) -> dict[str, Any]:
+        """The call's record in the history, as it ends."""
+        seconds = time.monotonic() - self.received
+        steps = [(float(at), text) for at, _, text in (line.partition(" ") for line in self.timeline.splitlines())]
+        first = {text: at for at, text in reversed(steps)}  # the first time of each step
+        for question in self.questions:  # one still with OpenClaw is cut off by the hangup
+            question.setdefault("seconds", round(seconds - question["at"], 2))
+            question["asked"] = utc_text(started + question["at"])
+        return history_record(
+            call_id, caller, agent, started, end=utc_text(time.time()), seconds=round(seconds, 1), end_reason=reason,
+            first_word=first.get("greeting audio started", first.get("greeting started")),
+            questions=list(self.questions), pin=pin, resumed=self.resumed, tokens=dict(zip(TOKEN_COUNTS, self.tokens)),
+            reconnects=sum(text == "sideband reconnected" for _, text in steps),
+            timeline=[*steps, (round(seconds, 3), f"ended: {reason}")], transcript=list(self.transcript),
+        )
+
+
+def history_record(call_id: str, caller: str | None, agent: str | None, started: float, **fields: Any) -> dict:
+    """One call in the history, every field present (the number in full: the store is private)."""
+    return {
+        "call_id": call_id, "caller": caller, "agent": agent, "started": started, "start": utc_text(started),
+        "turned_away": None, "end": None, "seconds": None, "end_reason": None, "first_word": None, "questions": [],
+        "pin": None, "reconnects": 0, "resumed": False, "tokens": {}, "timeline": [], "transcript": [], **fields,
+    }
+
+
+def utc_text(timestamp: float) -> str:
+    """A time.time() value as ISO 8601 UTC, to the second."""
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
 
 
 class SignatureError(Exception):
@@ -472,18 +1010,56 @@ def verify_signature(key: bytes, headers: Mapping[str, str], body: bytes, now: f
     signatures = headers.get("webhook-signature", "")
     if not (msg_id and timestamp and signatures):
         raise SignatureError("missing webhook-id, webhook-timestamp or webhook-signature header")
-    if not timestamp.isascii() or not timestamp.isdigit() or len(timestamp) > 12:
+    if not (msg_id + timestamp + signatures).isascii():  # (what Standard Webhooks sends always is)
+        raise SignatureError("webhook-id, webhook-timestamp or webhook-signature is not plain ASCII")
+    if not timestamp.isdigit() or len(timestamp) > 12:
         raise SignatureError("webhook-timestamp is not a number")
     now = time.time() if now is None else now
     if abs(now - int(timestamp)) > SIGNATURE_TOLERANCE:
         raise SignatureError("webhook-timestamp is more than 5 minutes away from now (replay, or a wrong clock)")
     signed = f"{msg_id}.{timestamp}.".encode() + body
-    expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+    expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest())
     for entry in signatures.split():
         version, _, signature = entry.partition(",")
-        if version == "v1" and hmac.compare_digest(signature.encode(), expected.encode()):
+        if version == "v1" and hmac.compare_digest(signature.encode(), expected):
             return
     raise SignatureError("no webhook-signature matches (wrong OPENAI_WEBHOOK_SECRET?)")
+
+
+SIGNATURE_TOLERANCE = 300  # seconds either side of now, as in Standard Webhooks
+RECENT_IDS = 4096
+
+
+def first_time(seen: dict[str, None], key: str) -> bool:
+    """Remember key among the last RECENT_IDS (dicts keep their order); False if seen before."""
+    if key in seen:
+        return False
+    seen[key] = None
+    if len(seen) > RECENT_IDS:
+        del seen[next(iter(seen))]
+    return True
+
+
+def json_object(text: str | bytes) -> dict[str, Any] | None:
+    """The JSON object in `text`, or None for anything else (RecursionError: nested too deep)."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def from_user(sip_headers: Any) -> str:
+    """The user part of the From SIP header ("+1555...", "anonymous", ...), or ""."""
+    for header in sip_headers if isinstance(sip_headers, list) else []:
+        if isinstance(header, dict) and str(header.get("name", "")).lower() in ("from", "f"):
+            # "Name" <sip:+1555...@host>;tag=x  |  <tel:+1555...>  |  sip:+1555...@host;tag=x
+            value = re.sub(r'^\s*"(?:[^"\\]|\\.)*"', "", str(header.get("value", "")))  # a name may hold "<"
+            uri = re.search(r"<([^<>]*)>", value)
+            uri_text = uri.group(1) if uri else value.split(";")[0]
+            match = re.match(r"\s*(?:sips?|tel):([^@;>]+)", uri_text, re.IGNORECASE)
+            return match.group(1) if match else ""
+    return ""
 
 
 def normalise_number(text: str) -> str | None:
@@ -494,22 +1070,11 @@ def normalise_number(text: str) -> str | None:
     return text if re.fullmatch(r"\+[1-9]\d{6,14}", text) else None
 
 
-def from_user(sip_headers: Any) -> str:
-    """The user part of the From SIP header ("+1555...", "anonymous", ...), or "" if there is none."""
-    for header in sip_headers if isinstance(sip_headers, list) else []:
-        if isinstance(header, dict) and str(header.get("name", "")).lower() in ("from", "f"):
-            # "Name" <sip:+1555...@host>;tag=x  |  <tel:+1555...>  |  sip:+1555...@host;tag=x
-            value = re.sub(r'^\s*"(?:[^"\\]|\\.)*"', "", str(header.get("value", "")))  # a display name may hold "<"
-            uri = re.search(r"<([^<>]*)>", value)
-            uri_text = uri.group(1) if uri else value.split(";")[0]
-            match = re.match(r"\s*(?:sips?|tel):([^@;>]+)", uri_text, re.IGNORECASE)
-            return match.group(1) if match else ""
-    return ""
-
-
-def shown(number: str | None, in_full: bool) -> str:
-    """A caller's number for --calls: masked, unless --show-numbers."""
-    return (number or "withheld") if in_full else mask(number)
+def describe_caller(user: str) -> str:
+    """The From user part for the log: a masked number, "withheld", or "unreadable" and its end."""
+    if normalise_number(user) or not re.search(r"\d", user):  # no digits: anonymous, or nothing
+        return mask(normalise_number(user))
+    return f"unreadable ({'*' * min(len(user) - 2, 20) + user[-2:]!r})"  # repr: nothing raw reaches the log
 
 
 def mask(number: str | None) -> str:
@@ -521,228 +1086,41 @@ def mask(number: str | None) -> str:
     return number[:2] + "*" * (len(number) - 6) + number[-4:]
 
 
-def describe_caller(user: str) -> str:
-    """The From user part for the log: a masked number, "withheld", or "unreadable" with the end of what was sent."""
-    if normalise_number(user) or not re.search(r"\d", user):  # no digits: anonymous, restricted, nothing at all
-        return mask(normalise_number(user))
-    return f"unreadable ({'*' * min(len(user) - 2, 20) + user[-2:]!r})"  # repr: nothing raw reaches the log
-
-
 def agent_for(config: Config, number: str | None) -> str | None:
-    """The caller-ID screen: this caller's agent, or None to turn them away (a withheld number only matches "*")."""
+    """The caller-ID screen: this caller's agent, or None (a withheld number only matches "*")."""
     return config.allowed_callers.get(number or "*") or config.allowed_callers.get("*")
 
 
-def accept_payload(config: Config) -> dict[str, Any]:
-    """The session config sent with /accept. No audio format: SIP negotiates the codec."""
-    audio: dict[str, Any] = {"output": {"voice": config.voice}}
-    if config.log_transcripts:  # otherwise no input transcription: it is billed, and we would have no use for it
-        audio["input"] = {"transcription": {"model": TRANSCRIPTION_MODEL}}
-    return {
-        "type": "realtime",  # required: without it accept answers 200 and the sideband then 404s
-        "model": config.model,
-        "instructions": (config.instructions or INSTRUCTIONS) + (PIN_INSTRUCTIONS if config.call_pin else ""),
-        "audio": audio,
-        "tools": [ASK_OPENCLAW_TOOL, END_CALL_TOOL],
-        "tool_choice": "auto",
-    }
+def turned_away(app: web.Application, agent: str | None) -> tuple[str, str, int]:
+    """Why a new call is turned away (for the history, for the log), and its SIP status; "": take it."""
+    config, lock = app[CONFIG], app[PIN_LOCK]
+    if app[DRAINING].is_set():
+        return "shutting down", "shutting down", 486
+    if agent is None:
+        return "not listed", "caller not in ALLOWED_CALLERS", 603
+    if config.call_pin and lock.locked:  # turned away before any billed session starts
+        return "PIN lock", f"too many wrong PINs, the line is locked until {utc_text(lock.until)}", 603
+    if config.max_concurrent_calls and len(app[CALLS]) >= config.max_concurrent_calls:
+        return "busy", f"MAX_CONCURRENT_CALLS={config.max_concurrent_calls} calls are already live", 486
+    return "", "", 0
 
 
-def sideband_url(config: Config, call_id: str) -> str:
-    """wss://.../v1/realtime?call_id=... for a REST base of https://.../v1."""
-    return re.sub(r"^http", "ws", config.openai_base_url) + f"/realtime?call_id={call_id}"
+# --- The clients: OpenAI's call control, and OpenClaw ---
 
-
-def one_line(text: Any, limit: int = MAX_TRANSCRIPT_CHARS) -> str:
-    """Text for one log line: control characters and line breaks escaped (so no text can forge a line), cut short."""
-    text = re.sub(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", lambda char: repr(char.group())[1:-1], str(text))
-    return text if len(text) <= limit else text[:limit] + "…"
-
-
-def safe_url(url: str) -> str:
-    """The URL without the user:password@ it may carry, for the log and the screen."""
-    return re.sub(r"^([^:/?#]+://)[^/?#]*@", r"\1", url)
-
-
-def openclaw_user(number: str | None, call_id: str) -> str:
-    """A stable OpenClaw session per caller (OpenClaw keys it by agent too); withheld callers never share one."""
-    return f"voicebridge:{number}" if number else f"voicebridge:call:{call_id}"
-
-
-def openclaw_system(number: str | None) -> str:
-    """The system message: how to answer, and who calls (the full number, so the agent can greet, look up or refuse)."""
-    who = f"Caller ID: {number} (caller ID can be faked)." if number else "Caller ID: withheld."
-    return f"{OPENCLAW_SYSTEM_PROMPT} {who}"
-
-
-def openclaw_fix(config: Config, agent: str, status: int) -> str:
-    """What the owner should do about an OpenClaw failure with this HTTP status."""
-    if status != 400:
-        return OPENCLAW_FIXES.get(status, "the gateway or its model provider failed")
-    # We always name an agent, so a 400 means "Unknown agent 'x'.": point at the setting that named it.
-    if agent == config.openclaw_agent:
-        return "check OPENCLAW_AGENT"
-    entries = ", ".join(f"{mask(who)}={named}" for who, named in config.allowed_callers.items() if named == agent)
-    return f"check the ALLOWED_CALLERS entry {entries}, or add the agent to OpenClaw's agents.entries"
-
-
-def first_time(seen: dict[str, None], key: str) -> bool:
-    """Remember key among the last RECENT_IDS (dicts keep insertion order); False if it was seen before."""
-    if key in seen:
-        return False
-    seen[key] = None
-    if len(seen) > RECENT_IDS:
-        del seen[next(iter(seen))]
-    return True
-
-
-@dataclass
-class PinLock:
-    """Wrong PINs across all calls: PIN_LOCK_AFTER of them within PIN_LOCK_WINDOW lock the PIN-gated line."""
-
-    failures: list[float] = field(default_factory=list)  # time.time() of recent wrong PINs
-    until: float = 0.0  # time.time() when the lock lifts
-    locks: int = 0
-
-    @property
-    def locked(self) -> bool:
-        return self.until > time.time()
-
-    def wrong_pin(self, now: float) -> bool:
-        """Count one wrong PIN; True if that locks the line (each lock lasts twice as long as the one before)."""
-        self.failures = [at for at in self.failures if now - at < PIN_LOCK_WINDOW] + [now]
-        if len(self.failures) < PIN_LOCK_AFTER:
-            return False
-        self.until = now + min(PIN_LOCK_SECONDS * 2**self.locks, PIN_LOCK_LONGEST)
-        self.locks += 1
-        self.failures.clear()
-        return True
-
-
-def utc_text(timestamp: float) -> str:
-    """A time.time() value as ISO 8601 UTC, to the second."""
-    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
-
-
-def history_record(call_id: str, caller: str | None, agent: str | None, started: float, **fields: Any) -> dict:
-    """One call in the history, every field present (the number in full: the store is private to the service)."""
-    return {
-        "call_id": call_id, "caller": caller, "agent": agent, "started": started, "start": utc_text(started),
-        "turned_away": None, "end": None, "seconds": None, "end_reason": None, "first_word": None, "questions": [],
-        "pin": None, "reconnects": 0, "resumed": False, "tokens": {}, "timeline": [], "transcript": [], **fields,
-    }
-
-
-def add_usage(tokens: list[int], usage: Any) -> None:
-    """Add a response.done's usage, which is what OpenAI bills, to a call's counts (in the order of TOKEN_COUNTS)."""
-    if not isinstance(usage, dict):
-        return
-    for index, name in enumerate(TOKEN_COUNTS):
-        side, _, kind = name.partition("_")  # "input" is usage.input_tokens, "input_audio" its details' audio_tokens
-        counts = usage.get(f"{side}_token_details") if kind else usage
-        count = counts.get(f"{kind or side}_tokens") if isinstance(counts, dict) else None
-        if type(count) is int and count >= 0:  # (not a bool, not a float, never negative)
-            tokens[index] += count
-
-
-class CallLog(logging.LoggerAdapter):
-    """The module's logger, with the call id in front of every line."""
-
-    def __init__(self, call_id: str) -> None:
-        super().__init__(log, {"call_id": call_id})
-        self.call_id = call_id
-
-    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        return f"[{self.call_id}] {msg}", kwargs
-
-
-class JournalFormat(logging.Formatter):
-    """Each line led by its priority (<3> for an ERROR) in the form the journal reads; the journal adds the time."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        priority = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.CRITICAL: 2}.get(record.levelno, 3)
-        return "\n".join(f"<{priority}>{line}" for line in super().format(record).splitlines())
-
-
-def stderr_is_journal() -> bool:
-    """Whether stderr is the journal: systemd then sets JOURNAL_STREAM to its device and inode."""
-    try:
-        stream = os.fstat(sys.stderr.fileno())
-    except (OSError, ValueError, AttributeError):  # (no real file behind stderr)
-        return False
-    return os.environ.get("JOURNAL_STREAM") == f"{stream.st_dev}:{stream.st_ino}"
-
-
-@dataclass
-class Throttled:
-    """A WARNING that outsiders can repeat at will: at most one line a second, the next one counting those held back."""
-
-    last: float = float("-inf")  # time.monotonic() of the last line logged
-    held: int = 0  # lines held back since
-
-    def warning(self, text: str) -> None:
-        """Log text, or only count it if the last line went out less than a second ago."""
-        now = time.monotonic()
-        if now - self.last < 1.0:
-            self.held += 1
-            return
-        log.warning("%s%s", text, f" (and {self.held} more since the last line)" if self.held else "")
-        self.last, self.held = now, 0
-
-
-def spawn(
-    tasks: set[asyncio.Task[Any]], name: str, coro: Any, crashed: Callable[[], Any] = lambda: None
-) -> asyncio.Task[Any]:
-    """Run work in the background, kept in `tasks` so it can be cancelled; a crash is logged once, then `crashed()`."""
-    task = asyncio.create_task(coro, name=name)
-    tasks.add(task)
-    task.add_done_callback(functools.partial(forget, tasks, crashed))
-    return task
-
-
-def forget(tasks: set[asyncio.Task[Any]], crashed: Callable[[], Any], task: asyncio.Task[Any]) -> None:
-    """Drop a finished task from `tasks`; log the traceback of an unexpected error (the task's name is the call id)."""
-    tasks.discard(task)
-    if not task.cancelled() and task.exception():  # (asking marks the error seen, so it is logged once)
-        CallLog(task.get_name()).error("unexpected error", exc_info=task.exception())
-        crashed()
-
-
-async def read_body(resp: aiohttp.ClientResponse) -> bytes | None:
-    """The response body, or None if it is over MAX_BODY_BYTES (reading stops there, so memory stays flat)."""
-    body = bytearray()
-    async for chunk in resp.content.iter_chunked(64 * 1024):
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            return None
-    return bytes(body)
-
-
-async def error_text(resp: aiohttp.ClientResponse) -> str:
-    """The message of an OpenAI/OpenClaw error body, or the start of whatever came back; one line, for the log."""
-    body = await read_body(resp)
-    if body is None:
-        return f"an error body over {MAX_BODY_BYTES // 1024} KiB"
-    raw = body.decode(errors="replace")
-    try:
-        message = str(json.loads(raw)["error"]["message"])[:300]
-    except (ValueError, KeyError, TypeError, RecursionError):  # (RecursionError: JSON nested too deep)
-        message = raw[:200].strip() or resp.reason or ""
-    return one_line(message)
+REST_TIMEOUT = aiohttp.ClientTimeout(total=5)
+MAX_BODY_BYTES = 256 * 1024  # OpenClaw answers and error bodies are read up to this, never whole
 
 
 async def call_control(
     http: aiohttp.ClientSession, config: Config, call_id: str, action: str, body: dict | None = None,
     delays: tuple[float, ...] = REST_RETRY_DELAYS,
 ) -> tuple[int, bool]:
-    """POST /realtime/calls/{call_id}/{action}, retrying transient failures: (final status or 0, whether any failed)."""
-    clog = CallLog(call_id)
-    url = f"{config.openai_base_url}/realtime/calls/{call_id}/{action}"
-    headers = {"Authorization": f"Bearer {config.openai_api_key}"}
-    # A transient failure (no answer, 429, 5xx) leaves the outcome in doubt: the request may have taken effect.
+    """POST to call control, retrying what may pass (no answer, 429, 5xx): (status or 0, any failed)."""
+    clog = CallLog(call_id)  # (a failure that passed leaves the outcome in doubt: it may have taken effect)
     for attempt, delay in enumerate((*delays, None)):
         try:
-            async with http.post(url, json=body, headers=headers, timeout=REST_TIMEOUT) as resp:
+            async with http.post(call_control_url(config, call_id, action), json=body,
+                                 headers=bearer(config.openai_api_key), timeout=REST_TIMEOUT) as resp:
                 status = resp.status
                 if status < 300:
                     return status, attempt > 0
@@ -758,13 +1136,52 @@ async def call_control(
                     clog.error("%s failed: %s%s", action, why, hint)
                     return status, attempt > 0
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            status, why = 0, one_line(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+            status, why = 0, exc_text(exc)
         if delay is None:
             clog.error("%s failed, giving up: %s", action, why)
             return status, True
         clog.warning("%s failed, retrying in %.2fs: %s", action, delay, why)
         await asyncio.sleep(delay)
     return 0, True  # not reached
+
+
+async def read_body(resp: aiohttp.ClientResponse) -> bytes | None:
+    """The response body, or None past MAX_BODY_BYTES (reading stops there: memory stays flat)."""
+    body = bytearray()
+    async for chunk in resp.content.iter_chunked(64 * 1024):
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            return None
+    return bytes(body)
+
+
+async def error_text(resp: aiohttp.ClientResponse) -> str:
+    """The message of an OpenAI or OpenClaw error body, or the start of what came, as one line."""
+    body = await read_body(resp)
+    if body is None:
+        return f"an error body over {MAX_BODY_BYTES // 1024} KiB"
+    raw = body.decode(errors="replace")
+    error = (json_object(raw) or {}).get("error")
+    if isinstance(error, dict) and "message" in error:
+        return one_line(str(error["message"])[:300])
+    return one_line(raw[:200].strip() or resp.reason or "")
+
+
+OPENCLAW_SYSTEM_PROMPT = (
+    "This request is relayed from a live phone call and your answer will be read aloud. "
+    "Answer in one to three short, plain spoken sentences: no markdown, lists, links or emoji."
+)
+SAY_UNREACHABLE = "I couldn't reach your assistant just now. Please try again in a moment."
+SAY_TOO_SLOW = "Your assistant is taking too long to answer. Please try again in a moment."
+SAY_NO_ANSWER = "Your assistant didn't have an answer for that."
+SAY_TOO_LONG = "Your assistant's answer was far too long to read out. Please ask for something shorter."
+OPENCLAW_FIXES = {  # what to do about an OpenClaw failure, by HTTP status (0: no answer at all)
+    0: "is the gateway running? check OPENCLAW_URL",
+    401: "check OPENCLAW_TOKEN",
+    403: "check OPENCLAW_TOKEN",
+    404: "enable gateway.http.endpoints.chatCompletions in the OpenClaw config, or check OPENCLAW_URL",
+    429: "the gateway is rate limiting",
+}
 
 
 class OpenClawError(Exception):
@@ -778,13 +1195,13 @@ class OpenClawError(Exception):
 async def ask_openclaw(
     http: aiohttp.ClientSession, config: Config, request: str, *, agent: str, user: str, system: str
 ) -> str:
-    """Ask an OpenClaw agent one question, in the session `user`; return its answer or raise OpenClawError."""
-    headers = {"Authorization": f"Bearer {config.openclaw_token}"} if config.openclaw_token else {}
+    """Ask an OpenClaw agent one question in the session `user`: its answer, or OpenClawError."""
     messages = [{"role": "system", "content": system}, {"role": "user", "content": request}]
     body = {"model": f"openclaw:{agent}", "user": user, "messages": messages}
-    url, timeout = f"{config.openclaw_url}/v1/chat/completions", aiohttp.ClientTimeout(total=config.openclaw_timeout)
     try:
-        async with http.post(url, json=body, headers=headers, timeout=timeout) as resp:
+        async with http.post(f"{config.openclaw_url}/v1/chat/completions", json=body,
+                             headers=bearer(config.openclaw_token),
+                             timeout=aiohttp.ClientTimeout(total=config.openclaw_timeout)) as resp:
             if resp.status != 200:
                 fix = openclaw_fix(config, agent, resp.status)
                 raise OpenClawError(f"HTTP {resp.status}: {await error_text(resp)} ({fix})")
@@ -792,13 +1209,14 @@ async def ask_openclaw(
             if raw is None:
                 too_long = f"the answer was over {MAX_BODY_BYTES // 1024} KiB, so it was not read"
                 raise OpenClawError(too_long, SAY_TOO_LONG)
-            answer = json.loads(raw)["choices"][0]["message"]["content"]
     except asyncio.TimeoutError:
         raise OpenClawError(f"no answer within OPENCLAW_TIMEOUT={config.openclaw_timeout:g}s", SAY_TOO_SLOW) from None
     except aiohttp.ClientError as exc:
-        why = one_line(f"{type(exc).__name__}: {exc}")
+        why = exc_text(exc)
         raise OpenClawError(f"cannot reach {safe_url(config.openclaw_url)} ({why}); {OPENCLAW_FIXES[0]}") from None
-    except (ValueError, LookupError, TypeError, RecursionError):  # (RecursionError: JSON nested too deep)
+    try:
+        answer = (json_object(raw) or {})["choices"][0]["message"]["content"]
+    except (LookupError, TypeError):
         answer = None
     if not isinstance(answer, str):
         raise OpenClawError("the answer was not a chat completion (is OPENCLAW_URL the gateway?)")
@@ -808,179 +1226,46 @@ async def ask_openclaw(
     return answer if len(answer) <= MAX_ANSWER_CHARS else answer[:MAX_ANSWER_CHARS] + " ... (the rest was cut off)"
 
 
-# --- The keypad and the sideband's sending rules: one concern each ------------------------------------
+def openclaw_user(number: str | None, call_id: str) -> str:
+    """A stable OpenClaw session per caller (and agent); withheld callers never share one."""
+    return f"voicebridge:{number}" if number else f"voicebridge:call:{call_id}"
 
 
-class Keypad:
-    """The caller's PIN on the phone keypad, with no I/O: press() takes a key and says what happened."""
-
-    def __init__(self, pin: str) -> None:
-        self.pin = pin
-        self.ok = not pin  # the right PIN was typed (or none is needed)
-        self.failures = 0
-        self.entry = ""  # digits so far; never logged
-        self.last_key = float("-inf")  # when the last key came
-
-    @property
-    def waiting(self) -> bool:  # the PIN is still to be typed, and tries are left
-        return not self.ok and self.failures < PIN_TRIES
-
-    def press(self, key: Any, now: float) -> str:
-        """One key at `now` (seconds): "accepted", "wrong", "out of tries", or "" (nothing yet)."""
-        if not self.waiting or key not in KEYPAD:
-            return ""
-        if key in "*#" or now - self.last_key > PIN_IDLE:
-            self.entry = ""  # so a stray key, or the "#" after a PIN, never costs a strike of its own
-        self.last_key = now
-        if key in "*#":
-            return ""
-        self.entry += key
-        if len(self.entry) < len(self.pin):
-            return ""
-        entry, self.entry = self.entry, ""
-        if hmac.compare_digest(entry.encode(), self.pin.encode()):
-            self.ok = True
-            return "accepted"
-        self.failures += 1
-        return "wrong" if self.failures < PIN_TRIES else "out of tries"
+def openclaw_system(number: str | None) -> str:
+    """How to answer, and who calls (in full: the agent may greet, look up or refuse them)."""
+    who = f"Caller ID: {number} (caller ID can be faked)." if number else "Caller ID: withheld."
+    return f"{OPENCLAW_SYSTEM_PROMPT} {who}"
 
 
-class Sideband:
-    """The call's control WebSocket, under the sending rules of PROTOCOL.md section 5."""
+def openclaw_fix(config: Config, agent: str, status: int) -> str:
+    """What the owner should do about an OpenClaw failure with this HTTP status."""
+    if status != 400:
+        return OPENCLAW_FIXES.get(status, "the gateway or its model provider failed")
+    # We always name an agent, so a 400 means "Unknown agent 'x'.": name the setting that named it.
+    if agent == config.openclaw_agent:
+        return "check OPENCLAW_AGENT"
+    entries = ", ".join(f"{mask(who)}={named}" for who, named in config.allowed_callers.items() if named == agent)
+    return f"check the ALLOWED_CALLERS entry {entries}, or add the agent to OpenClaw's agents.entries"
 
-    # One response at a time, every conversation item delivered once, and each client event with an id that an
-    # error event can point back at.
 
-    def __init__(self, log: CallLog) -> None:
-        self.log = log
-        self.ws: aiohttp.ClientWebSocketResponse | None = None
-        self.idle = asyncio.Event()  # set while no response is active: see response_active (clear until attached)
-        self.outbox: list[dict[str, Any]] = []  # conversation items waiting for no active response
-        self.unconfirmed: dict[str, dict[str, Any]] = {}  # items sent, by our item id, until the server confirms them
-        self.owed: dict[str, Any] | None = None  # a response.create to send as soon as no response is active
-        self.last_response: tuple[str, dict[str, Any] | None] = ("", None)  # our last response.create: event_id, body
-        self.asked = 0  # our response.creates that the server has neither started nor refused
-        self.creates: dict[str, str] = {}  # event_id of each conversation.item.create we sent -> its item id
-        self._ids = itertools.count(1)
+MAX_ANSWER_CHARS = 4000  # of an OpenClaw answer, passed to the model
+AGENT_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # an OpenClaw agent id, used with fullmatch
+AGENT_ID_RULE = "lowercase letters, digits, '-' and '_', starting with a letter or digit, at most 64"
 
-    @property
-    def response_active(self) -> bool:
-        """A response is under way (or the sideband is down): a response.create now would be refused, or lost."""
-        return not self.idle.is_set()
 
-    @response_active.setter
-    def response_active(self, active: bool) -> None:
-        # The one place the flag changes, so that whoever waits on `idle` wakes exactly when it turns false.
-        if active:
-            self.idle.clear()
-        else:
-            self.idle.set()
+# --- The state store, and restart recovery ---
 
-    async def attach(self, ws: aiohttp.ClientWebSocketResponse, again: bool) -> None:
-        """Use a newly opened sideband; `again` (a reconnect): send what may have been lost with the old one."""
-        self.ws, self.asked = ws, 0
-        if again:
-            self.response_active = False  # (a response cut off by the drop never reports response.done)
-            # Items the server never confirmed may have gone into a dead socket: send them again, under the same
-            # ids, so one that did arrive is refused as a duplicate instead of being added twice.
-            self.outbox[:0] = self.unconfirmed.values()
-            self.unconfirmed.clear()
-            await self.flush()
-
-    async def close(self) -> None:
-        if self.ws is not None:
-            await self.ws.close()
-
-    async def queue(self, item: dict[str, Any]) -> None:
-        """Add a conversation item, followed by a response.create, as soon as no response is active."""
-        self.outbox.append(item)
-        await self.flush()
-
-    async def owe(self, response: dict[str, Any]) -> None:
-        """Ask for this response now, or after the active one's response.done, ahead of any results waiting."""
-        self.owed = response
-        await self.flush()
-
-    async def wait_idle(self, settled: bool = False) -> None:
-        """Wait (not poll) until no response is active; `settled`: and nothing is owed, so all asked for is done."""
-        while self.response_active or (settled and self.owed is not None):
-            await self.idle.wait()
-
-    async def on_event(self, kind: Any, event: dict[str, Any]) -> bool:
-        """Follow the server events that the sending rules depend on; True for a response nobody here asked for."""
-        if kind == "response.created":
-            unasked = self.asked == 0
-            self.response_active, self.asked = True, max(0, self.asked - 1)
-            return unasked
-        elif kind == "response.done":
-            self.response_active = False
-            await self.flush()
-        elif kind in ("conversation.item.added", "conversation.item.created"):  # .created: the pre-GA name
-            item = event.get("item")
-            if isinstance(item, dict) and isinstance(item.get("id"), str):
-                self.unconfirmed.pop(item["id"], None)  # the server has it: no need to send it again
-        elif kind == "error":  # logged; if it refused our response.create, that is repeated after the active one
-            error = event["error"] if isinstance(event.get("error"), dict) else {}
-            self.log.warning("server error %s: %s", one_line(error.get("code")), one_line(error.get("message")))
-            # A refused item ("already exists" after a resend, or invalid) is settled: sending it again won't help.
-            self.unconfirmed.pop(self.creates.get(str(error.get("event_id")), ""), None)
-            event_id, body = self.last_response
-            if event_id and error.get("event_id") == event_id:
-                # Our response.create lost a race with a response the server just started: repeat it after that
-                # one, except a greeting or "anyone there?", which would be stale once the model has answered.
-                self.response_active = error.get("code") == "conversation_already_has_active_response"
-                self.asked = max(0, self.asked - 1)
-                stale = (body or {}).get("metadata") in (GREETING_TAG, IDLE_TAG)  # after the server's own response
-                if self.response_active and not stale and self.owed is None:  # (an owed goodbye stays first)
-                    self.owed = body or {}
-        return False
-
-    async def flush(self) -> None:
-        """Send queued items and one response.create, but only while no response is active."""
-        if self.response_active or not (self.outbox or self.owed is not None):
-            return  # (a dropped sideband counts as active: a result that finishes during a reconnect waits for it)
-        items, owed, self.outbox, self.owed = self.outbox, self.owed, [], None
-        self.response_active = True  # claimed before the first await, so a concurrent flush waits
-        for item in items:
-            item.setdefault("id", f"vb_item_{next(self._ids)}")  # ours: a repeat can't add it twice
-            self.unconfirmed[item["id"]], event = item, self._event("conversation.item.create", item=item)
-            self.creates[event["event_id"]] = item["id"]
-            await self._send(event)
-            if "call_id" in item:
-                self.log.info("result sent for %s", one_line(item["call_id"]))
-        goodbye = owed is not None and owed.get("metadata") == GOODBYE_TAG
-        await self.request_response(owed if goodbye or not items else None)  # new results beat a stale filler
-
-    async def request_response(self, response: dict[str, Any] | None = None) -> None:
-        """Send response.create and count the response as active until response.done."""
-        event = self._event("response.create", **({"response": response} if response else {}))
-        self.response_active, self.last_response = True, (event["event_id"], response)
-        self.asked += await self._send(event)
-
-    def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
-        """A client event with an event_id, so an error event can point back at it."""
-        return {"type": kind, "event_id": f"vb_{next(self._ids)}", **fields}
-
-    async def _send(self, event: dict[str, Any]) -> bool:
-        """Send one client event, True if it went out; a sideband that is closing is not an error."""
-        if self.ws is None or self.ws.closed:  # (spelled out, so the type checker sees ws is set below)
-            self.log.debug("sideband closed, %s not sent", event["type"])
-            return False
-        try:
-            await self.ws.send_json(event)
-        except ConnectionError as exc:
-            self.log.debug("sideband closing, %s not sent (%s)", event["type"], one_line(exc))
-            return False
-        return True
+RECORD_WAIT = 0.2  # seconds the accept waits at most for its call to be recorded
+STORE_BATCH = 0.05  # seconds the store gathers writes for one transaction
 
 
 class StateStore:
-    """What must outlive the process, in SQLite: the live calls, the PIN lock, the call ids seen, the call history."""
+    """What outlives the process, in SQLite: live calls, the PIN lock, call ids seen, the history."""
 
-    # One thread owns the connection and writes what is queued, in order, every STORE_BATCH: the event loop never
-    # waits on the disk, and a slow SD card delays no webhook and no tool round. Only the accept waits for its call's
-    # record, RECORD_WAIT at most: a call accepted but unknown to a restart would be billed until OpenAI's cap. WAL
-    # lets a reader look while the service writes; synchronous=NORMAL: a commit without an fsync (crash-safe).
+    # One thread owns the connection and writes what is queued every STORE_BATCH: the event loop
+    # never waits on the disk. Only the accept waits for its call's record, RECORD_WAIT at most: a
+    # call accepted but unknown to a restart would be billed until OpenAI's cap. WAL lets --calls
+    # read beside the service.
     SCHEMA = f"""
         CREATE TABLE live_calls (call_id TEXT PRIMARY KEY, caller TEXT, agent TEXT NOT NULL,
                                  accepted_at REAL NOT NULL, pin_ok INTEGER NOT NULL, in_flight TEXT NOT NULL);
@@ -993,7 +1278,7 @@ class StateStore:
     HISTORY = """
         CREATE TABLE IF NOT EXISTS history (call_id TEXT PRIMARY KEY, started REAL NOT NULL, record TEXT NOT NULL);
         CREATE INDEX IF NOT EXISTS history_by_start ON history (started);
-    """  # schema 2: one row per call, its record as JSON (see Call.record), written as the call ends
+    """  # schema 2: a row per call, its record as JSON, written as the call ends
 
     def __init__(self, state_dir: str, history_days: float) -> None:
         self.path, self.history_days = Path(state_dir) / "voicebridge.db", history_days
@@ -1002,17 +1287,17 @@ class StateStore:
         self._failures: set[str] = set()  # causes of failed writes, each logged once
         self._queued: list[tuple[str, str, tuple[Any, ...]]] = []  # (call_id, sql, params), for the next batch
         self._pruning: asyncio.TimerHandle | None = None
-        self._lock = -1  # the file descriptor of STATE_DIR/voicebridge.lock, held for the life of the process
+        self._lock = -1  # STATE_DIR/voicebridge.lock's descriptor, held for the life of the process
 
     async def open(self) -> tuple[list[tuple[Any, ...]], PinLock, dict[str, None]]:
-        """Open or create the database; what the last run left: its live calls, the PIN lock, the call ids seen."""
+        """Open or create the database; what the last run left: live calls, the PIN lock, call ids seen."""
         return await asyncio.wrap_future(self._thread.submit(self._open))
 
     def _open(self) -> tuple[list[tuple[Any, ...]], PinLock, dict[str, None]]:
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._lock = os.open(self.path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
-            try:  # one voicebridge per STATE_DIR: a second one would resume, and hang up, the first one's calls
+            try:  # one voicebridge per STATE_DIR: a second would resume, and hang up, the first one's calls
                 fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise StartupError(f"STATE_DIR={self.path.parent} is in use by another voicebridge, which holds its "
@@ -1036,10 +1321,10 @@ class StateStore:
             failure = ConfigError if isinstance(exc, OSError) else StartupError  # rights are the owner's to fix
             raise failure(f"STATE_DIR={self.path.parent}: cannot create or write {self.path.name} ({exc}): "
                           "make the folder writable by the user voicebridge runs as, or set STATE_DIR") from None
-        return calls, PinLock(json.loads(lock[0]), lock[1], lock[2]) if lock else PinLock(), seen
+        return calls, PinLock(json.loads(lock[0]), *lock[1:]) if lock else PinLock(), seen
 
     def _write(self, batch: list[tuple[str, str, tuple[Any, ...]]]) -> None:
-        assert self._db is not None  # open() succeeded, or the service would not have started
+        assert self._db is not None
         call_id = ""
         try:
             with self._db:  # one transaction, one commit, for the whole batch
@@ -1052,13 +1337,13 @@ class StateStore:
                                        "of them", self.path, exc)
 
     def write(self, call_id: str, sql: str, *params: Any) -> None:
-        """Queue one statement: what is queued goes to the store's thread STORE_BATCH later, in one transaction."""
+        """Queue one statement for the store's thread, which gets the queue STORE_BATCH later."""
         self._queued.append((call_id, sql, params))
-        if len(self._queued) == 1:  # (waking the thread for each record would cost ~0.1 ms of CPU each)
+        if len(self._queued) == 1:  # (waking the thread for each would cost ~0.1 ms of CPU each)
             asyncio.get_running_loop().call_later(STORE_BATCH, lambda: self._queued and self.hand_over())
 
     def hand_over(self) -> Future[None]:
-        """Give the store's thread what is queued now; the future is done once it is written (or has failed)."""
+        """Give the store's thread what is queued; the future is done once written (or failed)."""
         batch, self._queued = self._queued, []
         return self._thread.submit(self._write, batch)
 
@@ -1102,543 +1387,120 @@ class StateStore:
         self._thread.shutdown()
 
 
-# --- One live call --------------------------------------------------------------------------------
-
-
-class Call:
-    """One live call: accepts it, owns its sideband and its tool tasks, under a MAX_CALL_SECONDS deadline."""
-
-    # Slots: each live call has one, and past 30 attributes an instance dict costs ~1.5 KiB more a call.
-    __slots__ = ("app", "config", "http", "id", "caller", "agent", "received", "resumed", "accepted_at", "log", "task",
-                 "sideband", "keypad", "tools", "in_flight", "playback_stopped", "playing", "quiet_since",
-                 "asked_if_there", "caller_speaking", "silence", "prompted", "accepted", "reconnects", "asking",
-                 "tool_calls", "timeline", "questions", "tokens", "transcript", "greeting_id", "end_reason")
-
-    def __init__(self, app: web.Application, call_id: str, caller: str | None, agent: str, received: float,
-                 accepted_at: float | None = None) -> None:
-        self.app = app
-        self.config = app[CONFIG]
-        self.http = app[HTTP]
-        self.id = call_id
-        self.caller = caller
-        self.agent = agent  # the OpenClaw agent that answers this caller
-        self.received = received  # loop time the webhook arrived
-        self.resumed = accepted_at is not None  # a call the previous run left live, picked up after a restart
-        self.accepted_at = time.time() if accepted_at is None else accepted_at  # wall clock, kept in the store
-        self.log = CallLog(call_id)
-        self.task: asyncio.Task[None] | None = None  # run(), set by whoever spawns it
-        self.sideband = Sideband(self.log)
-        self.keypad = Keypad(self.config.call_pin)
-        self.tools: set[asyncio.Task[None]] = set()
-        self.in_flight: tuple[str, ...] = ()  # call_ids of function calls whose output the server has not confirmed
-        self.playback_stopped = asyncio.Event()  # clear from output_audio_buffer.started to .stopped
-        self.playback_stopped.set()
-        self.playing: Any = None  # the response_id of the latest output_audio_buffer.started
-        self.quiet_since = received  # loop time since when neither the caller nor the assistant has been heard
-        self.asked_if_there = False  # IDLE_CHECK was sent, and the caller has given no sign since
-        self.caller_speaking = False  # from speech_started to the caller's next sign
-        self.silence: asyncio.TimerHandle | None = None  # when the silence is next looked at
-        self.prompted = self.resumed  # the model has spoken (so it has asked for the PIN, if one is needed)
-        self.accepted = self.resumed  # (or may be): a /hangup is owed, until hang_up() has sent it
-        self.reconnects: list[float] = []  # loop times of recent reconnects, for the budget
-        self.asking = False  # one OpenClaw question in flight per call
-        self.tool_calls = 0
-        # For the call history (StateStore.save_history): what happened, at seconds since the webhook.
-        # (As one string, "<seconds> <step>" per line: a live call's steps then cost ~1 byte a character.)
-        self.timeline = "" if self.resumed else "0.000 webhook arrived\n"
-        self.questions: tuple[dict[str, Any], ...] = ()  # each question put to OpenClaw: when, how long, the outcome
-        self.tokens = [0] * len(TOKEN_COUNTS)  # the sum of every response's usage
-        self.transcript: tuple[str, ...] = ()  # with LOG_TRANSCRIPTS only (tuples: an empty one costs nothing)
-        self.greeting_id: Any = ""  # the greeting's response_id, until its audio starts
-        # caller_hung_up | end_call | idle | max_duration | pin_failed | pin_locked | pin_timeout | shutdown
-        # | sideband_lost | error
-        self.end_reason = ""
-
-    async def run(self) -> None:
-        """The whole life of the call: accept (or, after a restart, resume), attach, handle events until it is over."""
-        accepting = False  # the accept is out: cut off now, it may still take effect
-        try:
-            async with timeout(self.config.max_call_seconds - max(0.0, time.time() - self.accepted_at)):
-                if self.resumed:  # a 404 now means the call ended while no process watched it
-                    if not self.end_reason:  # (past MAX_CALL_SECONDS: only hung up)
-                        await self._attach_and_listen(RECONNECT_DELAYS)
-                    return
-                self.app[STORE].save_call(self)
-                await self.app[STORE].written()  # so that a crash from now on finds it
-                accepting, accept = True, accept_payload(self.config)
-                self.mark("accept sent")
-                status, uncertain = await call_control(self.http, self.config, self.id, "accept", accept)
-                accepting = False
-                self.mark("accepted" if status == 200 else f"accept answered: HTTP {status}")
-                if status != 200 and not uncertain:
-                    self.end_reason = self.end_reason or ("caller_hung_up" if status == 404 else "error")
-                    return
-                self.accepted = True  # or may be: after a timeout the retry gets 404 or 409, yet OpenAI holds it
-                if self.end_reason:
-                    return  # ended while the accept was out (a PIN lock, a shutdown): hung up below, never greeted
-                if status == 200:
-                    waited = asyncio.get_running_loop().time() - self.received
-                    self.log.info("call accepted in %.0f ms", waited * 1000)
-                    return await self._attach_and_listen(SIDEBAND_RETRY_DELAYS)
-                self.log.warning("accept's outcome is unknown (HTTP %s after a failed try): trying the sideband once",
-                                 status)
-                await self._attach_and_listen(())
-        except asyncio.TimeoutError:
-            self.log.info("call reached MAX_CALL_SECONDS=%g", self.config.max_call_seconds)
-            await self.hang_up("max_duration")
-        except asyncio.CancelledError:
-            self.end_reason = self.end_reason or "shutdown"
-            raise
-        finally:
-            # Bookkeeping first: shutdown may cancel this task again while it awaits below.
-            self.app[CALLS].pop(self.id, None)
-            self.accepted = self.accepted or accepting
-            silent = self.keypad.waiting and self.prompted  # asked for the PIN, and it never came
-            if silent and self.end_reason not in ("shutdown", "sideband_lost", "pin_locked", ""):
-                self.log.warning("the call ended (%s) without the PIN: counts as a wrong PIN", self.end_reason)
-                self._wrong_pin()  # so silent callers cannot hold the lines without ever risking a strike
-            if self.silence is not None:
-                self.silence.cancel()
-            try:
-                if self.accepted:  # however it ended: one rule, and a 404 answer just means it was over already
-                    await self.hang_up(self.end_reason or "error")  # (no reason: a crash; spawn() logged it)
-            finally:
-                self.app[STORE].end_call(self.id)
-                record = self.record()
-                self.app[STORE].save_history(record)
-                answers = [question["seconds"] for question in self.questions if question["outcome"] == "answered"]
-                self.log.info(
-                    "call summary: caller=%s agent=%s duration=%.1fs tool_calls=%d openclaw_seconds=%s reason=%s",
-                    mask(self.caller), self.agent, record["seconds"], self.tool_calls,
-                    ",".join(f"{s:.1f}" for s in answers) or "-", record["end_reason"],
-                )
-                for task in self.tools:
-                    task.cancel()  # also closes an in-flight OpenClaw request, which stops the agent run
-                await asyncio.gather(*self.tools, return_exceptions=True)
-                await self.sideband.close()
-
-    def mark(self, text: str) -> float:
-        """Note a step of the call for its history's timeline; its time, in seconds since the webhook."""
-        at = asyncio.get_running_loop().time() - self.received
-        self.timeline += f"{at:.3f} {text}\n"
-        return at
-
-    def record(self) -> dict[str, Any]:
-        """The call's record in the history, as it ends."""
-        seconds, reason = asyncio.get_running_loop().time() - self.received, self.end_reason or "error"
-        steps = [(float(at), text) for at, _, text in (line.partition(" ") for line in self.timeline.splitlines())]
-        first = {text: at for at, text in reversed(steps)}  # the first time of each step
-        pin = "accepted" if self.keypad.ok else f"wrong {self.keypad.failures} time(s)" if self.keypad.failures else ""
-        for question in self.questions:  # one still with OpenClaw is cut off by the hangup
-            question.setdefault("seconds", round(seconds - question["at"], 2))
-            question["asked"] = utc_text(self.accepted_at + question["at"])
-        return history_record(
-            self.id, self.caller, self.agent, self.accepted_at, end=utc_text(time.time()), seconds=round(seconds, 1),
-            end_reason=reason, first_word=first.get("greeting audio started", first.get("greeting started")),
-            questions=list(self.questions), pin=(pin or "not typed") if self.config.call_pin else None,
-            reconnects=sum(text == "sideband reconnected" for _, text in steps), resumed=self.resumed,
-            tokens=dict(zip(TOKEN_COUNTS, self.tokens)), timeline=[*steps, (round(seconds, 3), f"ended: {reason}")],
-            transcript=list(self.transcript),
-        )
-
-    async def _attach_and_listen(self, delays: tuple[float, ...]) -> None:
-        """Open the sideband, greet, read events; after a drop or a clean close, see whether the call goes on."""
-        while True:
-            ws = await self._connect_sideband(delays)
-            if ws is None:
-                break
-            again = self.sideband.ws is not None
-            self.log.log(logging.WARNING if again else logging.INFO, "sideband %s",
-                         "reconnected: the call goes on" if again else "connected")
-            self.mark("sideband reconnected" if again else "sideband open")
-            await self.sideband.attach(ws, again=again or self.resumed)
-            if not again:
-                await self._begin()
-            msg = await ws.receive()
-            while msg.type not in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
-                if msg.type == WSMsgType.TEXT:
-                    await self._on_message(msg.data)
-                msg = await ws.receive()
-            self.sideband.response_active = True  # nothing can be sent until a reconnect: the filler and results wait
-            self.playback_stopped.set()  # (and its output_audio_buffer.stopped will never come)
-            code = None if ws.close_code is None else int(ws.close_code)  # 3.10 logs an IntEnum by name
-            reason = one_line(msg.extra, 200) if msg.type == WSMsgType.CLOSE and msg.extra else ""
-            self.log.info("sideband closed (code %s%s)", code, f", reason {reason!r}" if reason else "")
-            self.mark(f"sideband closed (code {code})")
-            if self.end_reason:
-                return  # we hung up, or are hanging up
-            if code in NORMAL_CLOSE and MAX_DURATION_CLOSE in reason.lower():
-                self.end_reason = "max_duration"
-                return
-            if code == 1008 or (code or 0) >= 4000:  # 1008, 4xxx (4000: beta_api_shape_disabled): retrying won't help
-                self.log.error("sideband closed with code %s: the server refuses this session, not reconnecting", code)
-                break
-            now = asyncio.get_running_loop().time()
-            self.reconnects = [at for at in self.reconnects if now - at < RECONNECT_WINDOW]
-            if len(self.reconnects) == len(RECONNECT_BACKOFF):
-                self.log.error("sideband dropped (code %s) after %d reconnects within %gs: giving up",
-                               code, len(self.reconnects), RECONNECT_WINDOW)
-                break
-            # A clean close may be a backend rotating while the call goes on: one handshake at once tells. A drop
-            # (usually the caller hanging up, which closes without a frame) gets the reconnect budget's backoff.
-            delays = () if code in NORMAL_CLOSE else RECONNECT_DELAYS  # a clean close: one look, at once
-            backoff = 0.0 if code in NORMAL_CLOSE else RECONNECT_BACKOFF[len(self.reconnects)]
-            self.reconnects.append(now)
-            self.log.info("sideband: checking whether the call goes on%s", f" in {backoff:g}s" * bool(backoff))
-            await asyncio.sleep(backoff)
-        # Giving up on a call that may be live: never leave a caller with a model that can't reach OpenClaw.
-        self.end_reason = self.end_reason or "sideband_lost"
-
-    async def _begin(self) -> None:
-        """Right after the first attach: greet a new caller; tell the model of questions a restart cut short."""
-        self.quiet_since = asyncio.get_running_loop().time()  # (after a restart, the time down is not silence)
-        if self.resumed:
-            self.log.info("resumed after a restart")
-            for call_id in self.in_flight:
-                await self.sideband.queue({"type": "function_call_output", "call_id": call_id, "output": RESTARTED})
-        else:
-            greeting = {"instructions": self.config.greeting or GREETING, "metadata": GREETING_TAG}
-            await self.sideband.request_response(greeting)
-        if self.keypad.waiting and self.app[PIN_LOCK].locked:  # (resumed while the line is locked)
-            self._start(self.hang_up_after_goodbye("pin_locked", goodbye=PIN_LOCKED_GOODBYE))
-        elif self.keypad.waiting:
-            self._start(self._pin_deadline())
-        if self.config.idle_seconds:
-            self._check_silence()
-
-    async def _connect_sideband(self, delays: tuple[float, ...]) -> aiohttp.ClientWebSocketResponse | None:
-        """Open ?call_id= (Bearer only, no OpenAI-Beta), retrying after `delays`."""
-        race = self.sideband.ws is None and not self.resumed  # right after the accept, a 404 may be a race
-        url = sideband_url(self.config, self.id)
-        headers = {"Authorization": f"Bearer {self.config.openai_api_key}"}
-        for delay in (*delays, None):
-            try:
-                async with timeout(HANDSHAKE_TIMEOUT):
-                    return await self.http.ws_connect(
-                        url, headers=headers, heartbeat=SIDEBAND_HEARTBEAT, timeout=aiohttp.ClientWSTimeout(ws_close=5)
-                    )
-            except aiohttp.WSServerHandshakeError as exc:
-                why = f"HTTP {exc.status}"  # judged by the status alone: a real 404 can come with an empty body
-                if exc.status in (404, 410) and not race:  # the call is over
-                    self.log.info("sideband refused (%s): the call is over", why)
-                    self.end_reason = self.end_reason or "caller_hung_up"
-                    return None
-                if 400 <= exc.status < 500 and exc.status not in (404, 429):
-                    self.log.error("sideband refused (%s)%s", why, " (check OPENAI_API_KEY)" * (exc.status == 401))
-                    return None
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                why = one_line(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
-            if delay is None or self.end_reason:
-                self.log.error("sideband unavailable, giving up: %s", why)
-                return None
-            self.log.debug("sideband not ready (%s), retrying in %.2fs", why, delay)
-            await asyncio.sleep(delay)
-        return None  # not reached
-
-    # Events from the model, in the order a tool round produces them.
-
-    async def _on_message(self, data: str) -> None:
-        """Dispatch one sideband event; anything malformed is logged and skipped."""
-        try:
-            event = json.loads(data)
-        except (ValueError, RecursionError):  # (RecursionError: JSON nested too deep)
-            self.log.warning("sideband sent non-JSON text, ignored")
-            return
-        if not isinstance(event, dict):
-            return
-        kind = event.get("type")
-        unasked = await self.sideband.on_event(kind, event)
-        item: dict[str, Any] = event["item"] if isinstance(event.get("item"), dict) else {}
-        response: dict[str, Any] = event["response"] if isinstance(event.get("response"), dict) else {}
-        if unasked or kind in CALLER_SIGNS or (kind == "conversation.item.added" and item.get("role") == "user"):
-            self.quiet_since, self.asked_if_there = asyncio.get_running_loop().time(), False
-            self.caller_speaking = kind == "input_audio_buffer.speech_started"  # holds the clock until it stops
-        elif kind in ("response.done", "output_audio_buffer.stopped", "output_audio_buffer.cleared"):
-            self.quiet_since = asyncio.get_running_loop().time()  # the assistant's turn ends: the silence clock starts
-        if kind == "response.done":
-            self.prompted = True
-            add_usage(self.tokens, response.get("usage"))
-            await self._on_response_done(response)
-        elif kind == "response.created" and response.get("metadata") == GREETING_TAG:
-            self.greeting_id = response.get("id")
-            self.mark("greeting started")
-        elif kind == "conversation.item.added" and item.get("call_id") in self.in_flight:
-            self.in_flight = tuple(i for i in self.in_flight if i != item["call_id"])  # delivered: not to mention
-            self.app[STORE].save_call(self)
-        elif kind == "output_audio_buffer.started":
-            self.playing = event.get("response_id")
-            self.playback_stopped.clear()
-            if self.greeting_id and self.playing == self.greeting_id:  # time to first word: what the caller waited
-                self.greeting_id = ""
-                self.mark("greeting audio started")
-        elif kind == "output_audio_buffer.cleared" or (  # .cleared: the caller barged in
-            kind == "output_audio_buffer.stopped" and event.get("response_id") in (None, self.playing)
-        ):  # (an earlier response's audio ending while a later one's plays is not silence)
-            self.playback_stopped.set()
-        elif kind == "response.function_call_arguments.done":
-            self.log.info("function call received: %s", one_line(event.get("name")))
-        elif kind in SPEAKERS and self.config.log_transcripts:  # (the assistant's is sent in any case)
-            self.transcript += (f"{SPEAKERS[kind]} said: {one_line(event.get('transcript'))}",)
-            self.log.info("%s", self.transcript[-1])
-        elif kind == "conversation.item.input_audio_transcription.failed":  # a mumble, not a fault of ours
-            self.log.debug("transcription failed: %s", one_line(json.dumps(event.get("error"))))
-        elif kind == "input_audio_buffer.dtmf_event_received":
-            await self._on_keypad(event.get("event"))
-
-    async def _on_response_done(self, response: dict[str, Any]) -> None:
-        """Run the function calls of a completed response (the sideband has already sent anything that waited)."""
-        status = response.get("status")
-        if status in ("failed", "incomplete"):  # otherwise the caller just hears silence, and we would never know
-            self.log.warning("response %s: %s", status, json.dumps(response.get("status_details"))[:500])
-        output = response.get("output")
-        calls = [item for item in (output if isinstance(output, list) else [])
-                 if isinstance(item, dict) and item.get("type") == "function_call"]
-        if status == "completed" and calls:
-            self._start(self._run_calls(calls))
-        elif calls:  # the caller interrupted: the model never finished asking, so nothing is run
-            names = one_line(", ".join(str(item.get("name")) for item in calls))
-            self.log.info("function call %s not run: its response was %s", names, one_line(status))
-
-    async def _on_keypad(self, key: Any) -> None:
-        """Turn what the keypad says into a note for the model, the process-wide PIN lock, or the goodbye."""
-        if self.app[PIN_LOCK].locked:
-            return  # while the line is locked no PIN is checked, on any call (this one is being hung up)
-        outcome = self.keypad.press(key, asyncio.get_running_loop().time())
-        if outcome:
-            self.mark("PIN accepted" if outcome == "accepted" else f"wrong PIN ({self.keypad.failures} of {PIN_TRIES})")
-        if outcome == "accepted":
-            self.log.info("PIN accepted")
-            self.app[STORE].save_call(self)  # so a restart does not ask again
-            await self._tell_model(PIN_ACCEPTED)
-        elif outcome:
-            self.log.warning("wrong PIN (%d of %d)", self.keypad.failures, PIN_TRIES)
-            self._wrong_pin()
-            if outcome == "out of tries":
-                self._start(self.hang_up_after_goodbye("pin_failed", goodbye=PIN_GOODBYE))
-            else:
-                await self._tell_model(PIN_WRONG)
-
-    def _wrong_pin(self) -> None:
-        """Count a wrong PIN across calls; if that locks the line, hang up every call still waiting for its PIN."""
-        lock = self.app[PIN_LOCK]
-        if lock.locked:
-            return  # already locked: nothing to count toward
-        locked = lock.wrong_pin(time.time())
-        self.app[STORE].save_lock(self.id, lock)
-        if not locked:
-            return
-        self.log.error("%d wrong PINs within %gs, across calls: new calls are turned away until %s",
-                       PIN_LOCK_AFTER, PIN_LOCK_WINDOW, utc_text(lock.until))
-        for call in self.app[CALLS].values():
-            if call.keypad.waiting and not call.end_reason:
-                call._start(call.hang_up_after_goodbye("pin_locked", goodbye=PIN_LOCKED_GOODBYE))
-
-    async def _pin_deadline(self) -> None:
-        """Hang up on a caller who has not typed the right PIN within PIN_TIMEOUT: a silent call is billed too."""
-        await asyncio.sleep(self.config.pin_timeout)
-        if self.keypad.waiting:
-            self.log.warning("no right PIN within PIN_TIMEOUT=%gs: hanging up", self.config.pin_timeout)
-            await self.hang_up_after_goodbye("pin_timeout", goodbye=PIN_TIMEOUT_GOODBYE)
-
-    async def _tell_model(self, text: str) -> None:
-        """Add a system note to the conversation and let the model respond to it."""
-        note = {"type": "message", "role": "system", "content": [{"type": "input_text", "text": text}]}
-        await self.sideband.queue(note)
-
-    # Tools.
-
-    def _start(self, coro: Any) -> None:
-        """Run tools in their own task, so the loop keeps reading events; the call cancels them at its end."""
-        spawn(self.tools, self.id, coro, crashed=lambda: self._start(self.hang_up("error")))
-
-    async def _run_calls(self, items: list[dict[str, Any]]) -> None:
-        """Run the function calls of one response one after the other, in the order the model made them."""
-        asked = [item["call_id"] for item in items if item.get("name") != "end_call" and item.get("call_id")]
-        self.in_flight += tuple(call_id for call_id in asked if isinstance(call_id, str))
-        self.app[STORE].save_call(self)  # queued first: a restart tells the model of each, and never runs one again
-        for item in items:
-            if item.get("name") == "end_call":
-                self.log.info("end_call: hanging up after the goodbye")
-                await self.hang_up_after_goodbye("end_call")
-            elif not isinstance(item.get("call_id"), str) or not item["call_id"]:
-                self.log.warning("function call %s has no call_id, ignored", one_line(item.get("name")))
-            else:
-                self.tool_calls += 1
-                output = await self._tool_output(item.get("name"), item.get("arguments"))
-                await self.sideband.queue({"type": "function_call_output", "call_id": item["call_id"],
-                                           "output": output})
-
-    async def _tool_output(self, name: Any, arguments: Any) -> str:
-        """The output string for one function call; errors become outputs the model can act on."""
-        if name != "ask_openclaw":
-            self.log.warning("unknown tool %s called", one_line(repr(name), 100))
-            return f"Error: there is no tool named {one_line(repr(name), 100)}. Use ask_openclaw or end_call."
-        if not self.keypad.ok:
-            self.log.info("ask_openclaw before the PIN was entered: not sent")
-            return PIN_NEEDED
-        if self.end_reason:
-            self.log.info("ask_openclaw while the call is ending: not sent")
-            return "Not sent: the call is ending."
-        try:  # a JSON object in a string of a sane size
-            request = json.loads(arguments).get("request") if len(arguments) <= MAX_REQUEST_CHARS + 100 else None
-        except (ValueError, AttributeError, TypeError, RecursionError):
-            request = None
-        if not isinstance(request, str) or not request.strip():
-            self.log.warning('ask_openclaw arguments missing, invalid or too long, not sent: need {"request": "..."}')
-            return 'Error: call ask_openclaw with JSON arguments {"request": "<the question in one or two sentences>"}.'
-        if self.asking:
-            self.log.info("ask_openclaw while the previous question is still running: not sent")
-            return "The previous question is still being worked on. Wait for that answer before asking again."
-        self.asking = True
-        filler = asyncio.create_task(self._filler())
-        at = round(self.mark(f"question {len(self.questions) + 1} sent to OpenClaw"), 3)
-        question: dict[str, Any] = {"at": at, "outcome": "cancelled by the hangup"}  # unless it ends otherwise
-        self.questions += (question,)
-        try:
-            answer = await ask_openclaw(self.http, self.config, request.strip(), agent=self.agent,
-                                        user=openclaw_user(self.caller, self.id), system=openclaw_system(self.caller))
-            question["outcome"] = "answered"
-        except OpenClawError as exc:
-            self.log.warning("OpenClaw failed: %s", exc)
-            question.update(outcome="too slow" if exc.say == SAY_TOO_SLOW else "failed", why=str(exc))
-            return exc.say
-        finally:
-            now = asyncio.get_running_loop().time()
-            self.asking, self.quiet_since = False, now
-            question["seconds"] = round(now - self.received - question["at"], 2)
-            why = f": {question['why']}" if "why" in question else ""
-            self.mark(f"question {len(self.questions)} {question['outcome']} after {question['seconds']:.1f}s{why}")
-            filler.cancel()
-        self.log.info("OpenClaw answered in %.1fs", question["seconds"])
-        return answer
-
-    async def _filler(self) -> None:
-        """While OpenClaw is slow, have the model tell the caller it is still checking, now and then."""
-        await asyncio.sleep(FILLER_AFTER)
-        while True:
-            await self.sideband.wait_idle()  # never over the model's own speech
-            if self.end_reason:
-                return  # a goodbye is under way
-            self.log.info("OpenClaw is slow: asking the model to say it is still checking")
-            await self.sideband.request_response({"instructions": FILLER_INSTRUCTIONS, "tool_choice": "none"})
-            await asyncio.sleep(FILLER_EVERY)
-
-    # Hanging up.
-
-    def _check_silence(self) -> None:
-        """After IDLE_SECONDS with no sign of the caller, ask if anyone is there; after as long again, hang up."""
-        # A timer, not a task: there is one per live call, and a sleeping task costs ~1.5 KiB more.
-        now = asyncio.get_running_loop().time()
-        if self.end_reason:
-            return
-        if now >= self.quiet_since + self.config.idle_seconds:
-            busy = self.sideband.response_active or self.asking or not self.playback_stopped.is_set()
-            if busy or self.caller_speaking:
-                self.quiet_since = now  # someone is talking, or OpenClaw working: the clock waits for them
-            elif not self.asked_if_there:
-                self.log.info("no sign of the caller for %gs: asking whether anyone is there", self.config.idle_seconds)
-                self.quiet_since, self.asked_if_there = now, True
-                check = {"instructions": IDLE_CHECK, "tool_choice": "none", "metadata": IDLE_TAG}
-                self._start(self.sideband.request_response(check))
-            else:
-                self.log.info("still no sign of the caller: hanging up")
-                return self._start(self.hang_up_after_goodbye("idle", goodbye=IDLE_GOODBYE))
-        self.silence = asyncio.get_running_loop().call_at(self.quiet_since + self.config.idle_seconds,
-                                                          self._check_silence)
-
-    async def hang_up_after_goodbye(self, reason: str, goodbye: str = "") -> None:
-        """Let what is being said play out (bounded), then hang up; with `goodbye`, ask the model for it first."""
-        self.end_reason = self.end_reason or reason  # from now on no filler and no "anyone there?"
-        try:
-            async with timeout(GOODBYE_TIMEOUT):
-                if self.sideband.ws is not None and not self.sideband.ws.closed:  # something to say it on
-                    # Owed like a refused request: it goes out now, or after the active response's response.done,
-                    # ahead of any results still waiting. Then wait until it, and anything before it (the answer
-                    # to a question asked in the same breath as end_call), is done.
-                    if goodbye:
-                        self.playback_stopped.clear()
-                        await self.sideband.owe({"instructions": goodbye, "tool_choice": "none",
-                                                 "metadata": GOODBYE_TAG})
-                    await self.sideband.wait_idle(settled=True)
-                await self.playback_stopped.wait()
-        except asyncio.TimeoutError:
-            self.log.info("goodbye still playing after %.0fs, hanging up anyway", GOODBYE_TIMEOUT)
-        await self.hang_up(reason)
-
-    async def hang_up(self, reason: str) -> None:
-        """End the call via REST (retried for a while: an open call is billed); the sideband closes, run() cleans up."""
-        self.end_reason = self.end_reason or reason
-        if not self.accepted:  # hung up already, or the accept is still out (run() hangs up once it has answered)
-            return
-        self.accepted = False
-        await call_control(self.http, self.config, self.id, "hangup", delays=HANGUP_RETRY_DELAYS)
-        await self.sideband.close()
-
-
-# --- HTTP handlers ---------------------------------------------------------------------------------
-
-
-async def webhook(request: web.Request) -> web.Response:
-    """OpenAI's webhook: verify, deduplicate by call_id, then accept or reject the call in the background."""
-    app, received = request.app, asyncio.get_running_loop().time()
-    try:  # over MAX_WEBHOOK_BYTES (client_max_size): 413 as soon as the limit is passed
-        async with timeout(BODY_TIMEOUT):
-            body = await request.read()
-    except asyncio.TimeoutError:
-        app[REJECTED].warning(f"webhook rejected: the body did not arrive within {BODY_TIMEOUT:g}s")
-        return web.Response(status=408, text=f"the body did not arrive within {BODY_TIMEOUT:g}s\n")
-    except ConnectionError:  # the client went away mid-body: routine
-        log.debug("webhook client disconnected before its body arrived")
-        return web.Response(status=400)
-    try:
-        verify_signature(app[CONFIG].webhook_key, request.headers, body)
-        event = json.loads(body)
-        call_id = event["data"]["call_id"] if event.get("type") == "realtime.call.incoming" else None
-    except SignatureError as exc:
-        app[REJECTED].warning(f"webhook rejected: {exc}")
-        return web.Response(status=400, text=f"invalid webhook signature: {exc}\n")
-    except (ValueError, AttributeError, KeyError, TypeError, RecursionError):  # (RecursionError: JSON nested too deep)
-        app[REJECTED].warning("webhook rejected: signed, but not a JSON event with data.call_id")
-        return web.Response(status=400, text="body is not a realtime.call.incoming event\n")
-
-    if call_id is None:
-        log.info("webhook verified: %s, ignored", one_line(event.get("type")))
-        return web.Response(text="ignored\n")
-    if not isinstance(call_id, str) or not CALL_ID.fullmatch(call_id):
-        log.warning("webhook verified, but its call_id is malformed, ignored")
-        return web.Response(text="ignored\n")
-    if not first_time(app[SEEN_CALLS], call_id):  # a retried delivery, or a replay: each call is owned once
-        log.info("[%s] call already handled, duplicate delivery ignored", call_id)
-        return web.Response(text="duplicate\n")
-    app[STORE].seen(call_id)
-
-    config, user = app[CONFIG], from_user(event["data"].get("sip_headers"))
-    caller, who = normalise_number(user), describe_caller(user)
-    agent = agent_for(config, caller)
-    if app[DRAINING].is_set():
-        away, why, status = "shutting down", "shutting down", 486
-    elif agent is None:
-        away, why, status = "not listed", "caller not in ALLOWED_CALLERS", 603
-    elif config.call_pin and app[PIN_LOCK].locked:  # turned away before any billed session starts
-        away, why = "PIN lock", f"too many wrong PINs, the line is locked until {utc_text(app[PIN_LOCK].until)}"
-        status = 603
-    elif config.max_concurrent_calls and len(app[CALLS]) >= config.max_concurrent_calls:
-        away, why = "busy", f"MAX_CONCURRENT_CALLS={config.max_concurrent_calls} calls are already live"
-        status = 486
-    else:
-        log.info("[%s] webhook verified, caller %s allowed, agent %s", call_id, who, agent)
-        call = app[CALLS][call_id] = Call(app, call_id, caller, agent, received)
+async def resume_calls(app: web.Application) -> None:
+    """Pick up the calls a crashed run left: hang up those past MAX_CALL_SECONDS, attach the rest."""
+    if app[LEFT_CALLS]:
+        log.info("resuming %d call(s) left by the previous run", len(app[LEFT_CALLS]))
+    for call_id, caller, agent, accepted_at, pin_ok, in_flight in app[LEFT_CALLS]:
+        age = time.time() - accepted_at
+        call = app[CALLS][call_id] = Call(app, call_id, caller, agent, time.monotonic() - max(0.0, age), accepted_at)
+        call.keypad.ok, call.in_flight = bool(pin_ok) or call.keypad.ok, tuple(json.loads(in_flight))
+        if age >= app[CONFIG].max_call_seconds:
+            call.log.info("left by the previous run %.0fs after its accept: past MAX_CALL_SECONDS, hanging up", age)
+            call.end_reason = "max_duration"  # run() then only hangs up and cleans up
         call.task = spawn(app[TASKS], call_id, call.run())
-        return web.Response(text="ok\n")
-    log.warning("[%s] rejecting the call from %s with SIP %d: %s", call_id, who, status, why)
-    app[STORE].save_history(history_record(call_id, caller, agent, time.time(), turned_away=away,
-                                           timeline=[(0.0, f"turned away with SIP {status}: {why}")]))
-    spawn(app[TASKS], call_id, call_control(app[HTTP], config, call_id, "reject", {"status_code": status}))
-    return web.Response(text="ok\n")
+
+
+# --- The log: a line per event, the call id first, nothing secret, outside text escaped ---
+
+
+class CallLog(logging.LoggerAdapter):
+    """The module's logger, with the call id in front of every line."""
+
+    def __init__(self, call_id: str) -> None:
+        super().__init__(log)
+        self.call_id = call_id
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"[{self.call_id}] {msg}", kwargs
+
+
+def one_line(text: Any, limit: int = MAX_TRANSCRIPT_CHARS) -> str:
+    """Text for one log line: control characters escaped (no text can forge a line), cut short."""
+    text = re.sub(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", lambda char: repr(char.group())[1:-1], str(text))
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def safe_url(url: str) -> str:
+    """The URL without the user:password@ it may carry."""
+    return re.sub(r"^([^:/?#]+://)[^/?#]*@", r"\1", url)
+
+
+def exc_text(exc: BaseException) -> str:
+    """An exception as one log line: its type, then its text if it has one."""
+    return one_line(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+
+
+class JournalFormat(logging.Formatter):
+    """Each line led by its priority (<3>: ERROR) as the journal reads it; the journal adds the time."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.CRITICAL: 2}.get(record.levelno, 3)
+        return "\n".join(f"<{priority}>{line}" for line in super().format(record).splitlines())
+
+
+def stderr_is_journal() -> bool:
+    """Whether stderr is the journal: systemd then sets JOURNAL_STREAM to its device and inode."""
+    try:
+        stream = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):  # (no file behind stderr)
+        return False
+    return os.environ.get("JOURNAL_STREAM") == f"{stream.st_dev}:{stream.st_ino}"
+
+
+@dataclass
+class Throttled:
+    """A WARNING outsiders can cause at will: one line a second, the next counting those held back."""
+
+    last: float = float("-inf")  # time.monotonic() of the last line logged
+    held: int = 0
+
+    def warning(self, text: str) -> None:
+        """Log text, or count it if the last line went out less than a second ago."""
+        now = time.monotonic()
+        if now - self.last < 1.0:
+            self.held += 1
+            return
+        log.warning("%s%s", text, f" (and {self.held} more since the last line)" if self.held else "")
+        self.last, self.held = now, 0
+
+
+# --- The app: its state, its life, and its shutdown ---
+
+# (The types are annotations: their classes come further down, and these lines run at import.)
+CONFIG: web.AppKey[Config] = web.AppKey("config")
+HTTP: web.AppKey[aiohttp.ClientSession] = web.AppKey("http")
+CALLS: web.AppKey[dict[str, Call]] = web.AppKey("calls")
+TASKS: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("tasks")
+SEEN_CALLS: web.AppKey[dict[str, None]] = web.AppKey("seen_calls")
+STORE: web.AppKey[StateStore] = web.AppKey("store")
+LEFT_CALLS: web.AppKey[list[tuple[Any, ...]]] = web.AppKey("left_calls")  # the store's live calls from the last run
+DRAINING: web.AppKey[asyncio.Event] = web.AppKey("draining")
+PIN_LOCK: web.AppKey[PinLock] = web.AppKey("pin_lock")
+REJECTED: web.AppKey[Throttled] = web.AppKey("rejected")  # the "webhook rejected" line: anyone can cause it
+SHUTDOWN_AFTER_GRACE = 20.0  # after SHUTDOWN_GRACE: the goodbye (10 s), the hangups; systemd waits 60 s in all
+
+
+def spawn(
+    tasks: set[asyncio.Task[Any]], name: str, coro: Any, crashed: Callable[[], Any] = lambda: None
+) -> asyncio.Task[Any]:
+    """Run work in the background, kept in `tasks` to be cancelled; a crash is logged, then `crashed()`."""
+    task = asyncio.create_task(coro, name=name)
+    tasks.add(task)
+    task.add_done_callback(functools.partial(forget, tasks, crashed))
+    return task
+
+
+def forget(tasks: set[asyncio.Task[Any]], crashed: Callable[[], Any], task: asyncio.Task[Any]) -> None:
+    """Drop a finished task; log an unexpected error's traceback (the task's name is the call id)."""
+    tasks.discard(task)
+    if not task.cancelled() and task.exception():  # (asking marks the error seen, so it is logged once)
+        CallLog(task.get_name()).error("unexpected error", exc_info=task.exception())
+        crashed()
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """Liveness, calls in progress and their cap, and the PIN lock; 503 while shutting down."""
+    """Liveness, live calls and their cap, the PIN lock; 503 while shutting down."""
     app, draining = request.app, request.app[DRAINING].is_set()
     locked = app[CONFIG].call_pin and app[PIN_LOCK].locked
     return web.json_response(
@@ -1649,69 +1511,22 @@ async def healthz(request: web.Request) -> web.Response:
     )
 
 
-# --- The application -------------------------------------------------------------------------------
-
-CONFIG = web.AppKey("config", Config)
-HTTP = web.AppKey("http", aiohttp.ClientSession)
-CALLS = web.AppKey("calls", dict[str, Call])
-TASKS = web.AppKey("tasks", set[asyncio.Task[Any]])
-SEEN_CALLS = web.AppKey("seen_calls", dict[str, None])  # recent call_ids, for deduplication
-STORE = web.AppKey("store", StateStore)
-LEFT_CALLS = web.AppKey("left_calls", list[tuple[Any, ...]])  # the store's live calls from the previous run
-DRAINING = web.AppKey("draining", asyncio.Event)
-PIN_LOCK = web.AppKey("pin_lock", PinLock)
-REJECTED = web.AppKey("rejected", Throttled)  # the "webhook rejected" line: anyone can send requests
-
-
 async def http_session(app: web.Application) -> AsyncIterator[None]:
     """One client session for OpenAI and OpenClaw, for the life of the app."""
-    # limit=0: every live call holds a sideband connection; the default pool of 100 would stall call 101.
+    # limit=0: every live call holds a sideband connection; the default pool of 100 would stall call
+    # 101
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         app[HTTP] = session
         yield
 
 
 async def state_store(app: web.Application) -> AsyncIterator[None]:
-    """The state store for the life of the app: what the last run left is loaded first, and every write lands."""
+    """The state store for the life of the app: what the last run left is loaded first."""
     app[STORE] = StateStore(app[CONFIG].state_dir, app[CONFIG].history_days)
     app[LEFT_CALLS], app[PIN_LOCK], app[SEEN_CALLS] = await app[STORE].open()
     app[STORE].prune()
     yield
     await app[STORE].close()
-
-
-async def resume_calls(app: web.Application) -> None:
-    """Pick up the calls a crashed run left live: hang up those past MAX_CALL_SECONDS, attach the others again."""
-    if app[LEFT_CALLS]:
-        log.info("resuming %d call(s) left by the previous run", len(app[LEFT_CALLS]))
-    for call_id, caller, agent, accepted_at, pin_ok, in_flight in app[LEFT_CALLS]:
-        age, now = time.time() - accepted_at, asyncio.get_running_loop().time()
-        call = app[CALLS][call_id] = Call(app, call_id, caller, agent, now - max(0.0, age), accepted_at)
-        call.keypad.ok, call.in_flight = bool(pin_ok) or call.keypad.ok, tuple(json.loads(in_flight))
-        if age >= app[CONFIG].max_call_seconds:
-            call.log.info("left by the previous run %.0fs after its accept: past MAX_CALL_SECONDS, hanging up", age)
-            call.end_reason = "max_duration"  # run() then only hangs up and cleans up
-        call.task = spawn(app[TASKS], call_id, call.run())
-
-
-async def drain(app: web.Application, grace: float) -> None:
-    """Refuse new calls, let live ones go on for `grace` seconds, then say goodbye and hang up the rest."""
-    app[DRAINING].set()
-    try:
-        async with timeout(grace + SHUTDOWN_AFTER_GRACE):  # one deadline, so systemd never SIGKILLs us mid-hangup
-            if app[CALLS] and grace > 0:
-                log.info("shutting down: %d live call(s) may go on for up to %gs", len(app[CALLS]), grace)
-                await asyncio.wait({call.task for call in app[CALLS].values() if call.task}, timeout=grace)
-            calls = list(app[CALLS].values())
-            if calls:
-                log.info("shutting down: hanging up %d call(s)", len(calls))
-                goodbyes = (call.hang_up_after_goodbye("shutdown", goodbye=SHUTDOWN_GOODBYE) for call in calls)
-                await asyncio.gather(*goodbyes)
-    except asyncio.TimeoutError:
-        log.error("shutting down: %d call(s) not hung up in time; OpenAI ends them within 60 minutes", len(app[CALLS]))
-    for task in app[TASKS]:
-        task.cancel()
-    await asyncio.gather(*app[TASKS], return_exceptions=True)
 
 
 def make_app(config: Config) -> web.Application:
@@ -1732,7 +1547,7 @@ def make_app(config: Config) -> web.Application:
 
 async def serve(config: Config) -> None:
     """Serve until SIGTERM or Ctrl-C, then drain while still answering webhooks, then stop."""
-    # aiohttp would wait 60 s for requests in flight; ours are done within BODY_TIMEOUT (a body is all they wait for)
+    # aiohttp would wait 60 s for requests in flight; ours are done within BODY_TIMEOUT
     runner = web.AppRunner(make_app(config), handle_signals=False, shutdown_timeout=BODY_TIMEOUT)
     stop = asyncio.Event()  # (first: a SIGTERM the moment the banner is out must drain, not kill)
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -1748,8 +1563,8 @@ async def serve(config: Config) -> None:
             f"cannot listen on {config.host}:{config.port} ({why}): " + ("stop the program that has this port "
             "(another voicebridge?), or set PORT to a free one" if taken else "check HOST and PORT")) from None
     log_banner(config)  # only now: the port is open, the state store loaded
-    # Move the ~35k objects from imports out of the collector's way: full collections then take a few ms
-    # instead of ~80 ms, which otherwise shows up as a stall in tool results with many live calls.
+    # The ~35k objects from imports out of the collector's way: a full collection takes ms, not ~80
+    # ms.
     gc.freeze()
     await stop.wait()
     log.info("shutdown requested: new calls are now refused")
@@ -1758,11 +1573,217 @@ async def serve(config: Config) -> None:
     log.info("stopped")
 
 
-# --- The command line ------------------------------------------------------------------------------
+async def drain(app: web.Application, grace: float) -> None:
+    """Refuse new calls, let live ones go on for `grace` seconds, then say goodbye and hang up."""
+    app[DRAINING].set()
+    try:
+        async with timeout(grace + SHUTDOWN_AFTER_GRACE):  # one deadline, so systemd never SIGKILLs us mid-hangup
+            if app[CALLS] and grace > 0:
+                log.info("shutting down: %d live call(s) may go on for up to %gs", len(app[CALLS]), grace)
+                await asyncio.wait({call.task for call in app[CALLS].values() if call.task}, timeout=grace)
+            calls = list(app[CALLS].values())
+            if calls:
+                log.info("shutting down: hanging up %d call(s)", len(calls))
+                goodbyes = (call.hang_up_after_goodbye("shutdown", goodbye=SHUTDOWN_GOODBYE) for call in calls)
+                await asyncio.gather(*goodbyes)
+    except asyncio.TimeoutError:
+        log.error("shutting down: %d call(s) not hung up in time; OpenAI ends them in 60 minutes", len(app[CALLS]))
+    for task in app[TASKS]:
+        task.cancel()
+    await asyncio.gather(*app[TASKS], return_exceptions=True)
 
 
-def config_warnings(config: Config, today: date) -> Iterator[tuple[int, str]]:
-    """What the banner and --check warn about: (WARNING, text), or (ERROR, text) for what makes calls fail."""
+# --- The settings: read once at start, every problem named with its fix ---
+
+EX_CONFIG = 78  # a configuration error's exit status (sysexits.h); the unit's RestartPreventExitStatus=
+
+
+class StartupError(Exception):
+    """The service cannot start for a reason outside its settings (a port taken): exit status 1."""
+
+
+class ConfigError(Exception):
+    """Settings missing or malformed: a message per problem, each saying which and how to fix it."""
+
+    def __str__(self) -> str:
+        return "\n".join(map(str, self.args))
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting, parsed and checked (each is explained in .env.example)."""
+
+    openai_api_key: str
+    webhook_key: bytes  # OPENAI_WEBHOOK_SECRET, base64-decoded
+    openai_base_url: str = "https://api.openai.com/v1"
+    openclaw_url: str = "http://127.0.0.1:18789"
+    openclaw_token: str = ""
+    openclaw_agent: str = "main"
+    openclaw_timeout: float = 30.0
+    allowed_callers: dict[str, str] = field(default_factory=dict)  # E.164 number or "*" -> OpenClaw agent id
+    host: str = "127.0.0.1"
+    port: int = 8080
+    model: str = "gpt-realtime-2.1"
+    voice: str = "marin"
+    instructions: str = ""  # empty: INSTRUCTIONS
+    greeting: str = ""  # empty: GREETING
+    max_call_seconds: float = 900.0
+    shutdown_grace: float = 30.0
+    call_pin: str = ""  # empty: none
+    pin_timeout: float = 60.0
+    max_concurrent_calls: int = 3  # 0: no limit
+    idle_seconds: float = 30.0  # 0: off
+    state_dir: str = "state"  # parse() resolves it: systemd's $STATE_DIRECTORY, or ./state beside this file
+    history_days: float = 30.0  # 0: no call history
+    log_transcripts: bool = False
+    log_level: str = "INFO"
+
+    @classmethod
+    def parse(cls, env: Mapping[str, str], need_openai: bool = True) -> tuple[Config, list[str]]:
+        """The config (a default where a setting is wrong), and every problem, all in one run."""
+        problems: list[str] = []
+
+        def get(name: str, default: str = "") -> str:
+            return env.get(name, "").strip() or default
+
+        def number(name: str, default: float, minimum: float, maximum: float = 1e9) -> float:
+            raw = get(name, str(default))
+            try:
+                value = float(raw)
+            except ValueError:
+                problems.append(f"{name}={raw!r} is not a number")
+                return default
+            if not minimum <= value <= maximum:  # also refuses nan and inf
+                problems.append(f"{name}={raw!r} must be a number between {minimum:g} and {maximum:,.0f}")
+                return default
+            return value
+
+        key = get("OPENAI_API_KEY")
+        if need_openai and key in ("", "sk-..."):  # (sk-...: the line as .env.example has it)
+            problems.append(f"OPENAI_API_KEY {'is still the placeholder from .env.example' if key else 'is not set'}: "
+                            "put your OpenAI API key in the settings file")
+            key = ""
+        webhook_key, problem = parse_webhook_secret(get("OPENAI_WEBHOOK_SECRET")) if need_openai else (b"", "")
+        if problem:
+            problems.append(problem)
+        agent = get("OPENCLAW_AGENT", cls.openclaw_agent)
+        if not AGENT_ID.fullmatch(agent):
+            problems.append(f"OPENCLAW_AGENT={agent!r} is not an OpenClaw agent id ({AGENT_ID_RULE})")
+            agent = cls.openclaw_agent
+        callers: dict[str, str] = {}
+        for entry in filter(None, (entry.strip() for entry in get("ALLOWED_CALLERS").split(","))):
+            who, _, named = (part.strip() for part in entry.partition("="))
+            caller = "*" if who == "*" else normalise_number(who)
+            if caller is None:
+                problems.append(f"ALLOWED_CALLERS: {who!r} is not an E.164 number like +15551234567, nor *")
+            elif "=" in entry and not AGENT_ID.fullmatch(named):
+                problems.append(f"ALLOWED_CALLERS: in {entry!r}, {named!r} is not an OpenClaw agent id "
+                                f"({AGENT_ID_RULE})")
+            elif callers.setdefault(caller, named or agent) != (named or agent):
+                problems.append(f"ALLOWED_CALLERS lists {mask(caller)} twice, for agents {callers[caller]!r} and "
+                                f"{named or agent!r}: keep one entry")
+        pin = get("CALL_PIN")
+        if pin and not re.fullmatch(r"\d{4,12}", pin):
+            problems.append("CALL_PIN must be 4 to 12 digits (the caller types it on the keypad)")
+            pin = ""
+        transcripts = get("LOG_TRANSCRIPTS", "0").lower()
+        if transcripts not in ("0", "1", "no", "yes", "false", "true", "off", "on"):
+            problems.append(f"LOG_TRANSCRIPTS={transcripts!r}: use 1 to log what is said on calls, or 0 (default)")
+        idle = number("IDLE_SECONDS", cls.idle_seconds, 0)
+        if 0 < idle < 10:
+            problems.append(f"IDLE_SECONDS={idle:g}: use 0 (never hang up on silence) or 10 seconds or more")
+            idle = cls.idle_seconds
+        level = get("LOG_LEVEL", "INFO").upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            problems.append(f"LOG_LEVEL={level!r}: use DEBUG, INFO, WARNING or ERROR")
+            level = cls.log_level
+        return cls(
+            openai_api_key=key,
+            webhook_key=webhook_key,
+            openai_base_url=get("OPENAI_BASE_URL", cls.openai_base_url).rstrip("/"),
+            openclaw_url=get("OPENCLAW_URL", cls.openclaw_url).rstrip("/"),
+            openclaw_token=get("OPENCLAW_TOKEN"),
+            openclaw_agent=agent,
+            openclaw_timeout=number("OPENCLAW_TIMEOUT", cls.openclaw_timeout, 1),
+            allowed_callers=callers,
+            host=get("HOST", cls.host),
+            port=int(number("PORT", cls.port, 1, 65535)),
+            model=get("REALTIME_MODEL", cls.model),
+            voice=get("VOICE", cls.voice),
+            instructions=get("INSTRUCTIONS"),
+            greeting=get("GREETING"),
+            max_call_seconds=number("MAX_CALL_SECONDS", cls.max_call_seconds, 10),
+            shutdown_grace=number("SHUTDOWN_GRACE", cls.shutdown_grace, 0),
+            call_pin=pin,
+            pin_timeout=number("PIN_TIMEOUT", cls.pin_timeout, 10),
+            max_concurrent_calls=int(number("MAX_CONCURRENT_CALLS", cls.max_concurrent_calls, 0)),
+            idle_seconds=idle,
+            state_dir=(get("STATE_DIR", env.get("STATE_DIRECTORY", "").split(":")[0])
+                       or str(Path(__file__).with_name("state"))),
+            history_days=number("HISTORY_DAYS", cls.history_days, 0, 36500),
+            log_transcripts=transcripts in ("1", "yes", "true", "on"),
+            log_level=level,
+        ), problems
+
+
+def parse_webhook_secret(secret: str) -> tuple[bytes, str]:
+    """The HMAC key of a "whsec_<base64>" secret, and what is wrong with it ("": nothing)."""
+    if secret == "whsec_..." or not secret.startswith("whsec_"):  # (whsec_...: as .env.example has it)
+        problem = ("is still the placeholder from .env.example" if secret == "whsec_..." else
+                   "must start with 'whsec_'" if secret else "is not set")
+        return b"", f"OPENAI_WEBHOOK_SECRET {problem}: copy the webhook's signing secret from OpenAI's dashboard"
+    try:
+        key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+    except ValueError:  # binascii.Error
+        key = b""
+    return key, "" if key else "OPENAI_WEBHOOK_SECRET is not valid base64 after 'whsec_': was it cut short?"
+
+
+def read_settings(path: Path, required: bool) -> tuple[dict[str, str], list[str]]:
+    """The settings file as python-dotenv reads it ($ stays literal), and its problems."""
+    try:
+        with path.open(encoding="utf-8") as stream:  # (python-dotenv skips a byte order mark itself)
+            # dotenv_values(interpolate=False) is made of these, but skips a line it cannot parse
+            # with a mere warning: here that line is refused, for CALL_PIN="1234 must never mean "no
+            # PIN".
+            bindings = list(parse_stream(stream))
+    except FileNotFoundError:
+        return {}, [f"--env-file {path}: there is no such file"] if required else []
+    except PermissionError:
+        try:
+            user = pwd.getpwuid(os.geteuid()).pw_name
+        except KeyError:  # (a uid with no name, as in some containers)
+            user = f"uid {os.geteuid()}"
+        return {}, [f"cannot read {path} as user {user} (permission denied): let that user read it, e.g. "
+                    f"sudo chown root:{user} {path} && sudo chmod 640 {path}"]
+    except (OSError, UnicodeDecodeError) as exc:
+        return {}, [f"cannot read {path} ({one_line(exc)})"]
+    values: dict[str, str] = {}
+    problems = []
+    for binding in bindings:
+        if binding.error or binding.key is not None and binding.value is None:  # (None: a line with no "=")
+            problems.append(f"{path}, line {binding.original.line}: python-dotenv cannot read this line (a quote not "
+                            "closed? no '='?): write KEY=value, with # before a comment")
+        elif binding.key is not None:
+            values[binding.key] = binding.value or ""
+    return values, problems
+
+
+# --- The command line: --check, --ask, --calls, and main ---
+
+# Announced shutdowns (openai-python 3.57.0): model -> (date, the replacement we suggest).
+RETIRING_MODELS: dict[str, tuple[date, str]] = {
+    model: (date(2027, 1, 20), "gpt-realtime-2.1-mini" if "mini" in model else "gpt-realtime-2.1")
+    for model in ("gpt-realtime", "gpt-realtime-2025-08-28", "gpt-realtime-mini", "gpt-realtime-mini-2025-12-15",
+                  "gpt-audio-mini", "gpt-audio-mini-2025-12-15")
+}
+VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar")
+PRICING = "https://developers.openai.com/api/docs/pricing"  # what the tokens of --calls cost
+
+
+def config_warnings(config: Config, today: date | None) -> Iterator[tuple[int, str]]:
+    """What the banner and --check warn about: (WARNING, text), or (ERROR, text) if calls fail."""
+    today = today or datetime.now(timezone.utc).date()
     warn, fail = logging.WARNING, logging.ERROR
     if not config.allowed_callers:
         yield (fail, "ALLOWED_CALLERS is empty: EVERY CALL WILL BE REJECTED. List your own number(s).")
@@ -1787,7 +1808,7 @@ def config_warnings(config: Config, today: date) -> Iterator[tuple[int, str]]:
 
 
 def log_banner(config: Config, today: date | None = None) -> None:
-    """One screen saying what this process will do; secrets are only said to be set or not."""
+    """One screen saying what this process will do; of secrets, only whether they are set."""
     routes = ", ".join(f"{mask(who)} -> {agent}" for who, agent in config.allowed_callers.items())
     for line in (
         f"voicebridge listening on http://{config.host}:{config.port} (POST /webhook, GET /healthz)",
@@ -1802,12 +1823,12 @@ def log_banner(config: Config, today: date | None = None) -> None:
         f"  shutdown   live calls get {config.shutdown_grace:g}s after SIGTERM",
     ):
         log.info("%s", line)
-    for level, warning in config_warnings(config, today or datetime.now(timezone.utc).date()):
-        log.log(level, "%s", warning)  # the service still starts: the owner may be about to fix it
+    for level, warning in config_warnings(config, today):
+        log.log(level, "%s", warning)  # and it still starts: the owner may be about to fix it
 
 
 async def probe(http: aiohttp.ClientSession, method: str, url: str, setting: str, **kwargs: Any) -> tuple[int, str]:
-    """One HTTP request for --check: (status, error message); status 0 if nothing answered, saying why."""
+    """One request for --check: (status, error message); 0 if nothing answered, saying why."""
     try:
         async with http.request(method, url, timeout=REST_TIMEOUT, **kwargs) as resp:
             return resp.status, "" if resp.status == 200 else await error_text(resp)
@@ -1819,22 +1840,22 @@ async def probe(http: aiohttp.ClientSession, method: str, url: str, setting: str
     except asyncio.TimeoutError:
         return 0, f"no answer within {REST_TIMEOUT.total:g} s ({setting})"
     except aiohttp.ClientError as exc:
-        return 0, one_line(f"{type(exc).__name__}: {exc} ({setting})")
+        return 0, f"{exc_text(exc)} ({setting})"
 
 
 async def check(config: Config, today: date | None = None, problems: list[str] | tuple[()] = ()) -> int:
-    """--check: the whole checklist, probing OpenAI and OpenClaw without making a call; `problems`: the settings'."""
-    claw_headers = {"Authorization": f"Bearer {config.openclaw_token}"} if config.openclaw_token else {}
+    """--check: the whole checklist, probing OpenAI and OpenClaw with no call."""
     agents = list(dict.fromkeys([config.openclaw_agent, *config.allowed_callers.values()]))
     async with aiohttp.ClientSession() as http:
-        # Retrieving the model proves the key and that its project may use the model, in one request; and
-        # messages=[] makes the gateway check the token, the endpoint and the agent, then stop before any agent run.
+        # Retrieving the model proves the key and that its project may use it; messages=[] makes the
+        # gateway check the token, the endpoint and the agent, and stop before any agent run.
         (status, error), *claws = await asyncio.gather(
             probe(http, "GET", f"{config.openai_base_url}/models/{quote(config.model, safe='')}", "OPENAI_BASE_URL",
-                  headers={"Authorization": f"Bearer {config.openai_api_key}"}) if config.openai_api_key
-            else asyncio.sleep(0, (-1, "not tried without a usable OPENAI_API_KEY")),  # (gives just that result)
-            *(probe(http, "POST", f"{config.openclaw_url}/v1/chat/completions", "OPENCLAW_URL", headers=claw_headers,
-                    json={"model": f"openclaw:{agent}", "messages": []}) for agent in agents),
+                  headers=bearer(config.openai_api_key)) if config.openai_api_key
+            else asyncio.sleep(0, (-1, "not tried without a usable OPENAI_API_KEY")),
+            *(probe(http, "POST", f"{config.openclaw_url}/v1/chat/completions", "OPENCLAW_URL",
+                    headers=bearer(config.openclaw_token), json={"model": f"openclaw:{agent}", "messages": []})
+              for agent in agents),
         )
     openai_fix = (  # a 404 is model_not_found: the key is fine, the model is not
         f"REALTIME_MODEL={config.model} is not available to this key's project: check the spelling and the project's "
@@ -1842,7 +1863,7 @@ async def check(config: Config, today: date | None = None, problems: list[str] |
         else "OpenAI refused OPENAI_API_KEY: check it, and that its project is active" if status in (401, 403)
         else "check OPENAI_BASE_URL"
     )
-    warnings = list(config_warnings(config, today or datetime.now(timezone.utc).date()))
+    warnings = list(config_warnings(config, today))
     checks = [
         ("configuration complete, OPENAI_WEBHOOK_SECRET well formed", "\n      ".join(problems)),
         ("no setting makes every call fail (ALLOWED_CALLERS, REALTIME_MODEL's shutdown date)",
@@ -1868,12 +1889,12 @@ async def check(config: Config, today: date | None = None, problems: list[str] |
 
 
 async def ask(config: Config, question: str, caller: str | None = None) -> int:
-    """--ask: put one question to OpenClaw as a call would (from `caller`, if given) and print what they would hear."""
+    """--ask: ask OpenClaw as a call (from `caller`) would, and print what the caller would hear."""
     agent, user, system = config.openclaw_agent, "voicebridge:cli", OPENCLAW_SYSTEM_PROMPT
-    if caller is not None:  # exactly as this caller's call: their agent, their session, their caller ID
+    if caller is not None:  # as this caller's call: their agent, their session, their caller ID
         number = normalise_number(caller)
         routed = agent_for(config, number) if number else None
-        if number is None or routed is None:
+        if routed is None:
             why = ("not an E.164 number like +15551234567" if number is None
                    else "ALLOWED_CALLERS turns this caller away, so no call of theirs reaches OpenClaw")
             print(f"--caller {caller}: {why}")
@@ -1891,7 +1912,7 @@ async def ask(config: Config, question: str, caller: str | None = None) -> int:
 
 
 def show_history(config: Config, call_id: str, last: int, as_json: bool, numbers: bool) -> int:
-    """--calls: read the history read-only (the running service is never held up) and show it."""
+    """--calls: read the history read-only (the service is never held up) and show it."""
     path = Path(config.state_dir).resolve() / "voicebridge.db"
     query = "SELECT record FROM history " + ("WHERE call_id = ?" if call_id else "ORDER BY started DESC LIMIT ?")
     rows = []
@@ -1900,11 +1921,11 @@ def show_history(config: Config, call_id: str, last: int, as_json: bool, numbers
             with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
                 rows = db.execute(query, (call_id or last,)).fetchall()
     except (OSError, sqlite3.Error) as exc:
-        if "no such table" not in str(exc):  # (that is a store the service has not opened since its upgrade)
+        if "no such table" not in str(exc):  # (a store the service has not opened since its upgrade)
             print(f"cannot read the call history in {path} ({one_line(exc)}): run this as the user voicebridge runs "
                   "as (sudo -u voicebridge ...), with its STATE_DIR", file=sys.stderr)
             return 1
-    records = [record for record in map(history_row, rows) if record]
+    records = [record for record in (json_object(text) for (text,) in rows) if record]
     if len(records) < len(rows):
         print(f"{len(rows) - len(records)} record(s) in {path} could not be read, left out", file=sys.stderr)
     if not records:
@@ -1922,16 +1943,6 @@ def show_history(config: Config, call_id: str, last: int, as_json: bool, numbers
     return 0
 
 
-def history_row(row: tuple[Any, ...]) -> dict[str, Any] | None:
-    """One call of the history, every field present; None for a record that cannot be read."""
-    try:
-        record = json.loads(row[0])
-        datetime.fromtimestamp(record["started"])  # (the field every view needs)
-    except (ValueError, TypeError, LookupError, OverflowError, OSError, RecursionError):
-        return None
-    return {**history_record("", None, None, record["started"]), **record}
-
-
 def percentiles(values: list[float]) -> str:
     """p50 and p95 (nearest rank) for the --calls summary, in seconds."""
     ordered = sorted(values)
@@ -1941,8 +1952,13 @@ def percentiles(values: list[float]) -> str:
     return f"p50 {p50:.1f}s, p95 {p95:.1f}s (of {len(ordered)})"
 
 
+def shown(number: str | None, in_full: bool) -> str:
+    """A caller's number for --calls: masked, unless --show-numbers."""
+    return (number or "withheld") if in_full else mask(number)
+
+
 def show_calls(records: list[dict[str, Any]], numbers: bool) -> None:
-    """--calls: a table of calls, newest first, then a summary of them."""
+    """--calls: a table of calls, newest first, then their summary."""
     rows = [("when", "caller", "agent", "duration", "questions", "first word", "tokens", "how it ended")]
     for call in records:
         tokens = call["tokens"].get("input", 0) + call["tokens"].get("output", 0)
@@ -1951,18 +1967,18 @@ def show_calls(records: list[dict[str, Any]], numbers: bool) -> None:
                      str(len(call["questions"])), "-" if call["first_word"] is None else f"{call['first_word']:.2f}s",
                      f"{tokens:,}" if call["end_reason"] else "-",
                      call["end_reason"] or f"turned away: {call['turned_away']}"))
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    widths = [max(map(len, column)) for column in zip(*rows)]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     accepted = [call for call in records if not call["turned_away"]]
-    questions = [question for call in accepted for question in call["questions"]]
-    tokens = collections.Counter[str]()
+    tokens = Counter[str]()
     for call in accepted:
         tokens.update(call["tokens"])
     print(f"\n{len(records)} call(s) above: {len(accepted)} accepted, {len(records) - len(accepted)} turned away")
     print("  time to first word ", percentiles([c["first_word"] for c in accepted if c["first_word"] is not None]))
-    print("  OpenClaw answers   ", percentiles([q["seconds"] for q in questions if q["outcome"] == "answered"]))
-    ends = collections.Counter(row[-1] for row in rows[1:])
+    print("  OpenClaw answers   ",
+          percentiles([q["seconds"] for c in accepted for q in c["questions"] if q["outcome"] == "answered"]))
+    ends = Counter(row[-1] for row in rows[1:])
     print("  how they ended     ", ", ".join(f"{end} {count}" for end, count in ends.most_common()))
     print(f"  tokens              {tokens['input']:,} input (audio {tokens['input_audio']:,}, cached "
           f"{tokens['input_cached']:,}), {tokens['output']:,} output (audio {tokens['output_audio']:,})")
@@ -1970,7 +1986,7 @@ def show_calls(records: list[dict[str, Any]], numbers: bool) -> None:
 
 
 def show_call(call: dict[str, Any], numbers: bool) -> None:
-    """--calls CALL_ID: one call as a timeline, then its transcript if one was kept."""
+    """--calls CALL_ID: one call's timeline, then its transcript if one was kept."""
     print(f"call {call['call_id']} from {shown(call['caller'], numbers)}, agent {call['agent'] or '-'}, "
           f"{datetime.fromtimestamp(call['started']):%Y-%m-%d %H:%M:%S} local time ({call['start']})")
     for at, step in call["timeline"]:
@@ -2005,8 +2021,9 @@ def main() -> None:
         parser.error("--last needs a number of calls, 1 or more")
     journal = stderr_is_journal()
     try:
-        # --env-file: exactly the file the unit names wins, so a check sees what the service will. Otherwise the .env
-        # beside this file (no search through parent directories) fills in what the environment does not set.
+        # --env-file: the unit's file wins, so a check sees what the service will. Otherwise the
+        # .env beside this file (no search through parent folders) fills in what the environment
+        # does not set.
         path = Path(args.env_file or Path(__file__).with_name(".env"))
         settings, problems = read_settings(path, required=args.env_file is not None)
         env = {**os.environ, **settings} if args.env_file else {**settings, **os.environ}
