@@ -285,9 +285,9 @@ class Call:
             await asyncio.sleep(delay)
         return None  # not reached
 
-    async def _attach_and_listen(self, delays: tuple[float, ...]) -> None:
+    async def _attach_and_listen(self, delays: tuple[float, ...] | None) -> None:
         """Step 3 on: open the sideband, greet, read its events; after a close, see if the call goes on."""
-        while (ws := await self._connect_sideband(delays)) is not None:
+        while delays is not None and (ws := await self._connect_sideband(delays)) is not None:
             again = self.sideband.ws is not None
             self.log.log(logging.WARNING if again else logging.INFO, "sideband %s",
                          "reconnected: the call goes on" if again else "connected")
@@ -301,10 +301,7 @@ class Call:
                     await self._on_message(msg.data)
                 msg = await ws.receive()
             reason = one_line(msg.extra, 200) if msg.type == WSMsgType.CLOSE and msg.extra else ""
-            next_delays = await self._after_close(None if ws.close_code is None else int(ws.close_code), reason)
-            if next_delays is None:
-                return
-            delays = next_delays
+            delays = await self._after_close(None if ws.close_code is None else int(ws.close_code), reason)
         self.end_reason = self.end_reason or "sideband_lost"  # never leave a caller with a model cut off
 
     async def _on_message(self, data: str) -> None:
@@ -461,10 +458,8 @@ class Call:
                 await self.hang_up(self.end_reason or "error")  # (no reason: a crash, which spawn() logged)
         finally:
             self.app[STORE].end_call(self.id)
-            pad = self.keypad
-            pin = "accepted" if pad.ok else f"wrong {pad.failures} time(s)" if pad.failures else "not typed"
             record = self.record.close(self.id, self.caller, self.agent, self.accepted_at, self.end_reason or "error",
-                                       pin if self.config.call_pin else None)
+                                       self.keypad.outcome if self.config.call_pin else None)
             self.app[STORE].save_history(record)
             answers = [question["seconds"] for question in record["questions"] if question["outcome"] == "answered"]
             self.log.info(
@@ -810,6 +805,10 @@ class Keypad:
     @property
     def waiting(self) -> bool:  # the PIN is still to be typed, and tries are left
         return not self.ok and self.failures < PIN_TRIES
+
+    @property
+    def outcome(self) -> str:  # for the call's record
+        return "accepted" if self.ok else f"wrong {self.failures} time(s)" if self.failures else "not typed"
 
     def press(self, key: Any, now: float) -> str:
         """One key at `now` (seconds): "accepted", "wrong", "out of tries", or "" (nothing yet)."""
