@@ -626,8 +626,9 @@ Bridge = Callable[..., Awaitable[Any]]
 
 
 @pytest.fixture
-async def start_bridge(aiohttp_client: Any, openai: FakeOpenAI, openclaw: FakeOpenClaw) -> Bridge:
-    """Start voicebridge's app on a real socket: start_bridge(ENV_VAR="...", config_field=value)."""
+async def start_bridge(openai: FakeOpenAI, openclaw: FakeOpenClaw, aiohttp_client: Any) -> Bridge:
+    """Start voicebridge's app on a real socket: start_bridge(ENV_VAR="...", config_field=value). (The fakes first,
+    so they stop last: the app's shutdown still reaches them.)"""
 
     async def start(**overrides: Any) -> Any:
         env = {k: v for k, v in overrides.items() if k.isupper()}
@@ -2154,13 +2155,13 @@ async def test_the_store_keeps_each_live_call_and_its_questions_in_flight_privat
     bridge = await start_bridge(STATE_DIR=state_dir)
     assert (tmp_path / "new" / "state").stat().st_mode & 0o777 == 0o700
     assert (tmp_path / "new" / "state" / "voicebridge.db").stat().st_mode & 0o777 == 0o600
-    call = await connected_call(bridge, openai)  # (pin_ok 1: with no CALL_PIN there is none to pass)
-    await eventually(lambda: live_rows(state_dir) == [("rtc_happy", ALICE, "main", 1, "[]")])
+    call = await connected_call(bridge, openai)  # (pin_ok 0: a PIN typed, and with no CALL_PIN none was)
+    await eventually(lambda: live_rows(state_dir) == [("rtc_happy", ALICE, "main", 0, "[]")])
     openclaw.delay = 0.5
     [fc_id] = await call.model_response([("ask_openclaw", '{"request": "slow one"}')])
-    await eventually(lambda: live_rows(state_dir) == [("rtc_happy", ALICE, "main", 1, f'["{fc_id}"]')])
+    await eventually(lambda: live_rows(state_dir) == [("rtc_happy", ALICE, "main", 0, f'["{fc_id}"]')])
     await eventually(lambda: call.outputs())
-    await eventually(lambda: live_rows(state_dir) == [("rtc_happy", ALICE, "main", 1, "[]")])  # delivered
+    await eventually(lambda: live_rows(state_dir) == [("rtc_happy", ALICE, "main", 0, "[]")])  # delivered
     await call.caller_hangs_up()
     await eventually(lambda: live_rows(state_dir) == [])
     with sqlite3.connect(f"{state_dir}/voicebridge.db") as db:
@@ -2679,8 +2680,8 @@ async def test_a_password_in_a_url_is_never_shown(
     env["OPENCLAW_URL"] = "http://user:secret@127.0.0.1:9"
     code, output = await output_of(await run_voicebridge(env, "--ask", "hello?"))
     assert code == 1 and "problem: cannot reach http://127.0.0.1:9 (" in output and "secret" not in output, output
-    assert voicebridge.safe_url("https://u:p@ss@example.com:8443/v1?x=@") == "https://example.com:8443/v1?x=@"
-    assert voicebridge.safe_url("http://127.0.0.1:18789") == "http://127.0.0.1:18789"
+    assert voicebridge.one_line("https://u:p@ss@example.com:8443/v1?x=@") == "https://example.com:8443/v1?x=@"
+    assert voicebridge.one_line("http://127.0.0.1:18789") == "http://127.0.0.1:18789"
 
 
 async def test_check_probes_every_agent_and_names_the_entry_of_a_missing_one(openai: FakeOpenAI, openclaw: FakeOpenClaw) -> None:
@@ -3157,9 +3158,9 @@ class Running:
         except aiohttp.ClientConnectionError:
             return 0, {}
 
-    async def deliver(self, call_id: str) -> None:
-        """OpenAI's signed realtime.call.incoming webhook for call_id, to this process."""
-        body = incoming_event(call_id)
+    async def deliver(self, call_id: str, from_value: str | None = None) -> None:
+        """OpenAI's signed realtime.call.incoming webhook for call_id (from ALICE, or `from_value`), to this process."""
+        body = incoming_event(call_id) if from_value is None else incoming_event(call_id, from_value)
         async with aiohttp.ClientSession() as http:
             async with http.post(f"{self.base}/webhook", data=body, headers=sign(body)) as resp:
                 assert resp.status == 200, await resp.text()
@@ -3896,7 +3897,13 @@ async def test_a_store_from_before_the_history_reads_as_empty_and_the_service_up
 ) -> None:
     (tmp_path / "state").mkdir()
     with contextlib.closing(sqlite3.connect(tmp_path / "state" / "voicebridge.db")) as db, db:
-        db.executescript(voicebridge.StateStore.SCHEMA)  # schema 1: live calls, the PIN lock, the ids seen
+        db.executescript("""
+            CREATE TABLE live_calls (call_id TEXT PRIMARY KEY, caller TEXT, agent TEXT NOT NULL,
+                                     accepted_at REAL NOT NULL, pin_ok INTEGER NOT NULL, in_flight TEXT NOT NULL);
+            CREATE TABLE pin_lock (id INTEGER PRIMARY KEY CHECK (id = 1), failures TEXT NOT NULL, until REAL NOT NULL,
+                                   locks INTEGER NOT NULL);
+            CREATE TABLE seen_calls (call_id TEXT PRIMARY KEY);
+        """)  # schema 1: live calls, the PIN lock, the ids seen
         db.execute("PRAGMA user_version = 1")
     code, out, err = await calls_cli(str(tmp_path / "state"))
     assert code == 0 and out == "" and "no call history yet in" in err, err
@@ -3951,3 +3958,278 @@ async def test_calls_leaves_out_a_record_it_cannot_read_and_shows_the_rest(
     assert f"2 record(s) in {state_dir}/voicebridge.db could not be read, left out" in err
     code, _, err = await calls_cli(str(tmp_path / "elsewhere"))
     assert code == 0 and "there is no voicebridge.db there (is this the service's STATE_DIR?)" in err
+
+
+# --- Faults a review found: restarts, the store, the idle line, the port (issue 24) -----------------------------------
+
+
+async def test_a_resumed_calls_items_never_reuse_an_id_the_crashed_run_used(
+    openai: FakeOpenAI, openclaw: FakeOpenClaw, bridges: Start, tmp_path: Path
+) -> None:
+    # A conversation outlives the process: after two crashes in a row, each with a slow question, the second
+    # "restarted" must not go out under an id the first resumed run already used, or the server refuses it as a
+    # duplicate, and the model never learns that the question may have been done.
+    env = state_env(openai, openclaw, tmp_path / "state")
+    call, pending = None, []
+    for run, question in enumerate(["Text my wife I am late", "Book the dentist"]):
+        openclaw.delay = 30
+        running = await bridges(env)
+        if call is None:
+            call = await call_on(running, openai, "rtc_ids")
+        else:
+            await running.logged("[rtc_ids] resumed after a restart")
+            await eventually(lambda: any(o["call_id"] == pending[-1] for o in call.outputs()))
+            await call.wait_idle()
+        pending += await call.model_response([("ask_openclaw", json.dumps({"request": question}))])
+        await recorded(tmp_path / "state", "rtc_ids", in_flight=pending[-1:])
+        await running.kill()
+    openclaw.delay = 0
+    assert call is not None
+    await (await bridges(env)).logged("[rtc_ids] resumed after a restart")
+    await eventually(lambda: any(o["call_id"] == pending[-1] for o in call.outputs()))
+    assert [o["output"] for o in call.outputs()] == [voicebridge.RESTARTED] * 2 and call.errors == []
+    ids = [e["item"]["id"] for e in call.received if e["type"] == "conversation.item.create"]
+    events = [e["event_id"] for e in call.received]
+    assert len(set(ids)) == len(ids) and len(set(events)) == len(events)  # events too: an error points back by id
+    assert all(re.fullmatch(r"[A-Za-z0-9_]{1,32}", i) for i in ids + events)  # and still short and plain
+
+
+def full_disk(limit: int) -> Callable[[], None]:
+    """For a child process: files cannot grow past `limit` bytes, as on a disk that fills up (EFBIG, not a signal)."""
+    import resource
+
+    def limited() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return limited
+
+
+async def test_a_first_start_on_a_disk_that_fills_up_leaves_no_half_made_store(
+    openai: FakeOpenAI, openclaw: FakeOpenClaw, bridges: Start, tmp_path: Path
+) -> None:
+    env = {**os.environ, **make_env(openai, openclaw, STATE_DIR=str(tmp_path / "state"), PORT=str(free_port()))}
+    env = {k: v for k, v in env.items() if not k.startswith("OPENAI_") or k in make_env(openai, openclaw)}
+    # 36 KiB: room for SQLite's shared-memory file and a few pages, not for the whole schema.
+    first = subprocess.run([sys.executable, str(HERE / "voicebridge.py")], env=env, preexec_fn=full_disk(36864),
+                           capture_output=True, text=True, timeout=30)
+    assert first.returncode == 1 and "Traceback" not in first.stderr, first.stderr
+    assert "cannot create or write voicebridge.db" in first.stderr
+    running = await bridges(state_env(openai, openclaw, tmp_path / "state"))  # the disk has room again
+    call = await call_on(running, openai, "rtc_after_full")
+    await call.caller_hangs_up()
+    await eventually(lambda: "rtc_after_full" in history_rows(str(tmp_path / "state")))
+
+
+async def test_a_half_made_store_from_an_older_version_is_completed(
+    openai: FakeOpenAI, openclaw: FakeOpenClaw, bridges: Start, tmp_path: Path
+) -> None:
+    (tmp_path / "state").mkdir()
+    with contextlib.closing(sqlite3.connect(tmp_path / "state" / "voicebridge.db")) as db, db:
+        db.execute("CREATE TABLE live_calls (call_id TEXT PRIMARY KEY, caller TEXT, agent TEXT NOT NULL, accepted_at "
+                   "REAL NOT NULL, pin_ok INTEGER NOT NULL, in_flight TEXT NOT NULL)")  # then the disk was full
+    running = await bridges(state_env(openai, openclaw, tmp_path / "state"))
+    call = await call_on(running, openai, "rtc_completed")
+    await call.caller_hangs_up()
+    await eventually(lambda: "rtc_completed" in history_rows(str(tmp_path / "state")))
+    with contextlib.closing(sqlite3.connect(tmp_path / "state" / "voicebridge.db")) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (2,)
+
+
+@pytest.mark.parametrize("what", ["not a database", "a damaged database", "another program's database"])
+async def test_a_store_that_is_not_voicebridges_stops_the_service_with_78_and_says_what_to_do(
+    openai: FakeOpenAI, openclaw: FakeOpenClaw, tmp_path: Path, what: str
+) -> None:
+    path = tmp_path / "state" / "voicebridge.db"
+    path.parent.mkdir()
+    if what == "not a database":
+        path.write_bytes(b"this is a text file somebody put here\n" * 100)
+    else:
+        with contextlib.closing(sqlite3.connect(path)) as db, db:
+            db.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT)")
+            db.executemany("INSERT INTO notes (text) VALUES (?)", [("x" * 3000,)] * 20)
+        if what == "a damaged database":
+            data = bytearray(path.read_bytes())
+            data[4096:8192] = b"\xff" * 4096  # a page torn
+            data[100:108] = b"\xff" * 8
+            path.write_bytes(bytes(data))
+    code, output = await output_of(await run_voicebridge(state_env(openai, openclaw, tmp_path / "state",
+                                                                   PORT=str(free_port()))))
+    assert code == 78 and "Traceback" not in output and "listening" not in output, output
+    assert f"{path}" in output and "move" in output and "aside" in output, output
+    assert "history" in output and "PIN lock" in output, output  # what goes with it
+
+
+async def test_a_lone_speech_started_holds_the_silence_clock_only_so_long(
+    start_bridge: Bridge, openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(voicebridge, "SPEAKING_HOLD", 1.0)
+    bridge = await start_bridge(idle_seconds=0.5)
+    call = await connected_call(bridge, openai)
+    await call.send({"type": "input_audio_buffer.speech_started", "audio_start_ms": 100, "item_id": "item_cut"})
+    await asyncio.sleep(0.8)  # the caller is speaking: no "anyone there?" yet
+    assert idle_checks(call) == []
+    await eventually(lambda: idle_checks(call), timeout=3)  # their audio was cut mid-word: the hold ends
+    await eventually(lambda: call.state == "ended" or ("hangup", "rtc_happy") in openai.rest, timeout=5)
+
+
+async def test_a_reconnect_forgets_that_the_caller_was_speaking(
+    start_bridge: Bridge, openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(voicebridge, "SPEAKING_HOLD", 60.0)
+    bridge = await start_bridge(idle_seconds=0.5)
+    call = await connected_call(bridge, openai)
+    await call.send({"type": "input_audio_buffer.speech_started", "audio_start_ms": 100, "item_id": "item_cut"})
+    await call.drop(1006)  # its speech_stopped went down with the old socket
+    await eventually(lambda: call.ws is not None)
+    await eventually(lambda: idle_checks(call), timeout=3)
+
+
+async def test_a_clean_close_whose_check_meets_a_503_is_retried_like_any_drop(
+    bridge: Any, openai: FakeOpenAI, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(voicebridge, "RECONNECT_DELAYS", (0.2, 0.4, 0.8))
+    call = await connected_call(bridge, openai)
+    call.sideband_down = True  # the same backend rotation: the first handshake gets 503
+    await call.drop(1001)
+    await eventually(lambda: len(call.sideband_attempts) >= 2)
+    call.sideband_down = False
+    await eventually(lambda: call.ws is not None, timeout=5)
+    assert ("hangup", "rtc_happy") not in openai.rest and "reconnected: the call goes on" in caplog.text
+    assert (await ask(call, "still there?"))["output"] == "Answer to: still there?"
+    call.state = "ended"  # and a 404 after a clean close still ends the call at once
+    await call.drop(1000)
+    await eventually(lambda: ("hangup", "rtc_happy") in openai.rest, timeout=3)
+    assert "sideband refused (HTTP 404): the call is over" in caplog.text
+
+
+@pytest.mark.parametrize("sent", [b"", b"POST /webhook HTTP/1.1\r\nHost: voice.example.com\r\nContent-Le"])
+async def test_a_connection_without_a_whole_request_head_is_closed_within_seconds(bridge: Any, sent: bytes) -> None:
+    reader, writer = await asyncio.open_connection(bridge.server.host, bridge.server.port)
+    writer.write(sent)
+    started = time.monotonic()
+    await asyncio.wait_for(reader.read(), 10)  # (the server closing it ends the read; else this times out)
+    assert time.monotonic() - started < 10
+    writer.close()
+
+
+async def test_running_out_of_descriptors_is_logged_once(openai: FakeOpenAI, openclaw: FakeOpenClaw) -> None:
+    import resource
+
+    def few_descriptors() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    port = free_port()
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "OPENCLAW_"))}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(HERE / "voicebridge.py"), env={**base, **make_env(openai, openclaw), "PORT": str(port)},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, preexec_fn=few_descriptors)
+    try:
+        for _ in range(200):
+            with contextlib.suppress(OSError):
+                _, probe = await asyncio.open_connection("127.0.0.1", port)
+                probe.close()
+                break
+            await asyncio.sleep(0.05)
+        idle = []
+        for _ in range(80):  # more idle connections than the service has descriptors
+            with contextlib.suppress(OSError):
+                idle.append((await asyncio.open_connection("127.0.0.1", port))[1])
+        await asyncio.sleep(3.5)  # asyncio would log the refused accept() again every second
+        for writer in idle:
+            writer.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code, output = await output_of(proc)
+    assert output.count("out of file descriptors") == 1, output
+    assert "socket.accept() out of system resource" not in output and "Traceback" not in output, output
+
+
+async def test_a_store_that_recovers_says_so_and_its_next_failure_is_logged_again(
+    bridge: Any, openai: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = bridge.app[voicebridge.STORE]
+
+    async def query_only(on: int) -> None:
+        await asyncio.wrap_future(store._thread.submit(lambda: store._db.execute(f"PRAGMA query_only = {on}")))
+
+    for round_ in range(2):  # the disk fills, is cleared, and fills again weeks later
+        await query_only(1)
+        call = await connected_call(bridge, openai, f"rtc_full_{round_}")
+        await eventually(lambda: len(errors_logged(caplog)) == round_ + 1)
+        await query_only(0)
+        await call.caller_hangs_up()
+        await eventually(lambda: caplog.text.count("state saved again") == round_ + 1)
+    assert all("state not saved to" in error.getMessage() for error in errors_logged(caplog))
+
+
+@pytest.mark.parametrize("setting, value", [
+    ("OPENCLAW_URL", "http://owner:hunter2secret@127.0.0.1:187890"),  # a digit too many
+    ("OPENCLAW_URL", "htps://owner:hunter2secret@127.0.0.1:18789"),
+    ("OPENAI_BASE_URL", "https://owner:hunter2secret@"),
+    ("OPENAI_BASE_URL", "api.openai.com/v1"),
+])
+async def test_a_mistyped_url_is_named_never_shown(
+    openai: FakeOpenAI, openclaw: FakeOpenClaw, tmp_path: Path, setting: str, value: str
+) -> None:
+    env = state_env(openai, openclaw, tmp_path / "state", PORT=str(free_port()), **{setting: value})
+    for args in ((), ("--check",), ("--ask", "hello")):
+        code, output = await output_of(await run_voicebridge(env, *args))
+        assert code == 78 and "hunter2" not in output and "Traceback" not in output, output
+        assert f"{setting} is not a usable URL" in output, output
+
+
+def test_exception_text_never_carries_a_password() -> None:
+    error = aiohttp.InvalidURL("http://owner:hunter2secret@127.0.0.1:187890/v1/chat/completions")
+    assert "hunter2" not in voicebridge.exc_text(error) and "127.0.0.1" in voicebridge.exc_text(error)
+    assert voicebridge.one_line("say \u202egnp.exe\u202c now") == "say \\u202egnp.exe\\u202c now"  # no RTL tricks
+    assert voicebridge.mask("+1234567") == "+1****67" and voicebridge.mask("+15551234567") == "+1******4567"
+
+
+async def test_a_start_that_cannot_bind_leaves_the_calls_a_crash_left(
+    openai: FakeOpenAI, openclaw: FakeOpenClaw, bridges: Start, tmp_path: Path
+) -> None:
+    env = state_env(openai, openclaw, tmp_path / "state")
+    a = await bridges(env)
+    call = await call_on(a, openai, "rtc_left")
+    await recorded(tmp_path / "state", "rtc_left")
+    await a.kill()
+    attempts = len(call.sideband_attempts)
+    with socket.socket() as taken:  # another program took the port meanwhile
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        code, output = await output_of(await run_voicebridge({**env, "PORT": str(taken.getsockname()[1])}))
+    assert code == 1 and "cannot listen on" in output and "resuming" not in output, output
+    assert len(call.sideband_attempts) == attempts and ("hangup", "rtc_left") not in openai.rest
+    assert "rtc_left" in live_calls(tmp_path / "state")  # for the next start
+    b = await bridges(env)
+    await b.logged("[rtc_left] resumed after a restart")
+
+
+async def test_a_resumed_call_follows_the_settings_it_finds(
+    openai: FakeOpenAI, openclaw: FakeOpenClaw, bridges: Start, tmp_path: Path
+) -> None:
+    env = state_env(openai, openclaw, tmp_path / "state", ALLOWED_CALLERS=f"{ALICE},{BOB}")
+    openclaw.agents = {"main", "family"}
+    a = await bridges(env)
+    moved = await call_on(a, openai, "rtc_moved")
+    gone = openai.ring("rtc_gone")
+    await a.deliver("rtc_gone", f"<sip:{BOB}@sip.example.com>")
+    await eventually(lambda: gone.ws is not None)
+    await recorded(tmp_path / "state", "rtc_moved")
+    await recorded(tmp_path / "state", "rtc_gone")
+    await a.kill()
+    # While it was down, the owner gave ALICE an agent of her own, set a PIN, and took BOB off the list.
+    b = await bridges({**env, "ALLOWED_CALLERS": f"{ALICE}=family", "CALL_PIN": "246810"})
+    await b.logged("[rtc_moved] resumed after a restart")
+    await eventually(lambda: ("hangup", "rtc_gone") in openai.rest)
+    await b.logged("[rtc_gone] no longer in ALLOWED_CALLERS")
+    assert "counts as a wrong PIN" not in b.log  # (never asked for it)
+    await eventually(lambda: moved.ws is not None)
+    await moved.wait_idle()
+    assert (await ask(moved, "anything new?"))["output"] == voicebridge.PIN_NEEDED  # a PIN set while down is asked for
+    await moved.press("246810")
+    await eventually(lambda: voicebridge.PIN_ACCEPTED in moved.notes())
+    await moved.wait_idle()
+    assert (await ask(moved, "anything new?"))["output"] == "Answer to: anything new?"
+    assert openclaw.requests[-1]["model"] == "openclaw:family"  # the agent it now has

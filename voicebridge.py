@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 from aiohttp import WSMsgType, web
@@ -215,7 +215,7 @@ class Call:
         self.playback_stopped = asyncio.Event()  # clear from output_audio_buffer.started to .stopped
         self.playback_stopped.set()
         self.playing: Any = None  # the response_id of the latest output_audio_buffer.started
-        self.prompted = self.resumed  # the model has spoken (and so asked for the PIN, if one is needed)
+        self.prompted = False  # the model has spoken to this run (and so asked for the PIN, if one is needed)
         self.accepted = self.resumed  # (or may be): a /hangup is owed until hang_up() sends it
         self.reconnects: list[float] = []  # times of recent reconnects, for the budget
         self.asking = False  # one OpenClaw question in flight per call
@@ -476,11 +476,12 @@ class Call:
         """The sideband closed: the delays to reconnect with, or None if the call is over (or given up)."""
         self.sideband.response_active = True  # nothing can be sent until a reconnect: results wait
         self.playback_stopped.set()  # (and its output_audio_buffer.stopped will never come)
+        self.silence.speaking_since = None  # (nor the caller's next sign)
         self.log.info("sideband closed (code %s%s)", code, f", reason {reason!r}" if reason else "")
         self.record.mark(f"sideband closed (code {code})")
         if self.end_reason:
             return None  # we hung up, or are hanging up
-        if code in NORMAL_CLOSE and MAX_DURATION_CLOSE in reason.lower():
+        if code == 1001 and MAX_DURATION_CLOSE in reason.lower():
             self.end_reason = "max_duration"
             return None
         now = time.monotonic()
@@ -490,15 +491,12 @@ class Call:
         elif len(self.reconnects) == len(RECONNECT_BACKOFF):
             self.log.error("sideband dropped (code %s) after %d reconnects within %gs: giving up",
                            code, len(self.reconnects), RECONNECT_WINDOW)
-        else:
-            # A clean close may be a backend rotating under a live call: one handshake at once
-            # tells. A drop (usually a caller's hangup, which sends no close frame) waits the
-            # budget's backoff.
-            backoff = 0.0 if code in NORMAL_CLOSE else RECONNECT_BACKOFF[len(self.reconnects)]
+        else:  # a drop, or a clean close (a backend rotating sends one too): only a handshake tells
+            backoff = RECONNECT_BACKOFF[len(self.reconnects)]
             self.reconnects.append(now)
             self.log.info("sideband: checking whether the call goes on%s", f" in {backoff:g}s" * bool(backoff))
             await asyncio.sleep(backoff)
-            return () if code in NORMAL_CLOSE else RECONNECT_DELAYS
+            return RECONNECT_DELAYS
         self.end_reason = "sideband_lost"
         return None
 
@@ -642,7 +640,7 @@ SPEAKERS = {"conversation.item.input_audio_transcription.completed": "caller",
 TRANSCRIPTION_MODEL = "gpt-realtime-whisper"
 
 MAX_WEBHOOK_BYTES = 64 * 1024
-BODY_TIMEOUT = 5.0  # seconds for a webhook's body to arrive (else 408): a slow client holds no socket
+BODY_TIMEOUT = 5.0  # seconds for a request's head (else closed), then its body (else 408), to arrive
 CALL_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # with fullmatch: "$" would let a trailing newline through
 DOUBLING = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # seconds between retries: one schedule, each use a slice of it
 REST_RETRY_DELAYS = DOUBLING[:4]  # a failed accept or reject: ~4 s in all (the phone is ringing)
@@ -651,8 +649,7 @@ SIDEBAND_RETRY_DELAYS = (*DOUBLING[:2], *[1.0] * 7)  # a 404 right after the acc
 RECONNECT_DELAYS = DOUBLING[:5]  # between the handshakes of one reconnect; 404/410 stops at once
 RECONNECT_BACKOFF = (0.0, *DOUBLING[2:])  # before the 1st..5th reconnect within RECONNECT_WINDOW; no 6th
 RECONNECT_WINDOW = 60.0
-NORMAL_CLOSE = (1000, 1001)  # a clean close, which a backend rotation sends too: a handshake tells if it is over
-MAX_DURATION_CLOSE = "maximum duration"  # in the reason of the 60-minute cap's 1001: over
+MAX_DURATION_CLOSE = "maximum duration"  # in the reason of the 60-minute cap's 1001: over, no handshake
 HANDSHAKE_TIMEOUT = 10.0  # for one sideband handshake (aiohttp's default would be 300 s)
 SIDEBAND_HEARTBEAT = 20.0  # a ping this often; no pong within half of it: the socket is dead
 GOODBYE_TIMEOUT = 10.0  # for a goodbye to finish playing
@@ -660,6 +657,9 @@ FILLER_AFTER = 4.0  # seconds of OpenClaw silence before the model says "still c
 FILLER_EVERY = 9.0  # and then at most this often
 MAX_REQUEST_CHARS = 4000  # ask_openclaw arguments accepted
 MAX_TRANSCRIPT_CHARS = 500  # a logged line of what was said, at most
+# A speech_started with no later sign (audio cut mid-word, a drop) holds the silence clock this long at most. Server
+# VAD ends a turn after half a second of silence, so a real caller sends their next sign long before.
+SPEAKING_HOLD = 60.0
 
 
 # --- The rules, without I/O: each a small class or function you can test without a socket ---
@@ -678,7 +678,8 @@ class Sideband:
         self.last_response: tuple[str, dict[str, Any] | None] = ("", None)  # our last response.create: id, body
         self.asked = 0  # our response.creates the server has neither started nor refused
         self.creates: dict[str, str] = {}  # event_id of each conversation.item.create -> its item id
-        self._ids = itertools.count(1)
+        # Ids unique in the conversation, which outlives a process: a run of its own for each, then a count.
+        self._ids = (f"vb{os.urandom(4).hex()}_{n}" for n in itertools.count(1))
 
     @property
     def response_active(self) -> bool:
@@ -761,8 +762,8 @@ class Sideband:
         items, owed, self.outbox, self.owed = self.outbox, self.owed, [], None
         self.response_active = True  # claimed before the first await, so a concurrent flush waits
         for item in items:
-            item.setdefault("id", f"vb_item_{next(self._ids)}")  # ours: a repeat can't add it twice
-            event = item_create(item, self._event_id())
+            item.setdefault("id", next(self._ids))  # ours: a repeat can't add it twice
+            event = item_create(item, next(self._ids))
             self.unconfirmed[item["id"]], self.creates[event["event_id"]] = item, item["id"]
             await self._send(event)
             if "call_id" in item:
@@ -772,12 +773,9 @@ class Sideband:
 
     async def request_response(self, response: dict[str, Any] | None = None) -> None:
         """Send response.create and count the response as active until response.done."""
-        event = response_create(response, self._event_id())
+        event = response_create(response, next(self._ids))
         self.response_active, self.last_response = True, (event["event_id"], response)
         self.asked += await self._send(event)
-
-    def _event_id(self) -> str:
-        return f"vb_{next(self._ids)}"
 
     async def _send(self, event: dict[str, Any]) -> bool:
         """Send one client event, True if it went out; a closing sideband is no error."""
@@ -872,12 +870,12 @@ class SilenceClock:
     idle: float  # IDLE_SECONDS (0: off)
     quiet_since: float  # time.monotonic() since when neither side has been heard
     asked: bool = False  # "anyone there?" was asked, and the caller has given no sign since
-    speaking: bool = False  # from the caller's speech_started to their next sign
+    speaking_since: float | None = None  # the caller's speech_started, until their next sign
     timer: asyncio.TimerHandle | None = None  # when Call looks next
 
     def caller(self, now: float, speaking: bool = False) -> None:
-        """A sign of the caller: the clock starts again (and waits while they speak)."""
-        self.quiet_since, self.asked, self.speaking = now, False, speaking
+        """A sign of the caller: the clock starts again (and waits while they speak, SPEAKING_HOLD at most)."""
+        self.quiet_since, self.asked, self.speaking_since = now, False, now if speaking else None
 
     def heard(self, now: float) -> None:
         """The assistant's turn ended, or OpenClaw answered: the silence counts from now."""
@@ -891,7 +889,8 @@ class SilenceClock:
         """What to do at `now`: "" (nothing yet), "ask" (is anyone there?) or "hang up"."""
         if now < self.due:
             return ""
-        if busy or self.speaking:
+        speaking = self.speaking_since is not None and now - self.speaking_since < SPEAKING_HOLD
+        if busy or speaking:
             self.quiet_since = now  # someone talks, or OpenClaw works: the clock waits
             return ""
         if self.asked:
@@ -1077,12 +1076,13 @@ def describe_caller(user: str) -> str:
 
 
 def mask(number: str | None) -> str:
-    """Show a phone number as +1******4567 in logs (and ALLOWED_CALLERS' "*" as itself)."""
+    """A phone number for the log, at most half of it shown: +1******4567 (ALLOWED_CALLERS' "*" as itself)."""
     if not number:
         return "withheld"
     if number == "*":
         return number
-    return number[:2] + "*" * (len(number) - 6) + number[-4:]
+    tail = min(4, (len(number) - 1) // 2 - 1)
+    return number[:2] + "*" * (len(number) - 2 - tail) + number[len(number) - tail:]
 
 
 def agent_for(config: Config, number: str | None) -> str | None:
@@ -1212,7 +1212,7 @@ async def ask_openclaw(
         raise OpenClawError(f"no answer within OPENCLAW_TIMEOUT={config.openclaw_timeout:g}s", SAY_TOO_SLOW) from None
     except aiohttp.ClientError as exc:
         why = exc_text(exc)
-        raise OpenClawError(f"cannot reach {safe_url(config.openclaw_url)} ({why}); {OPENCLAW_FIXES[0]}") from None
+        raise OpenClawError(f"cannot reach {one_line(config.openclaw_url)} ({why}); {OPENCLAW_FIXES[0]}") from None
     try:
         answer = (json_object(raw) or {})["choices"][0]["message"]["content"]
     except (LookupError, TypeError):
@@ -1265,19 +1265,23 @@ class StateStore:
     # never waits on the disk. Only the accept waits for its call's record, RECORD_WAIT at most: a
     # call accepted but unknown to a restart would be billed until OpenAI's cap. WAL lets --calls
     # read beside the service.
+    # One transaction, every statement idempotent: a start that fails halfway (a full disk) leaves nothing half made,
+    # and what an older version left half made is completed. Schema 2: the history, a row per call as JSON.
     SCHEMA = f"""
-        CREATE TABLE live_calls (call_id TEXT PRIMARY KEY, caller TEXT, agent TEXT NOT NULL,
-                                 accepted_at REAL NOT NULL, pin_ok INTEGER NOT NULL, in_flight TEXT NOT NULL);
-        CREATE TABLE pin_lock (id INTEGER PRIMARY KEY CHECK (id = 1), failures TEXT NOT NULL, until REAL NOT NULL,
-                               locks INTEGER NOT NULL);
-        CREATE TABLE seen_calls (call_id TEXT PRIMARY KEY);
-        CREATE TRIGGER seen_calls_bounded AFTER INSERT ON seen_calls
+        BEGIN;
+        CREATE TABLE IF NOT EXISTS live_calls (call_id TEXT PRIMARY KEY, caller TEXT, agent TEXT NOT NULL,
+            accepted_at REAL NOT NULL, pin_ok INTEGER NOT NULL, in_flight TEXT NOT NULL);  -- pin_ok: typed
+        CREATE TABLE IF NOT EXISTS pin_lock (id INTEGER PRIMARY KEY CHECK (id = 1), failures TEXT NOT NULL,
+            until REAL NOT NULL, locks INTEGER NOT NULL);
+        CREATE TABLE IF NOT EXISTS seen_calls (call_id TEXT PRIMARY KEY);
+        CREATE TRIGGER IF NOT EXISTS seen_calls_bounded AFTER INSERT ON seen_calls
             BEGIN DELETE FROM seen_calls WHERE rowid <= NEW.rowid - {RECENT_IDS}; END;
-    """
-    HISTORY = """
         CREATE TABLE IF NOT EXISTS history (call_id TEXT PRIMARY KEY, started REAL NOT NULL, record TEXT NOT NULL);
         CREATE INDEX IF NOT EXISTS history_by_start ON history (started);
-    """  # schema 2: a row per call, its record as JSON, written as the call ends
+        PRAGMA user_version = 2;
+        COMMIT;
+    """
+    TABLES = {"live_calls", "pin_lock", "seen_calls", "history"}
 
     def __init__(self, state_dir: str, history_days: float) -> None:
         self.path, self.history_days = Path(state_dir) / "voicebridge.db", history_days
@@ -1303,23 +1307,28 @@ class StateStore:
                                    "live calls: stop that one first, or give this one a STATE_DIR of its own") from None
             os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))  # 0600 from the start, whatever the umask
             self._db = db = sqlite3.connect(self.path)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
+            tables = db.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite%'")
+            if {name for (name,) in tables} - self.TABLES:  # (before the first write: another program's file)
+                raise sqlite3.DatabaseError("it holds tables that are not voicebridge's")
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > 2:
                 raise ConfigError(f"STATE_DIR={self.path.parent}: {self.path.name} is from a newer voicebridge "
                                   f"(schema {version}): upgrade voicebridge, or set STATE_DIR to another folder")
-            if version == 0:
-                db.executescript(self.SCHEMA)
-            db.executescript(self.HISTORY)  # (IF NOT EXISTS: a crash before user_version was set leaves it made)
-            db.execute("PRAGMA user_version = 2")  # a write: proves folder and file writable now, not at the first call
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(self.SCHEMA)  # a write: proves folder and file writable now, not at the first call
             calls = db.execute("SELECT * FROM live_calls").fetchall()
             lock = db.execute("SELECT failures, until, locks FROM pin_lock").fetchone()
             seen = dict.fromkeys(row[0] for row in db.execute("SELECT call_id FROM seen_calls ORDER BY rowid"))
         except (OSError, sqlite3.Error) as exc:
+            if type(exc) is sqlite3.DatabaseError:  # not a database, a damaged one, or another program's
+                raise ConfigError(f"STATE_DIR={self.path.parent}: {self.path} is not voicebridge's, or is damaged "
+                                  f"({exc}): stop voicebridge, move the file aside (the call history and the PIN "
+                                  "lock go with it), and start it again") from None
             failure = ConfigError if isinstance(exc, OSError) else StartupError  # rights are the owner's to fix
-            raise failure(f"STATE_DIR={self.path.parent}: cannot create or write {self.path.name} ({exc}): "
-                          "make the folder writable by the user voicebridge runs as, or set STATE_DIR") from None
+            raise failure(f"STATE_DIR={self.path.parent}: cannot create or write {self.path.name} ({exc}): give "
+                          "its disk room and the user voicebridge runs as the right to write there, or set STATE_DIR"
+                          ) from None
         return calls, PinLock(json.loads(lock[0]), *lock[1:]) if lock else PinLock(), seen
 
     def _write(self, batch: list[tuple[str, str, tuple[Any, ...]]]) -> None:
@@ -1334,6 +1343,10 @@ class StateStore:
                 self._failures.add(str(exc))
                 CallLog(call_id).error("state not saved to %s (%s): calls go on, but a restart now would lose track "
                                        "of them", self.path, exc)
+            return
+        if self._failures:  # so that the next failure, whatever its cause, is logged too
+            log.warning("state saved again to %s", self.path)
+            self._failures.clear()
 
     def write(self, call_id: str, sql: str, *params: Any) -> None:
         """Queue one statement for the store's thread, which gets the queue STORE_BATCH later."""
@@ -1351,8 +1364,9 @@ class StateStore:
         await asyncio.wait({asyncio.wrap_future(self.hand_over())}, timeout=RECORD_WAIT)
 
     def save_call(self, call: Call) -> None:
+        typed = call.keypad.ok and bool(call.keypad.pin)  # (a PIN set while the service is down is asked for)
         self.write(call.id, "INSERT OR REPLACE INTO live_calls VALUES (?, ?, ?, ?, ?, ?)", call.id, call.caller,
-                   call.agent, call.accepted_at, call.keypad.ok, json.dumps(call.in_flight))
+                   call.agent, call.accepted_at, typed, json.dumps(call.in_flight))
 
     def end_call(self, call_id: str) -> None:
         self.write(call_id, "DELETE FROM live_calls WHERE call_id = ?", call_id)
@@ -1390,13 +1404,17 @@ async def resume_calls(app: web.Application) -> None:
     """Pick up the calls a crashed run left: hang up those past MAX_CALL_SECONDS, attach the rest."""
     if app[LEFT_CALLS]:
         log.info("resuming %d call(s) left by the previous run", len(app[LEFT_CALLS]))
-    for call_id, caller, agent, accepted_at, pin_ok, in_flight in app[LEFT_CALLS]:
-        age = time.time() - accepted_at
-        call = app[CALLS][call_id] = Call(app, call_id, caller, agent, time.monotonic() - max(0.0, age), accepted_at)
-        call.keypad.ok, call.in_flight = bool(pin_ok) or call.keypad.ok, tuple(json.loads(in_flight))
+    for call_id, caller, agent, accepted_at, pin_typed, in_flight in app[LEFT_CALLS]:
+        age, routed = time.time() - accepted_at, agent_for(app[CONFIG], caller)  # (the settings may have changed)
+        call = Call(app, call_id, caller, routed or agent, time.monotonic() - max(0.0, age), accepted_at)
+        app[CALLS][call_id] = call
+        call.keypad.ok, call.in_flight = bool(pin_typed) or call.keypad.ok, tuple(json.loads(in_flight))
         if age >= app[CONFIG].max_call_seconds:
             call.log.info("left by the previous run %.0fs after its accept: past MAX_CALL_SECONDS, hanging up", age)
             call.end_reason = "max_duration"  # run() then only hangs up and cleans up
+        elif routed is None:
+            call.log.info("no longer in ALLOWED_CALLERS: hanging up")
+            call.end_reason = "not_listed"
         call.task = spawn(app[TASKS], call_id, call.run())
 
 
@@ -1415,14 +1433,11 @@ class CallLog(logging.LoggerAdapter):
 
 
 def one_line(text: Any, limit: int = MAX_TRANSCRIPT_CHARS) -> str:
-    """Text for one log line: control characters escaped (no text can forge a line), cut short."""
-    text = re.sub(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", lambda char: repr(char.group())[1:-1], str(text))
+    """Outside text as one line: no URL's user:password@, control and bidi characters escaped, cut short."""
+    text = re.sub(r"(\w[\w+.-]*://)[^/?#\s]*@", r"\1", str(text))
+    text = re.sub(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]",
+                  lambda char: repr(char.group())[1:-1], text)
     return text if len(text) <= limit else text[:limit] + "…"
-
-
-def safe_url(url: str) -> str:
-    """The URL without the user:password@ it may carry."""
-    return re.sub(r"^([^:/?#]+://)[^/?#]*@", r"\1", url)
 
 
 def exc_text(exc: BaseException) -> str:
@@ -1449,19 +1464,28 @@ def stderr_is_journal() -> bool:
 
 @dataclass
 class Throttled:
-    """A WARNING outsiders can cause at will: one line a second, the next counting those held back."""
+    """A line outsiders can cause at will: one every `every` seconds, the next counting those held back."""
 
+    every: float = 1.0
     last: float = float("-inf")  # time.monotonic() of the last line logged
     held: int = 0
 
-    def warning(self, text: str) -> None:
-        """Log text, or count it if the last line went out less than a second ago."""
+    def warning(self, text: str, level: int = logging.WARNING) -> None:
+        """Log text, or count it if the last line went out less than `every` seconds ago."""
         now = time.monotonic()
-        if now - self.last < 1.0:
+        if now - self.last < self.every:
             self.held += 1
             return
-        log.warning("%s%s", text, f" (and {self.held} more since the last line)" if self.held else "")
+        log.log(level, "%s%s", text, f" (and {self.held} more since the last line)" if self.held else "")
         self.last, self.held = now, 0
+
+
+def loop_error(throttled: Throttled, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The event loop's errors; asyncio retries an accept() refused for want of descriptors every second."""
+    if context.get("message") != "socket.accept() out of system resource":
+        return loop.default_exception_handler(context)
+    throttled.warning(f"out of file descriptors ({exc_text(context['exception'])}): new connections wait; "
+                      "the unit's LimitNOFILE= is 65536, and the port must sit behind a proxy", logging.ERROR)
 
 
 # --- The app: its state, its life, and its shutdown ---
@@ -1530,14 +1554,14 @@ async def state_store(app: web.Application) -> AsyncIterator[None]:
 
 def make_app(config: Config) -> web.Application:
     """The aiohttp application; tests build it with their own Config."""
-    app = web.Application(client_max_size=MAX_WEBHOOK_BYTES)
+    # aiohttp's keep-alive timer also runs from the connection's start: one that sends no whole head is closed.
+    app = web.Application(client_max_size=MAX_WEBHOOK_BYTES, handler_args={"keepalive_timeout": BODY_TIMEOUT})
     app[CONFIG] = config
     app[CALLS] = {}
     app[TASKS] = set()
     app[DRAINING] = asyncio.Event()
     app[REJECTED] = Throttled()
     app.cleanup_ctx.extend((state_store, http_session))  # the store first: a bad STATE_DIR stops before anything
-    app.on_startup.append(resume_calls)
     app.on_shutdown.append(functools.partial(drain, grace=0))  # the last resort: serve() drains with a grace first
     app.router.add_post("/webhook", webhook)
     app.router.add_get("/healthz", healthz)
@@ -1551,6 +1575,7 @@ async def serve(config: Config) -> None:
     stop = asyncio.Event()  # (first: a SIGTERM the moment the banner is out must drain, not kill)
     for signum in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(signum, stop.set)
+    asyncio.get_running_loop().set_exception_handler(functools.partial(loop_error, Throttled(every=60.0)))
     await runner.setup()  # (it opens STATE_DIR first)
     try:
         await web.TCPSite(runner, config.host, config.port).start()
@@ -1562,6 +1587,7 @@ async def serve(config: Config) -> None:
             f"cannot listen on {config.host}:{config.port} ({why}): " + ("stop the program that has this port "
             "(another voicebridge?), or set PORT to a free one" if taken else "check HOST and PORT")) from None
     log_banner(config)  # only now: the port is open, the state store loaded
+    await resume_calls(runner.app)  # and only now: a start that cannot bind leaves them to the next one
     # The ~35k objects from imports out of the collector's way: a full collection takes ms, not ~80
     # ms.
     gc.freeze()
@@ -1657,6 +1683,18 @@ class Config:
                 return default
             return value
 
+        def url(name: str, default: str) -> str:
+            value = get(name, default).rstrip("/")
+            try:
+                parts = urlsplit(value)
+                usable = parts.scheme in ("http", "https") and parts.hostname and parts.port != 0
+            except ValueError:  # (a port past 65535)
+                usable = False
+            if not usable:  # (its value is not shown: it may hold a password)
+                problems.append(f"{name} is not a usable URL: it needs http:// or https://, a host, and any port "
+                                "between 1 and 65535")
+            return value if usable else default
+
         key = get("OPENAI_API_KEY")
         if need_openai and key in ("", "sk-..."):  # (sk-...: the line as .env.example has it)
             problems.append(f"OPENAI_API_KEY {'is still the placeholder from .env.example' if key else 'is not set'}: "
@@ -1699,8 +1737,8 @@ class Config:
         return cls(
             openai_api_key=key,
             webhook_key=webhook_key,
-            openai_base_url=get("OPENAI_BASE_URL", cls.openai_base_url).rstrip("/"),
-            openclaw_url=get("OPENCLAW_URL", cls.openclaw_url).rstrip("/"),
+            openai_base_url=url("OPENAI_BASE_URL", cls.openai_base_url),
+            openclaw_url=url("OPENCLAW_URL", cls.openclaw_url),
             openclaw_token=get("OPENCLAW_TOKEN"),
             openclaw_agent=agent,
             openclaw_timeout=number("OPENCLAW_TIMEOUT", cls.openclaw_timeout, 1),
@@ -1811,10 +1849,10 @@ def log_banner(config: Config, today: date | None = None) -> None:
     routes = ", ".join(f"{mask(who)} -> {agent}" for who, agent in config.allowed_callers.items())
     for line in (
         f"voicebridge listening on http://{config.host}:{config.port} (POST /webhook, GET /healthz)",
-        f"  OpenAI     {safe_url(config.openai_base_url)}  key {'set' if config.openai_api_key else 'NOT SET'}",
+        f"  OpenAI     {one_line(config.openai_base_url)}  key {'set' if config.openai_api_key else 'NOT SET'}",
         f"  session    model {config.model}, voice {config.voice}, max {config.max_call_seconds:g}s per call, "
         f"transcripts {'LOGGED (LOG_TRANSCRIPTS=1)' if config.log_transcripts else 'off'}",
-        f"  OpenClaw   {safe_url(config.openclaw_url)}  token {'set' if config.openclaw_token else 'NOT SET'}"
+        f"  OpenClaw   {one_line(config.openclaw_url)}  token {'set' if config.openclaw_token else 'NOT SET'}"
         f"  timeout {config.openclaw_timeout:g}s",
         f"  callers    {routes or 'nobody'} (caller -> OpenClaw agent)",
         f"  limits     keypad PIN {'required' if config.call_pin else 'off'}; "
@@ -1869,7 +1907,7 @@ async def check(config: Config, today: date | None = None, problems: list[str] |
          "\n      ".join(text for level, text in warnings if level >= logging.ERROR)),
         (f"OpenAI accepts OPENAI_API_KEY and serves REALTIME_MODEL={config.model} (GET /models/{config.model})",
          "" if status == 200 else error if status <= 0 else f"HTTP {status}: {error} ({openai_fix})"),
-        *((f"OpenClaw at {safe_url(config.openclaw_url)}: reachable, token accepted, chat endpoint enabled, "
+        *((f"OpenClaw at {one_line(config.openclaw_url)}: reachable, token accepted, chat endpoint enabled, "
            f"agent {agent!r} exists", "" if claw == 400 and "user message" in text.lower()
            else f"{text} ({OPENCLAW_FIXES[0]})" if claw == 0
            else f"HTTP {claw}: {text} ({openclaw_fix(config, agent, claw)})")
