@@ -633,8 +633,7 @@ IDLE_TAG = {"voicebridge": "anyone there"}
 CALLER_SIGNS = ("input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
                 "input_audio_buffer.committed", "input_audio_buffer.dtmf_event_received",
                 "conversation.item.input_audio_transcription.completed")
-# With LOG_TRANSCRIPTS: who said what, and the model that transcribes the caller (it has no shutdown
-# date).
+# With LOG_TRANSCRIPTS: who said what, and the model that transcribes the caller (no shutdown date).
 SPEAKERS = {"conversation.item.input_audio_transcription.completed": "caller",
             "response.output_audio_transcript.done": "assistant"}
 TRANSCRIPTION_MODEL = "gpt-realtime-whisper"
@@ -642,7 +641,7 @@ TRANSCRIPTION_MODEL = "gpt-realtime-whisper"
 MAX_WEBHOOK_BYTES = 64 * 1024
 BODY_TIMEOUT = 5.0  # seconds for a request's head (else closed), then its body (else 408), to arrive
 CALL_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # with fullmatch: "$" would let a trailing newline through
-DOUBLING = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # seconds between retries: one schedule, each use a slice of it
+DOUBLING = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # seconds between retries: each use takes a slice
 REST_RETRY_DELAYS = DOUBLING[:4]  # a failed accept or reject: ~4 s in all (the phone is ringing)
 HANGUP_RETRY_DELAYS = DOUBLING  # a call not hung up is billed until OpenAI's 60-minute cap: ~16 s
 SIDEBAND_RETRY_DELAYS = (*DOUBLING[:2], *[1.0] * 7)  # a 404 right after the accept: a race (~8 s)
@@ -657,8 +656,8 @@ FILLER_AFTER = 4.0  # seconds of OpenClaw silence before the model says "still c
 FILLER_EVERY = 9.0  # and then at most this often
 MAX_REQUEST_CHARS = 4000  # ask_openclaw arguments accepted
 MAX_TRANSCRIPT_CHARS = 500  # a logged line of what was said, at most
-# A speech_started with no later sign (audio cut mid-word, a drop) holds the silence clock this long at most. Server
-# VAD ends a turn after half a second of silence, so a real caller sends their next sign long before.
+# A speech_started with no later sign (audio cut mid-word) holds the silence clock this long at most: server VAD
+# ends a turn after half a second of silence, so a real caller's next sign comes long before.
 SPEAKING_HOLD = 60.0
 
 
@@ -671,14 +670,14 @@ class Sideband:
     def __init__(self, log: CallLog) -> None:
         self.log = log
         self.ws: aiohttp.ClientWebSocketResponse | None = None
-        self.idle = asyncio.Event()  # set while no response is active (clear until attached)
+        self.idle = asyncio.Event()  # set while no response is active
         self.outbox: list[dict[str, Any]] = []  # conversation items waiting for no active response
         self.unconfirmed: dict[str, dict[str, Any]] = {}  # items sent, by item id, until the server confirms them
         self.owed: dict[str, Any] | None = None  # a response.create to send once no response is active
         self.last_response: tuple[str, dict[str, Any] | None] = ("", None)  # our last response.create: id, body
         self.asked = 0  # our response.creates the server has neither started nor refused
         self.creates: dict[str, str] = {}  # event_id of each conversation.item.create -> its item id
-        # Ids unique in the conversation, which outlives a process: a run of its own for each, then a count.
+        # Ids unique in the conversation, which outlives a process: a random run, then a count.
         self._ids = (f"vb{os.urandom(4).hex()}_{n}" for n in itertools.count(1))
 
     @property
@@ -688,15 +687,14 @@ class Sideband:
 
     @response_active.setter
     def response_active(self, active: bool) -> None:
-        # The one place the flag changes, so whoever waits on `idle` wakes exactly when it turns
-        # false.
+        # The one place the flag changes, so that whoever waits on `idle` wakes when it should.
         if active:
             self.idle.clear()
         else:
             self.idle.set()
 
     async def attach(self, ws: aiohttp.ClientWebSocketResponse, again: bool) -> None:
-        """Use a new sideband; `again` (a reconnect): send what may have been lost with the old one."""
+        """Use a new sideband; `again`: send what may have been lost with the old one."""
         self.ws, self.asked = ws, 0
         if again:
             self.response_active = False  # (a response cut off by the drop never reports response.done)
@@ -741,13 +739,12 @@ class Sideband:
         elif kind == "error":  # if it refused our response.create, that is repeated after the active one
             error = event["error"] if isinstance(event.get("error"), dict) else {}
             self.log.warning("server error %s: %s", one_line(error.get("code")), one_line(error.get("message")))
-            # A refused item ("already exists" after a resend, or invalid) is settled: resending
-            # won't help.
+            # A refused item ("already exists" after a resend, or invalid) is settled.
             self.unconfirmed.pop(self.creates.get(str(error.get("event_id")), ""), None)
             event_id, body = self.last_response
             if event_id and error.get("event_id") == event_id:
-                # We lost a race with a response the server just started: repeat ours after it,
-                # except a greeting or "anyone there?", stale once the model has answered.
+                # We lost a race with a response the server started: repeat ours after it, unless
+                # it is a greeting or "anyone there?", stale once the model has answered.
                 self.response_active = error.get("code") == "conversation_already_has_active_response"
                 self.asked = max(0, self.asked - 1)
                 stale = (body or {}).get("metadata") in (GREETING_TAG, IDLE_TAG)
@@ -758,7 +755,7 @@ class Sideband:
     async def flush(self) -> None:
         """Send queued items and one response.create, but only while no response is active."""
         if self.response_active or not (self.outbox or self.owed is not None):
-            return  # (a dropped sideband counts as active: what comes during a reconnect waits for it)
+            return  # (a dropped sideband counts as active: all waits for the reconnect)
         items, owed, self.outbox, self.owed = self.outbox, self.owed, [], None
         self.response_active = True  # claimed before the first await, so a concurrent flush waits
         for item in items:
@@ -772,7 +769,7 @@ class Sideband:
         await self.request_response(owed if goodbye or not items else None)  # new results beat a stale filler
 
     async def request_response(self, response: dict[str, Any] | None = None) -> None:
-        """Send response.create and count the response as active until response.done."""
+        """Send response.create; the response is active until response.done."""
         event = response_create(response, next(self._ids))
         self.response_active, self.last_response = True, (event["event_id"], response)
         self.asked += await self._send(event)
@@ -805,7 +802,7 @@ class Keypad:
         return not self.ok and self.failures < PIN_TRIES
 
     @property
-    def outcome(self) -> str:  # for the call's record
+    def outcome(self) -> str:
         return "accepted" if self.ok else f"wrong {self.failures} time(s)" if self.failures else "not typed"
 
     def press(self, key: Any, now: float) -> str:
@@ -831,9 +828,8 @@ class Keypad:
 KEYPAD = tuple("0123456789*#")
 PIN_TRIES = 3  # wrong PINs per call
 PIN_IDLE = 5.0  # seconds without a key after which a half-typed PIN is forgotten
-# PIN_LOCK_AFTER wrong PINs across calls within PIN_LOCK_WINDOW lock the line for PIN_LOCK_SECONDS,
-# doubled at each further lock up to a day (docs/security.md). A call that ends without the PIN
-# after being asked counts as wrong.
+# PIN_LOCK_AFTER wrong PINs across calls within PIN_LOCK_WINDOW lock the line for PIN_LOCK_SECONDS, doubled at
+# each further lock up to a day (docs/security.md).
 PIN_LOCK_AFTER = 10
 PIN_LOCK_WINDOW = 3600.0
 PIN_LOCK_SECONDS = 3600.0
@@ -865,16 +861,16 @@ class PinLock:
 
 @dataclass(slots=True)
 class SilenceClock:
-    """IDLE_SECONDS with no sign of the caller: ask whether anyone is there; as long again: hang up."""
+    """IDLE_SECONDS with no sign of the caller: ask if anyone is there; as long again: hang up."""
 
-    idle: float  # IDLE_SECONDS (0: off)
+    idle: float  # IDLE_SECONDS
     quiet_since: float  # time.monotonic() since when neither side has been heard
     asked: bool = False  # "anyone there?" was asked, and the caller has given no sign since
     speaking_since: float | None = None  # the caller's speech_started, until their next sign
-    timer: asyncio.TimerHandle | None = None  # when Call looks next
+    timer: asyncio.TimerHandle | None = None
 
     def caller(self, now: float, speaking: bool = False) -> None:
-        """A sign of the caller: the clock starts again (and waits while they speak, SPEAKING_HOLD at most)."""
+        """A sign of the caller: the clock starts again (and waits while they speak)."""
         self.quiet_since, self.asked, self.speaking_since = now, False, now if speaking else None
 
     def heard(self, now: float) -> None:
@@ -903,8 +899,7 @@ class SilenceClock:
             self.timer.cancel()
 
 
-# A call's token counts, from each response.done's usage ("cached": part of the input, billed
-# lower).
+# A call's token counts from each response.done's usage ("cached": part of the input, billed lower).
 TOKEN_COUNTS = ("input", "input_text", "input_audio", "input_cached", "output", "output_text", "output_audio")
 
 
@@ -912,12 +907,12 @@ TOKEN_COUNTS = ("input", "input_text", "input_audio", "input_cached", "output", 
 class CallRecord:
     """What the call history keeps of a call (docs/history.md), gathered as it goes."""
 
-    received: float  # time.monotonic() (the event loop's clock) when the webhook arrived
+    received: float  # time.monotonic() (the event loop's clock) of the webhook
     resumed: bool
     timeline: str = ""  # "<seconds since the webhook> <step>" a line: one string costs ~1 byte a character
     questions: tuple[dict[str, Any], ...] = ()  # each question put to OpenClaw: when, how long, the outcome
-    tokens: list[int] = field(default_factory=lambda: [0] * len(TOKEN_COUNTS))  # summed from every response
-    transcript: tuple[str, ...] = ()  # with LOG_TRANSCRIPTS only (an empty tuple costs nothing)
+    tokens: list[int] = field(default_factory=lambda: [0] * len(TOKEN_COUNTS))
+    transcript: tuple[str, ...] = ()  # with LOG_TRANSCRIPTS only (an empty tuple costs no memory)
     greeting_id: Any = ""  # the greeting's response_id, until its audio starts
     tool_calls: int = 0
 
@@ -971,7 +966,7 @@ class CallRecord:
         seconds = time.monotonic() - self.received
         steps = [(float(at), text) for at, _, text in (line.partition(" ") for line in self.timeline.splitlines())]
         first = {text: at for at, text in reversed(steps)}  # the first time of each step
-        for question in self.questions:  # one still with OpenClaw is cut off by the hangup
+        for question in self.questions:  # (one still with OpenClaw is cut off by the hangup)
             question.setdefault("seconds", round(seconds - question["at"], 2))
             question["asked"] = utc_text(started + question["at"])
         return history_record(
@@ -1008,7 +1003,7 @@ def verify_signature(key: bytes, headers: Mapping[str, str], body: bytes, now: f
     signatures = headers.get("webhook-signature", "")
     if not (msg_id and timestamp and signatures):
         raise SignatureError("missing webhook-id, webhook-timestamp or webhook-signature header")
-    if not (msg_id + timestamp + signatures).isascii():  # (what Standard Webhooks sends always is)
+    if not (msg_id + timestamp + signatures).isascii():
         raise SignatureError("webhook-id, webhook-timestamp or webhook-signature is not plain ASCII")
     if not timestamp.isdigit() or len(timestamp) > 12:
         raise SignatureError("webhook-timestamp is not a number")
@@ -1029,7 +1024,7 @@ RECENT_IDS = 4096
 
 
 def first_time(seen: dict[str, None], key: str) -> bool:
-    """Remember key among the last RECENT_IDS (dicts keep their order); False if seen before."""
+    """Remember key among the last RECENT_IDS; False if seen before."""
     if key in seen:
         return False
     seen[key] = None
@@ -1039,10 +1034,10 @@ def first_time(seen: dict[str, None], key: str) -> bool:
 
 
 def json_object(text: str | bytes) -> dict[str, Any] | None:
-    """The JSON object in `text`, or None for anything else (RecursionError: nested too deep)."""
+    """The JSON object in `text`, or None for anything else."""
     try:
         value = json.loads(text)
-    except (ValueError, RecursionError):
+    except (ValueError, RecursionError):  # (RecursionError: nested too deep)
         return None
     return value if isinstance(value, dict) else None
 
@@ -1061,7 +1056,7 @@ def from_user(sip_headers: Any) -> str:
 
 
 def normalise_number(text: str) -> str | None:
-    """Return "+<digits>" for something that looks like an E.164 number, else None."""
+    """E.164 "+<digits>", or None."""
     text = re.sub(r"[\s().-]", "", text)
     if text.startswith("00"):
         text = "+" + text[2:]
@@ -1076,7 +1071,7 @@ def describe_caller(user: str) -> str:
 
 
 def mask(number: str | None) -> str:
-    """A phone number for the log, at most half of it shown: +1******4567 (ALLOWED_CALLERS' "*" as itself)."""
+    """A phone number for the log, at most half of it shown: +1******4567."""
     if not number:
         return "withheld"
     if number == "*":
@@ -1091,7 +1086,7 @@ def agent_for(config: Config, number: str | None) -> str | None:
 
 
 def turned_away(app: web.Application, agent: str | None) -> tuple[str, str, int]:
-    """Why a new call is turned away (for the history, for the log), and its SIP status; "": take it."""
+    """Why a new call is turned away (for the history, the log), and its SIP status; "": take it."""
     config, lock = app[CONFIG], app[PIN_LOCK]
     if app[DRAINING].is_set():
         return "shutting down", "shutting down", 486
@@ -1115,7 +1110,7 @@ async def call_control(
     delays: tuple[float, ...] = REST_RETRY_DELAYS,
 ) -> tuple[int, bool]:
     """POST to call control, retrying what may pass (no answer, 429, 5xx): (status or 0, any failed)."""
-    clog = CallLog(call_id)  # (a failure that passed leaves the outcome in doubt: it may have taken effect)
+    clog = CallLog(call_id)  # (after a failure that may pass, the outcome is in doubt)
     for attempt, delay in enumerate((*delays, None)):
         try:
             async with http.post(call_control_url(config, call_id, action), json=body,
@@ -1145,7 +1140,7 @@ async def call_control(
 
 
 async def read_body(resp: aiohttp.ClientResponse) -> bytes | None:
-    """The response body, or None past MAX_BODY_BYTES (reading stops there: memory stays flat)."""
+    """The response body, or None past MAX_BODY_BYTES (not read further)."""
     body = bytearray()
     async for chunk in resp.content.iter_chunked(64 * 1024):
         body += chunk
@@ -1155,7 +1150,7 @@ async def read_body(resp: aiohttp.ClientResponse) -> bytes | None:
 
 
 async def error_text(resp: aiohttp.ClientResponse) -> str:
-    """The message of an OpenAI or OpenClaw error body, or the start of what came, as one line."""
+    """An error body's message, or the start of what came, as one line."""
     body = await read_body(resp)
     if body is None:
         return f"an error body over {MAX_BODY_BYTES // 1024} KiB"
@@ -1237,7 +1232,7 @@ def openclaw_system(number: str | None) -> str:
 
 
 def openclaw_fix(config: Config, agent: str, status: int) -> str:
-    """What the owner should do about an OpenClaw failure with this HTTP status."""
+    """What to do about an OpenClaw failure with this HTTP status."""
     if status != 400:
         return OPENCLAW_FIXES.get(status, "the gateway or its model provider failed")
     # We always name an agent, so a 400 means "Unknown agent 'x'.": name the setting that named it.
@@ -1261,12 +1256,10 @@ STORE_BATCH = 0.05  # seconds the store gathers writes for one transaction
 class StateStore:
     """What outlives the process, in SQLite: live calls, the PIN lock, call ids seen, the history."""
 
-    # One thread owns the connection and writes what is queued every STORE_BATCH: the event loop
-    # never waits on the disk. Only the accept waits for its call's record, RECORD_WAIT at most: a
-    # call accepted but unknown to a restart would be billed until OpenAI's cap. WAL lets --calls
-    # read beside the service.
-    # One transaction, every statement idempotent: a start that fails halfway (a full disk) leaves nothing half made,
-    # and what an older version left half made is completed. Schema 2: the history, a row per call as JSON.
+    # One thread owns the connection and writes what is queued every STORE_BATCH: the event loop never waits on the
+    # disk. Only the accept waits for its call's record, RECORD_WAIT at most: a call accepted but unknown to a
+    # restart would be billed until OpenAI's cap. The schema: one transaction, every statement idempotent, so a start
+    # that fails halfway (a full disk) leaves nothing half made. Schema 2 adds the history (a row per call, as JSON).
     SCHEMA = f"""
         BEGIN;
         CREATE TABLE IF NOT EXISTS live_calls (call_id TEXT PRIMARY KEY, caller TEXT, agent TEXT NOT NULL,
@@ -1286,14 +1279,14 @@ class StateStore:
     def __init__(self, state_dir: str, history_days: float) -> None:
         self.path, self.history_days = Path(state_dir) / "voicebridge.db", history_days
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="voicebridge-state")
-        self._db: sqlite3.Connection | None = None  # opened, used and closed in that thread only
-        self._failures: set[str] = set()  # causes of failed writes, each logged once
+        self._db: sqlite3.Connection | None = None  # used in that thread only
+        self._failures: set[str] = set()  # causes of failed writes, each logged once until one succeeds
         self._queued: list[tuple[str, str, tuple[Any, ...]]] = []  # (call_id, sql, params), for the next batch
         self._pruning: asyncio.TimerHandle | None = None
-        self._lock = -1  # STATE_DIR/voicebridge.lock's descriptor, held for the life of the process
+        self._lock = -1  # STATE_DIR/voicebridge.lock, held for the life of the process
 
     async def open(self) -> tuple[list[tuple[Any, ...]], PinLock, dict[str, None]]:
-        """Open or create the database; what the last run left: live calls, the PIN lock, call ids seen."""
+        """Open or create the store; what the last run left: live calls, the PIN lock, call ids seen."""
         return await asyncio.wrap_future(self._thread.submit(self._open))
 
     def _open(self) -> tuple[list[tuple[Any, ...]], PinLock, dict[str, None]]:
@@ -1308,7 +1301,7 @@ class StateStore:
             os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))  # 0600 from the start, whatever the umask
             self._db = db = sqlite3.connect(self.path)
             tables = db.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite%'")
-            if {name for (name,) in tables} - self.TABLES:  # (before the first write: another program's file)
+            if {name for (name,) in tables} - self.TABLES:  # (before anything is written to it)
                 raise sqlite3.DatabaseError("it holds tables that are not voicebridge's")
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > 2:
@@ -1316,16 +1309,16 @@ class StateStore:
                                   f"(schema {version}): upgrade voicebridge, or set STATE_DIR to another folder")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(self.SCHEMA)  # a write: proves folder and file writable now, not at the first call
+            db.executescript(self.SCHEMA)  # a write: proves the file writable now, not at the first call
             calls = db.execute("SELECT * FROM live_calls").fetchall()
             lock = db.execute("SELECT failures, until, locks FROM pin_lock").fetchone()
             seen = dict.fromkeys(row[0] for row in db.execute("SELECT call_id FROM seen_calls ORDER BY rowid"))
         except (OSError, sqlite3.Error) as exc:
-            if type(exc) is sqlite3.DatabaseError:  # not a database, a damaged one, or another program's
+            if type(exc) is sqlite3.DatabaseError:  # (not OperationalError: disk full, read-only, ...)
                 raise ConfigError(f"STATE_DIR={self.path.parent}: {self.path} is not voicebridge's, or is damaged "
                                   f"({exc}): stop voicebridge, move the file aside (the call history and the PIN "
                                   "lock go with it), and start it again") from None
-            failure = ConfigError if isinstance(exc, OSError) else StartupError  # rights are the owner's to fix
+            failure = ConfigError if isinstance(exc, OSError) else StartupError
             raise failure(f"STATE_DIR={self.path.parent}: cannot create or write {self.path.name} ({exc}): give "
                           "its disk room and the user voicebridge runs as the right to write there, or set STATE_DIR"
                           ) from None
@@ -1344,14 +1337,14 @@ class StateStore:
                 CallLog(call_id).error("state not saved to %s (%s): calls go on, but a restart now would lose track "
                                        "of them", self.path, exc)
             return
-        if self._failures:  # so that the next failure, whatever its cause, is logged too
+        if self._failures:  # so that the next failure is logged too
             log.warning("state saved again to %s", self.path)
             self._failures.clear()
 
     def write(self, call_id: str, sql: str, *params: Any) -> None:
         """Queue one statement for the store's thread, which gets the queue STORE_BATCH later."""
         self._queued.append((call_id, sql, params))
-        if len(self._queued) == 1:  # (waking the thread for each would cost ~0.1 ms of CPU each)
+        if len(self._queued) == 1:  # (a wake-up per write would cost ~0.1 ms of CPU each)
             asyncio.get_running_loop().call_later(STORE_BATCH, lambda: self._queued and self.hand_over())
 
     def hand_over(self) -> Future[None]:
@@ -1364,7 +1357,7 @@ class StateStore:
         await asyncio.wait({asyncio.wrap_future(self.hand_over())}, timeout=RECORD_WAIT)
 
     def save_call(self, call: Call) -> None:
-        typed = call.keypad.ok and bool(call.keypad.pin)  # (a PIN set while the service is down is asked for)
+        typed = call.keypad.ok and bool(call.keypad.pin)  # (so a PIN set while down is asked for)
         self.write(call.id, "INSERT OR REPLACE INTO live_calls VALUES (?, ?, ?, ?, ?, ?)", call.id, call.caller,
                    call.agent, call.accepted_at, typed, json.dumps(call.in_flight))
 
@@ -1396,7 +1389,7 @@ class StateStore:
             await asyncio.wrap_future(self.hand_over())
             await asyncio.wrap_future(self._thread.submit(self._db.close))
         if self._lock >= 0:
-            os.close(self._lock)  # (which lets the lock go)
+            os.close(self._lock)
         self._thread.shutdown()
 
 
@@ -1405,7 +1398,7 @@ async def resume_calls(app: web.Application) -> None:
     if app[LEFT_CALLS]:
         log.info("resuming %d call(s) left by the previous run", len(app[LEFT_CALLS]))
     for call_id, caller, agent, accepted_at, pin_typed, in_flight in app[LEFT_CALLS]:
-        age, routed = time.time() - accepted_at, agent_for(app[CONFIG], caller)  # (the settings may have changed)
+        age, routed = time.time() - accepted_at, agent_for(app[CONFIG], caller)  # (settings may have changed)
         call = Call(app, call_id, caller, routed or agent, time.monotonic() - max(0.0, age), accepted_at)
         app[CALLS][call_id] = call
         call.keypad.ok, call.in_flight = bool(pin_typed) or call.keypad.ok, tuple(json.loads(in_flight))
@@ -1446,7 +1439,7 @@ def exc_text(exc: BaseException) -> str:
 
 
 class JournalFormat(logging.Formatter):
-    """Each line led by its priority (<3>: ERROR) as the journal reads it; the journal adds the time."""
+    """Each line led by its priority (<3>: ERROR); the journal adds the time."""
 
     def format(self, record: logging.LogRecord) -> str:
         priority = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.CRITICAL: 2}.get(record.levelno, 3)
@@ -1454,7 +1447,7 @@ class JournalFormat(logging.Formatter):
 
 
 def stderr_is_journal() -> bool:
-    """Whether stderr is the journal: systemd then sets JOURNAL_STREAM to its device and inode."""
+    """Whether stderr is the journal (systemd sets JOURNAL_STREAM to its device and inode)."""
     try:
         stream = os.fstat(sys.stderr.fileno())
     except (OSError, ValueError, AttributeError):  # (no file behind stderr)
@@ -1471,7 +1464,7 @@ class Throttled:
     held: int = 0
 
     def warning(self, text: str, level: int = logging.WARNING) -> None:
-        """Log text, or count it if the last line went out less than `every` seconds ago."""
+        """Log text, or count it if the last line is less than `every` seconds old."""
         now = time.monotonic()
         if now - self.last < self.every:
             self.held += 1
@@ -1481,7 +1474,7 @@ class Throttled:
 
 
 def loop_error(throttled: Throttled, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-    """The event loop's errors; asyncio retries an accept() refused for want of descriptors every second."""
+    """The event loop's errors; an accept() refused for want of descriptors is retried each second."""
     if context.get("message") != "socket.accept() out of system resource":
         return loop.default_exception_handler(context)
     throttled.warning(f"out of file descriptors ({exc_text(context['exception'])}): new connections wait; "
@@ -1501,13 +1494,13 @@ LEFT_CALLS: web.AppKey[list[tuple[Any, ...]]] = web.AppKey("left_calls")  # the 
 DRAINING: web.AppKey[asyncio.Event] = web.AppKey("draining")
 PIN_LOCK: web.AppKey[PinLock] = web.AppKey("pin_lock")
 REJECTED: web.AppKey[Throttled] = web.AppKey("rejected")  # the "webhook rejected" line: anyone can cause it
-SHUTDOWN_AFTER_GRACE = 20.0  # after SHUTDOWN_GRACE: the goodbye (10 s), the hangups; systemd waits 60 s in all
+SHUTDOWN_AFTER_GRACE = 20.0  # after SHUTDOWN_GRACE: the goodbye (10 s), the hangups (systemd waits 60 s)
 
 
 def spawn(
     tasks: set[asyncio.Task[Any]], name: str, coro: Any, crashed: Callable[[], Any] = lambda: None
 ) -> asyncio.Task[Any]:
-    """Run work in the background, kept in `tasks` to be cancelled; a crash is logged, then `crashed()`."""
+    """Run work in the background, kept in `tasks`; a crash is logged, then `crashed()`."""
     task = asyncio.create_task(coro, name=name)
     tasks.add(task)
     task.add_done_callback(functools.partial(forget, tasks, crashed))
@@ -1515,7 +1508,7 @@ def spawn(
 
 
 def forget(tasks: set[asyncio.Task[Any]], crashed: Callable[[], Any], task: asyncio.Task[Any]) -> None:
-    """Drop a finished task; log an unexpected error's traceback (the task's name is the call id)."""
+    """Drop a finished task; log an unexpected error (the task's name is the call id)."""
     tasks.discard(task)
     if not task.cancelled() and task.exception():  # (asking marks the error seen, so it is logged once)
         CallLog(task.get_name()).error("unexpected error", exc_info=task.exception())
@@ -1536,15 +1529,14 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def http_session(app: web.Application) -> AsyncIterator[None]:
     """One client session for OpenAI and OpenClaw, for the life of the app."""
-    # limit=0: every live call holds a sideband connection; the default pool of 100 would stall call
-    # 101
+    # limit=0: every live call holds a sideband connection; the default pool of 100 would stall call 101
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         app[HTTP] = session
         yield
 
 
 async def state_store(app: web.Application) -> AsyncIterator[None]:
-    """The state store for the life of the app: what the last run left is loaded first."""
+    """The state store for the life of the app."""
     app[STORE] = StateStore(app[CONFIG].state_dir, app[CONFIG].history_days)
     app[LEFT_CALLS], app[PIN_LOCK], app[SEEN_CALLS] = await app[STORE].open()
     app[STORE].prune()
@@ -1554,7 +1546,7 @@ async def state_store(app: web.Application) -> AsyncIterator[None]:
 
 def make_app(config: Config) -> web.Application:
     """The aiohttp application; tests build it with their own Config."""
-    # aiohttp's keep-alive timer also runs from the connection's start: one that sends no whole head is closed.
+    # aiohttp's keep-alive timer runs from a connection's start: one with no whole head is closed too.
     app = web.Application(client_max_size=MAX_WEBHOOK_BYTES, handler_args={"keepalive_timeout": BODY_TIMEOUT})
     app[CONFIG] = config
     app[CALLS] = {}
@@ -1562,7 +1554,7 @@ def make_app(config: Config) -> web.Application:
     app[DRAINING] = asyncio.Event()
     app[REJECTED] = Throttled()
     app.cleanup_ctx.extend((state_store, http_session))  # the store first: a bad STATE_DIR stops before anything
-    app.on_shutdown.append(functools.partial(drain, grace=0))  # the last resort: serve() drains with a grace first
+    app.on_shutdown.append(functools.partial(drain, grace=0))  # a last resort: serve() drains with a grace
     app.router.add_post("/webhook", webhook)
     app.router.add_get("/healthz", healthz)
     return app
@@ -1588,8 +1580,7 @@ async def serve(config: Config) -> None:
             "(another voicebridge?), or set PORT to a free one" if taken else "check HOST and PORT")) from None
     log_banner(config)  # only now: the port is open, the state store loaded
     await resume_calls(runner.app)  # and only now: a start that cannot bind leaves them to the next one
-    # The ~35k objects from imports out of the collector's way: a full collection takes ms, not ~80
-    # ms.
+    # The ~35k objects from imports out of the collector's way: a full collection takes ms, not ~80 ms.
     gc.freeze()
     await stop.wait()
     log.info("shutdown requested: new calls are now refused")
@@ -1602,7 +1593,7 @@ async def drain(app: web.Application, grace: float) -> None:
     """Refuse new calls, let live ones go on for `grace` seconds, then say goodbye and hang up."""
     app[DRAINING].set()
     try:
-        async with timeout(grace + SHUTDOWN_AFTER_GRACE):  # one deadline, so systemd never SIGKILLs us mid-hangup
+        async with timeout(grace + SHUTDOWN_AFTER_GRACE):  # one deadline: systemd never kills a hangup
             if app[CALLS] and grace > 0:
                 log.info("shutting down: %d live call(s) may go on for up to %gs", len(app[CALLS]), grace)
                 await asyncio.wait({call.task for call in app[CALLS].values() if call.task}, timeout=grace)
@@ -1624,11 +1615,11 @@ EX_CONFIG = 78  # a configuration error's exit status (sysexits.h); the unit's R
 
 
 class StartupError(Exception):
-    """The service cannot start for a reason outside its settings (a port taken): exit status 1."""
+    """The service cannot start for a reason outside its settings: exit status 1."""
 
 
 class ConfigError(Exception):
-    """Settings missing or malformed: a message per problem, each saying which and how to fix it."""
+    """Settings missing or malformed: a message per problem, saying how to fix it."""
 
     def __str__(self) -> str:
         return "\n".join(map(str, self.args))
@@ -1645,7 +1636,7 @@ class Config:
     openclaw_token: str = ""
     openclaw_agent: str = "main"
     openclaw_timeout: float = 30.0
-    allowed_callers: dict[str, str] = field(default_factory=dict)  # E.164 number or "*" -> OpenClaw agent id
+    allowed_callers: dict[str, str] = field(default_factory=dict)  # E.164 number or "*" -> agent
     host: str = "127.0.0.1"
     port: int = 8080
     model: str = "gpt-realtime-2.1"
@@ -1665,7 +1656,7 @@ class Config:
 
     @classmethod
     def parse(cls, env: Mapping[str, str], need_openai: bool = True) -> tuple[Config, list[str]]:
-        """The config (a default where a setting is wrong), and every problem, all in one run."""
+        """The config (a default where a setting is wrong), and every problem."""
         problems: list[str] = []
 
         def get(name: str, default: str = "") -> str:
@@ -1781,8 +1772,7 @@ def read_settings(path: Path, required: bool) -> tuple[dict[str, str], list[str]
     try:
         with path.open(encoding="utf-8") as stream:  # (python-dotenv skips a byte order mark itself)
             # dotenv_values(interpolate=False) is made of these, but skips a line it cannot parse
-            # with a mere warning: here that line is refused, for CALL_PIN="1234 must never mean "no
-            # PIN".
+            # with a warning: here it is refused, for CALL_PIN="1234 must never mean "no PIN".
             bindings = list(parse_stream(stream))
     except FileNotFoundError:
         return {}, [f"--env-file {path}: there is no such file"] if required else []
@@ -1798,7 +1788,7 @@ def read_settings(path: Path, required: bool) -> tuple[dict[str, str], list[str]
     values: dict[str, str] = {}
     problems = []
     for binding in bindings:
-        if binding.error or binding.key is not None and binding.value is None:  # (None: a line with no "=")
+        if binding.error or binding.key is not None and binding.value is None:  # (None: no "=")
             problems.append(f"{path}, line {binding.original.line}: python-dotenv cannot read this line (a quote not "
                             "closed? no '='?): write KEY=value, with # before a comment")
         elif binding.key is not None:
@@ -1819,7 +1809,7 @@ PRICING = "https://developers.openai.com/api/docs/pricing"  # what the tokens of
 
 
 def config_warnings(config: Config, today: date | None) -> Iterator[tuple[int, str]]:
-    """What the banner and --check warn about: (WARNING, text), or (ERROR, text) if calls fail."""
+    """What the banner and --check warn about: (WARNING or ERROR, text)."""
     today = today or datetime.now(timezone.utc).date()
     warn, fail = logging.WARNING, logging.ERROR
     if not config.allowed_callers:
@@ -1949,7 +1939,7 @@ async def ask(config: Config, question: str, caller: str | None = None) -> int:
 
 
 def show_history(config: Config, call_id: str, last: int, as_json: bool, numbers: bool) -> int:
-    """--calls: read the history read-only (the service is never held up) and show it."""
+    """--calls: read the history read-only (never holding up the service) and show it."""
     path = Path(config.state_dir).resolve() / "voicebridge.db"
     query = "SELECT record FROM history " + ("WHERE call_id = ?" if call_id else "ORDER BY started DESC LIMIT ?")
     rows = []
@@ -2058,9 +2048,8 @@ def main() -> None:
         parser.error("--last needs a number of calls, 1 or more")
     journal = stderr_is_journal()
     try:
-        # --env-file: the unit's file wins, so a check sees what the service will. Otherwise the
-        # .env beside this file (no search through parent folders) fills in what the environment
-        # does not set.
+        # --env-file: the unit's file wins, so a check sees what the service will. Otherwise the .env beside
+        # this file (no search through parent folders) fills in what the environment does not set.
         path = Path(args.env_file or Path(__file__).with_name(".env"))
         settings, problems = read_settings(path, required=args.env_file is not None)
         env = {**os.environ, **settings} if args.env_file else {**settings, **os.environ}
