@@ -46,6 +46,7 @@ sys.dont_write_bytecode = True  # leave no __pycache__ in the shared checkout
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import gc  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
@@ -277,6 +278,32 @@ async def bare_client(ws_url: str, prefix: str, n: int) -> None:
         for task in readers:
             task.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
+
+
+async def bare_tool(ws_url: str, claw_url: str, call_id: str) -> None:
+    """--bare-tool: the tool round with nothing else, as a plain aiohttp client would do it: on a completed response's
+    function call, ask the fake OpenClaw and hand the answer back (conversation.item.create, then response.create)."""
+    events = itertools.count(1)
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(f"{ws_url}?call_id={call_id}", heartbeat=SIDEBAND_HEARTBEAT,
+                                   headers={"Authorization": f"Bearer {os.environ['BENCH_BEARER']}"})
+        print("ready", flush=True)
+        async for msg in ws:
+            event = json.loads(msg.data)
+            if event.get("type") != "response.done" or event["response"].get("status") != "completed":
+                continue
+            for item in event["response"]["output"]:
+                if item.get("type") != "function_call":
+                    continue
+                body = {"model": "openclaw:main", "user": "bench", "messages": [
+                    {"role": "system", "content": "Answer briefly."},
+                    {"role": "user", "content": json.loads(item["arguments"])["request"]}]}
+                async with http.post(f"{claw_url}/v1/chat/completions", json=body,
+                                     headers={"Authorization": f"Bearer {os.environ['BENCH_CLAW']}"}) as resp:
+                    answer = (await resp.json())["choices"][0]["message"]["content"]
+                output = {"type": "function_call_output", "call_id": item["call_id"], "output": answer}
+                await ws.send_json({"type": "conversation.item.create", "event_id": f"b{next(events)}", "item": output})
+                await ws.send_json({"type": "response.create", "event_id": f"b{next(events)}"})
 
 
 class Helper:
@@ -547,22 +574,58 @@ class Run:
             await self.wait_active(0, 10, 0.002)
         self.result.figures.update(accept_p50=pct(latencies, 50), accept_p99=pct(latencies, 99), accept_max=max(latencies))
 
-    async def phase_single_tool(self) -> None:
-        """2a. tool overhead with one call, sequential rounds."""
-        call = await self.connect(f"rtc_bench_{self.index}_single", 10)
+    async def phase_bare_tool(self) -> None:
+        """2a'. the same rounds as 2a, done by a bare aiohttp client (--bare-tool): the floor of a tool round."""
+        from test_voicebridge import API_KEY, CLAW_TOKEN
+
+        call = self.openai.ring(f"rtc_bench_{self.index}_bare_tool")
+        call.state, call.accept_body = "accepted", {"type": "realtime", "model": "gpt-realtime-2.1"}
+        ws_url = self.openai.url.replace("http", "ws", 1) + "/realtime"
+        bare = Helper("--bare-tool", ws_url, self.openclaw.url, call.id,
+                      env={**os.environ, "BENCH_BEARER": API_KEY, "BENCH_CLAW": CLAW_TOKEN})
+        await bare.start()
+        try:
+            await bare.line(30)
+            await wait_until(lambda: call.ws is not None, 10, "the bare client's sideband")
+            net = await self.tool_rounds(call)
+        finally:
+            await call.caller_hangs_up()
+            code = await bare.finish()
+        if code != 0:
+            self.result.notes.append(f"bare tool client exited with code {code}")
+        self.result.figures.update(bare_tool1_p50=pct(net, 50), bare_tool1_p99=pct(net, 99),
+                                   tool_ratio=self.result.figures["tool1_p50"] / pct(net, 50))
+
+    async def tool_rounds(self, call: FakeCall, fresh: Callable[[int], Any] | None = None) -> list[float]:
+        """Sequential ask_openclaw rounds on one call (on a fresh one every LOOP_CALLS rounds, if `fresh` gives one:
+        voicebridge's breaker stops more in a minute); the overhead of each after WARMUP."""
+        from voicebridge import LOOP_CALLS
+
         rounds = []
         for k in range(WARMUP + self.args.samples):
+            if fresh is not None and k and k % LOOP_CALLS == 0:
+                await call.caller_hangs_up()
+                call = await fresh(k)
             question = f"single {k} {call.id}"
+            creates, outputs = len(call.response_creates()), len(call.outputs())
             [fc_id] = await call.model_response([("ask_openclaw", json.dumps({"request": question}))])
-            await wait_until(lambda n=k + 1: len(call.outputs()) >= n, 10, f"output of round {k}")
-            await wait_until(lambda n=k + 2: len(call.response_creates()) >= n and not call.response_active, 10,
+            await wait_until(lambda n=outputs + 1: len(call.outputs()) >= n, 10, f"output of round {k}")
+            await wait_until(lambda n=creates + 1: len(call.response_creates()) >= n and not call.response_active, 10,
                              f"response after round {k}")
             if k >= WARMUP:
                 rounds.append((call, fc_id, question))
-        net, _, _ = self.overheads(rounds)
+        return self.overheads(rounds)[0]
+
+    async def phase_single_tool(self) -> None:
+        """2a. tool overhead with one call, sequential rounds."""
+        def fresh(k: int) -> Any:
+            return self.connect(f"rtc_bench_{self.index}_single_{k}", 10)
+
+        net = await self.tool_rounds(await fresh(0), fresh)
         self.result.figures.update(tool1_p50=pct(net, 50), tool1_p99=pct(net, 99), tool1_max=max(net))
-        self.result.figures["fake_errors"] = self.result.figures.get("fake_errors", 0) + len(call.errors)
-        await call.caller_hangs_up()
+        self.result.figures["fake_errors"] = self.result.figures.get("fake_errors", 0) + sum(
+            len(call.errors) for call_id, call in self.openai.calls.items() if "_single_" in call_id)
+        await asyncio.gather(*(call.caller_hangs_up() for call in self.openai.calls.values()))
         await self.wait_active(0, 10)
 
     async def phase_open_calls(self) -> list[FakeCall]:
@@ -747,6 +810,7 @@ class Run:
             await self.start()
             await self.phase_accept()
             await self.phase_single_tool()
+            await self.phase_bare_tool()
             calls = await self.phase_open_calls()
             await self.phase_idle_lag()
             await self.phase_spread(calls)
@@ -817,8 +881,12 @@ def report(results: list[RunResult], args: argparse.Namespace) -> str:
         ["#", "latency (this process's monotonic clock)", "p50", "p99", "max", "target", "result"],
         ["1", f"webhook sent -> accept request at fake OpenAI ({s} sequential calls)",
          ms("accept_p50"), ms("accept_p99"), ms("accept_max"), "p99 < 5 ms", verdict("accept_p99", 0.005)],
-        ["2a", f"tool overhead, 1 call ({s} sequential rounds)",
+        ["2a", f"tool overhead, 1 call at a time ({s} sequential rounds)",
          ms("tool1_p50"), ms("tool1_p99"), ms("tool1_max"), "-", "info"],
+        ["2a'", "the same rounds by a bare aiohttp client (the floor)", ms("bare_tool1_p50"), ms("bare_tool1_p99"), "-",
+         "-", "baseline"],
+        ["2a/", "ratio 2a / 2a' at p50", "n/a" if med("tool_ratio") is None else f"{med('tool_ratio'):.2f}x", "", "",
+         "<= 1.2x", "ok" if (med("tool_ratio") or 9) <= 1.2 else "OVER"],
         ["2d", f"tool overhead, {n} live calls, questions spread over {args.spread_seconds:g} s",
          ms("spread_p50"), ms("spread_p99"), ms("spread_max"), "p99 < 10 ms", verdict("spread_p99", 0.010)],
         ["2b", f"tool overhead, {n} calls asking in the same instant (burst worst case)",
@@ -918,9 +986,12 @@ def main() -> None:
     parser.add_argument("--idle-seconds", type=float, default=3.0, help="idle /healthz polling, seconds (default 3)")
     parser.add_argument("--poll-healthz", metavar="URL", help=argparse.SUPPRESS)
     parser.add_argument("--bare-client", nargs=3, metavar=("WS_URL", "PREFIX", "N"), help=argparse.SUPPRESS)
+    parser.add_argument("--bare-tool", nargs=3, metavar=("WS_URL", "CLAW_URL", "CALL_ID"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.poll_healthz:
         asyncio.run(poll_healthz(args.poll_healthz))
+    elif args.bare_tool:
+        asyncio.run(bare_tool(*args.bare_tool))
     elif args.bare_client:
         ws_url, prefix, n = args.bare_client
         asyncio.run(bare_client(ws_url, prefix, int(n)))

@@ -32,6 +32,9 @@ import tempfile
 import threading
 import time
 import tracemalloc
+import types
+import typing
+import collections.abc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
@@ -40,7 +43,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+import typing_extensions
 from aiohttp import web
+from openai.types.realtime.call_accept_params import CallAcceptParams  # a reference only: voicebridge never uses it
+from openai.types.realtime.realtime_response_create_params_param import RealtimeResponseCreateParamsParam
 
 import voicebridge
 from voicebridge import Config, ConfigError, make_app, verify_signature
@@ -66,13 +72,52 @@ USAGE = {"total_tokens": 380, "input_tokens": 300, "output_tokens": 80,
          "output_token_details": {"text_tokens": 20, "audio_tokens": 60}}
 
 
+def type_problems(value: Any, hint: Any, path: str = "") -> list[str]:
+    """Where `value` does not fit openai-python's own type `hint` (a TypedDict of its request params): unknown or
+    misspelt fields, missing required ones, and values a Literal refuses."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing_extensions.Required, typing_extensions.NotRequired):
+        return type_problems(value, args[0], path)
+    if typing_extensions.is_typeddict(hint):
+        if not isinstance(value, dict):
+            return [f"{path}: not an object"]
+        hints = typing.get_type_hints(hint)
+        found = [f"{path}.{key}: unknown parameter" for key in value if key not in hints]
+        found += [f"{path}.{key}: missing" for key in hint.__required_keys__ if key not in value]
+        return found + [p for key, v in value.items() if key in hints for p in type_problems(v, hints[key], f"{path}.{key}")]
+    if origin in (typing.Union, types.UnionType):
+        tries = [type_problems(value, arm, path) for arm in args]
+        return [] if [] in tries else min(tries, key=len)
+    if origin is typing.Literal:
+        return [] if value in args else [f"{path}: {value!r} is not one of {', '.join(map(repr, args))}"]
+    if origin in (list, collections.abc.Iterable):
+        if not isinstance(value, list):
+            return [f"{path}: not a list"]
+        return [p for index, v in enumerate(value) for p in type_problems(v, args[0], f"{path}[{index}]")]
+    return []
+
+
+def test_the_type_check_of_the_fake_finds_a_misspelt_field() -> None:
+    body = voicebridge.accept_payload(dataclasses.replace(config_from({"OPENAI_API_KEY": API_KEY,
+                                                                        "OPENAI_WEBHOOK_SECRET": SECRET}),
+                                                          reasoning_effort="high", log_transcripts=True))
+    assert type_problems(body, CallAcceptParams) == []
+    assert type_problems({**body, "reasonning": {"effort": "high"}}, CallAcceptParams) == [".reasonning: unknown parameter"]
+    assert type_problems({"reasoning": {"effort": "lowest"}}, RealtimeResponseCreateParamsParam) == [
+        ".reasoning.effort: 'lowest' is not one of 'minimal', 'low', 'medium', 'high', 'xhigh'"]
+
+
 def caller_number(sip_headers: Any) -> str | None:
     """The caller's E.164 number as the webhook reads it from the From SIP header, or None."""
     return voicebridge.normalise_number(voicebridge.from_user(sip_headers))
 
 
-# What the fake serves (openai-python 3.57.0 CallAcceptParams): the current models and those with a shutdown date.
-REALTIME_MODELS = {"gpt-realtime-2", "gpt-realtime-2.1", "gpt-realtime-2.1-mini", *voicebridge.RETIRING_MODELS}
+# What the fake serves (openai-python 3.63.0 CallAcceptParams): the current models, those with a shutdown date (as
+# OpenAI's model object gives it), and which of them reason (and so take `reasoning`).
+SHUTDOWN_DATES = dict.fromkeys(("gpt-realtime", "gpt-realtime-2025-08-28", "gpt-realtime-mini",
+                                "gpt-realtime-mini-2025-12-15", "gpt-audio-mini", "gpt-audio-mini-2025-12-15"), "2027-01-20")
+REALTIME_MODELS = {"gpt-realtime-2", "gpt-realtime-2.1", "gpt-realtime-2.1-mini", *SHUTDOWN_DATES}
+REASONING_MODELS = {"gpt-realtime-2", "gpt-realtime-2.1"}
 VOICES = {"alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar"}
 TRANSCRIPTION_MODELS = {"whisper-1", "gpt-transcribe", "gpt-live-transcribe", "gpt-4o-mini-transcribe",
                         "gpt-4o-mini-transcribe-2025-12-15", "gpt-4o-transcribe", "gpt-4o-transcribe-diarize",
@@ -147,6 +192,7 @@ class FakeCall:
         self.sideband_down = False  # a proxy in the way is restarting: handshakes get 503
         self.close_on_connect: int | None = None  # complete the upgrade, then close at once with this code
         self.handshake_hangs = False  # accept the TCP connection, never answer the upgrade
+        self.refuse_reasoning = False  # refuse `reasoning` in a response.create, as for a model that takes none
         self.hangup_script: list[int] = []  # statuses to answer the next hangups with, before success
         self.answers_lost = 0  # accepts that take effect but whose answer is lost (a 502 from a proxy in the way)
         self.on_accept: Callable[[], Any] | None = None  # called as an accept arrives; what it returns is kept
@@ -237,7 +283,15 @@ class FakeCall:
     async def on_client_event(self, event: dict[str, Any]) -> None:
         """What the Realtime server does with a client event."""
         kind = event.get("type")
-        if kind == "response.create":
+        response = event.get("response") or {}
+        problems = type_problems(response, RealtimeResponseCreateParamsParam, "response")
+        if "reasoning" in response and (self.refuse_reasoning or (self.accept_body or {}).get("model") not in
+                                        REASONING_MODELS):
+            problems.append("response.reasoning: unknown parameter")  # what the server says is not recorded: a guess
+        if kind == "response.create" and problems:
+            param = problems[0].split(":")[0]
+            await self.error(event, "unknown_parameter", f"Unknown parameter: '{param}'.", param)
+        elif kind == "response.create":
             if self.response_active:
                 await self.error(event, "conversation_already_has_active_response",
                                  "Conversation already has an active response in progress")
@@ -282,9 +336,9 @@ class FakeCall:
         await asyncio.sleep(self.audio_tail)
         await self.send({"type": "output_audio_buffer.stopped", "response_id": response_id})
 
-    async def error(self, event: dict[str, Any], code: str, message: str) -> None:
+    async def error(self, event: dict[str, Any], code: str, message: str, param: str | None = None) -> None:
         error = {"type": "error", "error": {"type": "invalid_request_error", "code": code, "message": message,
-                                              "param": None, "event_id": event.get("event_id")}}
+                                              "param": param, "event_id": event.get("event_id")}}
         self.errors.append(error)
         await self.send(error)
 
@@ -343,6 +397,7 @@ class FakeOpenAI:
         self.calls: dict[str, FakeCall] = {}
         self.rest: list[tuple[str, str]] = []  # (action, call_id) of every authorised REST request
         self.models_retrieved: list[str] = []  # ids asked for with GET /v1/models/{model}, key right or wrong
+        self.model_delay = 0.0  # how long GET /v1/models/{model} takes to answer
         self.app = web.Application()
         self.app.router.add_post("/v1/realtime/calls/{call_id}/{action}", self.call_control)
         self.app.router.add_get("/v1/realtime", self.sideband)
@@ -369,12 +424,14 @@ class FakeOpenAI:
         """GET /v1/models/{model}: the model object if the key's project may use it, else 404 model_not_found."""
         model = request.match_info["model"]
         self.models_retrieved.append(model)
+        await asyncio.sleep(self.model_delay)
         if not self.authorised(request):
             return web.json_response(error_body("Incorrect API key provided.", "invalid_request_error", "invalid_api_key"), status=401)
         if model not in REALTIME_MODELS:
             message = f"The model '{model}' does not exist or you do not have access to it."
             return web.json_response(error_body(message, "invalid_request_error", "model_not_found"), status=404)
-        return web.json_response({"id": model, "object": "model", "created": 1779000000, "owned_by": "system"})
+        return web.json_response({"id": model, "object": "model", "created": 1779000000, "owned_by": "system",
+                                  "shutdown_date": SHUTDOWN_DATES.get(model)})
 
     async def call_control(self, request: web.Request) -> web.Response:
         if not self.authorised(request):
@@ -396,6 +453,13 @@ class FakeOpenAI:
                 return not_found
             body = await request.json()
             audio = body.get("audio") or {}
+            problems = type_problems(body, CallAcceptParams, "session")
+            if "reasoning" in body and body.get("model") not in REASONING_MODELS:
+                problems.append("session.reasoning: unknown parameter")  # (not recorded either: a guess)
+            if problems:
+                param = problems[0].split(":")[0]
+                return web.json_response(error_body(f"Unknown parameter: '{param}'.", "invalid_request_error",
+                                                    "unknown_parameter", param), status=400)
             if any("format" in (audio.get(side) or {}) for side in ("input", "output")):
                 return web.json_response(error_body("Do not set audio format for SIP calls", "invalid_request_error"), status=400)
             for field in set((audio.get("input") or {}).get("turn_detection") or {}) - {"type", "idle_timeout_ms"}:
@@ -1032,7 +1096,7 @@ async def test_a_call_from_webhook_to_spoken_answer(
     body = call.accept_body
     assert body is not None
     assert body["type"] == "realtime" and body["model"] == "gpt-realtime-2.1"
-    assert body["model"] not in voicebridge.RETIRING_MODELS  # the default outlives 2027-01-20
+    assert body["model"] not in SHUTDOWN_DATES and "reasoning" not in body  # (REASONING_EFFORT: the model's own)
     assert body["audio"] == {"output": {"voice": "marin"}}
     assert [t["name"] for t in body["tools"]] == ["ask_openclaw", "end_call"]
     assert body["tools"][0]["parameters"]["required"] == ["request"]
@@ -2617,43 +2681,6 @@ async def test_check_probes_both_sides_without_making_a_call(
     assert API_KEY not in output and CLAW_TOKEN not in output
 
 
-@pytest.mark.parametrize(
-    "today,expected,code",
-    [
-        (date(2027, 1, 19), "WARN  REALTIME_MODEL=gpt-realtime will be shut down by OpenAI on 2027-01-20: "
-                            "set REALTIME_MODEL=gpt-realtime-2.1 before then", 0),
-        (date(2027, 1, 20), "FAIL  no setting makes every call fail (ALLOWED_CALLERS, REALTIME_MODEL's shutdown date)\n"
-                            "      REALTIME_MODEL=gpt-realtime was shut down by OpenAI on 2027-01-20", 1),
-    ],
-)
-async def test_check_warns_before_a_models_shutdown_date_and_fails_after(
-    openai: FakeOpenAI, openclaw: FakeOpenClaw, capsys: pytest.CaptureFixture[str], today: date, expected: str, code: int
-) -> None:
-    config = config_from(make_env(openai, openclaw, REALTIME_MODEL="gpt-realtime"))
-    assert await voicebridge.check(config, today=today) == code
-    output = capsys.readouterr().out
-    assert expected in output, output
-    assert ("All good" in output) == (code == 0)
-    assert openai.models_retrieved == ["gpt-realtime"] and openai.rest == []
-
-
-def test_banner_warns_about_a_retiring_model_and_errors_after_its_date(caplog: pytest.LogCaptureFixture) -> None:
-    config = config_from({"OPENAI_API_KEY": API_KEY, "OPENAI_WEBHOOK_SECRET": SECRET, "ALLOWED_CALLERS": ALICE,
-                              "REALTIME_MODEL": "gpt-realtime-mini"})
-    for today, level, text in (
-        (date(2026, 11, 26), "WARNING", "REALTIME_MODEL=gpt-realtime-mini will be shut down by OpenAI on 2027-01-20: "
-                                        "set REALTIME_MODEL=gpt-realtime-2.1-mini before then"),
-        (date(2027, 2, 1), "ERROR", "REALTIME_MODEL=gpt-realtime-mini was shut down by OpenAI on 2027-01-20, so calls "
-                                    "will fail: set REALTIME_MODEL=gpt-realtime-2.1-mini"),
-    ):
-        caplog.clear()
-        voicebridge.log_banner(config, today=today)
-        assert [(r.levelname, r.getMessage()) for r in caplog.records if r.levelno >= logging.WARNING] == [(level, text)]
-    caplog.clear()
-    voicebridge.log_banner(dataclasses.replace(config, model="gpt-realtime-2.1"), today=date(2027, 2, 1))
-    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
-
-
 async def test_ask_runs_the_question_as_a_call_would(openai: FakeOpenAI, openclaw: FakeOpenClaw) -> None:
     env = {k: v for k, v in make_env(openai, openclaw).items() if not k.startswith("OPENAI_")}  # no OpenAI needed
     code, output = await output_of(await run_voicebridge(env, "--ask", "What is on my calendar tomorrow?"))
@@ -3622,8 +3649,8 @@ async def test_the_history_keeps_every_call_and_calls_shows_it_masked(
     steps: dict[str, float] = {}
     for at, text in a["timeline"]:
         steps.setdefault(text, at)  # the first time of each step
-    assert list(steps)[:6] == ["webhook arrived", "accept sent", "accepted", "sideband open",
-                               "greeting started", "greeting audio started"]
+    assert list(steps)[:7] == ["webhook arrived", "accept sent", "accepted", "sideband open",
+                               "greeting asked for at minimal reasoning", "greeting started", "greeting audio started"]
     audio = next(e["_at"] for e in answered.sent if e["type"] == "output_audio_buffer.started")
     assert a["first_word"] == steps["greeting audio started"] and audio - rang - 0.1 < a["first_word"] <= audio - rang
     [question] = a["questions"]
@@ -4233,3 +4260,133 @@ async def test_a_resumed_call_follows_the_settings_it_finds(
     await moved.wait_idle()
     assert (await ask(moved, "anything new?"))["output"] == "Answer to: anything new?"
     assert openclaw.requests[-1]["model"] == "openclaw:family"  # the agent it now has
+
+
+# --- The first word sooner, the bill bounded (issue 23) ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model, reasoning", [("gpt-realtime-2.1", {"effort": "minimal"}), ("gpt-realtime-mini", None)])
+async def test_the_greeting_asks_a_reasoning_model_for_minimal_reasoning_and_other_models_for_none(
+    start_bridge: Bridge, openai: FakeOpenAI, model: str, reasoning: dict[str, str] | None
+) -> None:
+    bridge = await start_bridge(REALTIME_MODEL=model)
+    call = await connected_call(bridge, openai)
+    [greeting] = call.response_creates()
+    assert greeting["response"].get("reasoning") == reasoning and call.errors == []
+    assert call.accept_body is not None and "reasoning" not in call.accept_body  # the session keeps its default
+
+
+async def test_a_greeting_refused_for_its_reasoning_is_sent_again_without_it(
+    start_bridge: Bridge, openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    bridge = await start_bridge(STATE_DIR=str(tmp_path / "state"))
+    call = openai.ring("rtc_plain")
+    call.refuse_reasoning = True  # what a model that takes no reasoning would do
+    await post_webhook(bridge, incoming_event("rtc_plain"))
+    await eventually(lambda: len(call.response_creates()) == 2)
+    first, again = call.response_creates()
+    assert first["response"]["reasoning"] == {"effort": "minimal"} and "reasoning" not in again["response"]
+    assert again["response"]["instructions"] == first["response"]["instructions"]
+    assert [error["error"]["event_id"] for error in call.errors] == [first["event_id"]]
+    await eventually(lambda: any(e["type"] == "output_audio_buffer.started" for e in call.sent))  # the caller is greeted
+    await call.wait_idle()
+    await call.caller_hangs_up()
+    await eventually(lambda: "rtc_plain" in history_rows(str(tmp_path / "state")))
+    steps = [step for _, step in history_rows(str(tmp_path / "state"))["rtc_plain"]["timeline"]]
+    assert steps.index("greeting asked for at minimal reasoning") < steps.index(
+        "refused for its reasoning: asked for again without it") < steps.index("greeting started"), steps
+    assert history_rows(str(tmp_path / "state"))["rtc_plain"]["first_word"] is not None
+
+
+async def test_reasoning_effort_reaches_the_accept_of_a_reasoning_model_only(
+    start_bridge: Bridge, openai: FakeOpenAI, openclaw: FakeOpenClaw, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bridge = await start_bridge(REASONING_EFFORT="high")
+    call = await connected_call(bridge, openai)
+    assert call.accept_body is not None and call.accept_body["reasoning"] == {"effort": "high"}
+    mini = config_from(make_env(openai, openclaw, REASONING_EFFORT="high", REALTIME_MODEL="gpt-realtime-2.1-mini"))
+    assert "reasoning" not in voicebridge.accept_payload(mini)
+    assert await voicebridge.check(mini) == 0
+    assert "WARN  REASONING_EFFORT=high is not sent: REALTIME_MODEL=gpt-realtime-2.1-mini" in capsys.readouterr().out
+
+
+async def test_a_reasoning_effort_that_does_not_exist_exits_78_naming_it(
+    openai: FakeOpenAI, openclaw: FakeOpenClaw
+) -> None:
+    code, output = await output_of(await run_voicebridge({**make_env(openai, openclaw), "PORT": str(free_port()),
+                                                          "REASONING_EFFORT": "maximal"}))
+    assert code == 78 and "REASONING_EFFORT='maximal'" in output and "minimal, low, medium, high or xhigh" in output
+
+
+async def test_the_same_question_asked_again_and_again_reaches_openclaw_once(
+    bridge: Any, openai: FakeOpenAI, openclaw: FakeOpenClaw
+) -> None:
+    call = await connected_call(bridge, openai)
+    outputs = [await ask(call, "What is on my calendar tomorrow?") for _ in range(5)]
+    assert questions_asked(openclaw) == ["What is on my calendar tomorrow?"]  # one agent run
+    assert all(o["output"].startswith("Answer to: What is on my calendar tomorrow?") for o in outputs)
+    assert "not asked again" in outputs[-1]["output"]  # the model is told it is the earlier answer
+    assert (await ask(call, "And the day after?"))["output"] == "Answer to: And the day after?"
+
+
+@pytest.mark.parametrize("tool", [("ask_openclaw", '{"request": "again"}'), ("send_email", "{}"),
+                                  ("ask_openclaw", '{"question": "no request field"}')])
+async def test_a_model_that_calls_tools_without_end_is_told_to_stop_then_hung_up(
+    bridge: Any, openai: FakeOpenAI, openclaw: FakeOpenClaw, caplog: pytest.LogCaptureFixture, tool: tuple[str, str]
+) -> None:
+    call = await connected_call(bridge, openai)
+    rounds = 0
+    while call.state != "ended" and rounds < 3 * voicebridge.LOOP_CALLS:
+        await call.model_response([tool])
+        rounds += 1
+        await eventually(lambda: len(call.outputs()) == rounds or call.state == "ended")
+    assert rounds == voicebridge.LOOP_CALLS + 2, rounds  # told to stop at LOOP_CALLS + 1; the call after: hung up
+    assert call.outputs()[voicebridge.LOOP_CALLS]["output"] == voicebridge.STOP_TOOLS
+    assert len(openclaw.requests) <= 1 and "reason=tool_loop" in caplog.text
+    assert [r.levelname for r in caplog.records if "tool calls within" in r.getMessage()] == ["WARNING", "WARNING"]
+    goodbyes = [e for e in call.response_creates() if (e.get("response") or {}).get("metadata") == voicebridge.GOODBYE_TAG]
+    assert goodbyes and goodbyes[0]["response"]["instructions"] == voicebridge.LOOP_GOODBYE
+
+
+async def test_a_human_conversation_of_ten_different_questions_is_untouched(
+    bridge: Any, openai: FakeOpenAI, openclaw: FakeOpenClaw, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A caller asks a question every 7 s or so at most (say it, hear the answer): played 20 times faster here.
+    monkeypatch.setattr(voicebridge, "LOOP_WINDOW", 60.0 / 20)
+    call = await connected_call(bridge, openai)
+    for number in range(10):
+        started = time.monotonic()
+        assert (await ask(call, f"Question number {number}?"))["output"] == f"Answer to: Question number {number}?"
+        await asyncio.sleep(max(0.0, 7.0 / 20 - (time.monotonic() - started)))
+    assert len(openclaw.requests) == 10 and call.state == "accepted"
+
+
+@pytest.mark.parametrize("today, expected, code", [
+    (date(2027, 1, 19), "WARN  REALTIME_MODEL=gpt-realtime will be shut down by OpenAI on 2027-01-20: "
+                        "set REALTIME_MODEL=gpt-realtime-2.1 before then", 0),
+    (date(2027, 1, 20), "FAIL  no setting makes every call fail (ALLOWED_CALLERS, REALTIME_MODEL's shutdown date)\n"
+                        "      REALTIME_MODEL=gpt-realtime was shut down by OpenAI on 2027-01-20", 1),
+])
+async def test_check_shows_the_shutdown_date_of_openais_model_object(
+    openai: FakeOpenAI, openclaw: FakeOpenClaw, capsys: pytest.CaptureFixture[str], today: date, expected: str, code: int
+) -> None:
+    config = config_from(make_env(openai, openclaw, REALTIME_MODEL="gpt-realtime"))
+    assert await voicebridge.check(config, today=today) == code
+    output = capsys.readouterr().out
+    assert expected in output, output
+    assert ("All good" in output) == (code == 0) and openai.models_retrieved == ["gpt-realtime"] and openai.rest == []
+    assert not hasattr(voicebridge, "RETIRING_MODELS")  # the dates are OpenAI's, not a table to keep by hand
+
+
+async def test_the_service_asks_openai_for_its_models_shutdown_date_in_the_background(
+    openai: FakeOpenAI, openclaw: FakeOpenClaw, bridges: Start, tmp_path: Path
+) -> None:
+    running = await bridges(state_env(openai, openclaw, tmp_path / "a", REALTIME_MODEL="gpt-realtime-mini"))
+    await running.logged("WARNING REALTIME_MODEL=gpt-realtime-mini will be shut down by OpenAI on 2027-01-20: "
+                         "set REALTIME_MODEL=gpt-realtime-2.1-mini before then")
+    openai.model_delay = 30  # OpenAI out of reach: the port opens all the same
+    started = time.monotonic()
+    slow = await bridges(state_env(openai, openclaw, tmp_path / "b", REALTIME_MODEL="gpt-realtime-mini"))
+    assert time.monotonic() - started < 10 and "shut down" not in slow.log
+    code, output = await slow.stop()
+    assert code == 0 and "WARNING" not in output and "ERROR" not in output, output

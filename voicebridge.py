@@ -106,7 +106,7 @@ def accept_payload(config: Config) -> dict[str, Any]:
     audio: dict[str, Any] = {"output": {"voice": config.voice}}
     if config.log_transcripts:  # only then: input transcription is billed
         audio["input"] = {"transcription": {"model": TRANSCRIPTION_MODEL}}
-    return {
+    session = {
         "type": "realtime",  # required: without it the accept answers 200 and the sideband then 404s
         "model": config.model,
         "instructions": (config.instructions or INSTRUCTIONS) + (PIN_INSTRUCTIONS if config.call_pin else ""),
@@ -114,6 +114,14 @@ def accept_payload(config: Config) -> dict[str, Any]:
         "tools": [ASK_OPENCLAW_TOOL, END_CALL_TOOL],
         "tool_choice": "auto",
     }
+    if config.reasoning_effort and takes_reasoning(config.model):  # else the model's own default
+        session["reasoning"] = {"effort": config.reasoning_effort}
+    return session
+
+
+def takes_reasoning(model: str) -> bool:
+    """Whether the model reasons, and so takes `reasoning` (the gpt-realtime-2 family; its mini is taken for not)."""
+    return model.startswith("gpt-realtime-2") and "mini" not in model
 
 
 # On the sideband, the model's function calls come in a completed response.done (step 4). Each
@@ -202,31 +210,32 @@ class Call:
         self.id = call_id
         self.caller = caller
         self.agent = agent
-        self.resumed = accepted_at is not None  # left live by a crashed run, and picked up again
-        self.accepted_at = time.time() if accepted_at is None else accepted_at  # wall clock, kept in the store
+        self.resumed = accepted_at is not None  # left live by a crashed run
+        self.accepted_at = time.time() if accepted_at is None else accepted_at  # wall clock
         self.log = CallLog(call_id)
-        self.task: asyncio.Task[None] | None = None  # run(), set by whoever spawns it
+        self.task: asyncio.Task[None] | None = None  # run()
         self.sideband = Sideband(self.log)
         self.keypad = Keypad(self.config.call_pin)
         self.silence = SilenceClock(self.config.idle_seconds, received)
         self.record = CallRecord(received, self.resumed)
         self.tools: set[asyncio.Task[None]] = set()
-        self.in_flight: tuple[str, ...] = ()  # function calls (call_ids) whose output is not confirmed yet
+        self.in_flight: tuple[str, ...] = ()  # function calls whose output is not confirmed yet
         self.playback_stopped = asyncio.Event()  # clear from output_audio_buffer.started to .stopped
         self.playback_stopped.set()
         self.playing: Any = None  # the response_id of the latest output_audio_buffer.started
-        self.prompted = False  # the model has spoken to this run (and so asked for the PIN, if one is needed)
-        self.accepted = self.resumed  # (or may be): a /hangup is owed until hang_up() sends it
-        self.reconnects: list[float] = []  # times of recent reconnects, for the budget
-        self.asking = False  # one OpenClaw question in flight per call
-        self.end_reason = ""  # caller_hung_up, end_call, idle, ... error: each in docs/history.md
+        self.prompted = False  # the model has spoken (and so asked for the PIN, if one is needed)
+        self.accepted = self.resumed  # (or may be): a /hangup is owed
+        self.reconnects: list[float] = []  # times of recent reconnects
+        self.asking = False  # a question is with OpenClaw
+        self.breaker = ToolBreaker()
+        self.end_reason = ""  # caller_hung_up, end_call, ... (docs/history.md)
 
     async def run(self) -> None:
-        """The call's whole life: accept it (or resume it after a restart), attach, follow it to its end."""
+        """The call's life: accept it (or resume it), attach, follow it to its end."""
         accepting = False  # the accept is out: cut off now, it may still take effect
         try:
             async with timeout(self.config.max_call_seconds - max(0.0, time.time() - self.accepted_at)):
-                if self.resumed:  # a 404 now means the call ended while no process watched it
+                if self.resumed:  # a 404 now: the call ended while no process watched
                     if not self.end_reason:  # (past MAX_CALL_SECONDS: only hung up)
                         await self._attach_and_listen(RECONNECT_DELAYS)
                     return
@@ -240,9 +249,9 @@ class Call:
                 if status != 200 and not uncertain:
                     self.end_reason = self.end_reason or ("caller_hung_up" if status == 404 else "error")
                     return
-                self.accepted = True  # or may be: a retry after a timeout gets 404 or 409, yet OpenAI holds it
+                self.accepted = True  # or may be: a retry after a timeout gets 404 or 409
                 if self.end_reason:
-                    return  # ended while the accept was out (a PIN lock, a shutdown): hung up, never greeted
+                    return  # ended while the accept was out (PIN lock, shutdown): hung up, never greeted
                 if status == 200:
                     self.log.info("call accepted in %.0f ms", (time.monotonic() - self.record.received) * 1000)
                     return await self._attach_and_listen(SIDEBAND_RETRY_DELAYS)
@@ -260,7 +269,7 @@ class Call:
 
     async def _connect_sideband(self, delays: tuple[float, ...]) -> aiohttp.ClientWebSocketResponse | None:
         """Open ?call_id=, retrying after `delays`; None once the call is over or out of reach."""
-        race = self.sideband.ws is None and not self.resumed  # right after the accept, a 404 may be a race
+        race = self.sideband.ws is None and not self.resumed  # right after the accept, 404 may be a race
         for delay in (*delays, None):
             try:
                 async with timeout(HANDSHAKE_TIMEOUT):
@@ -268,8 +277,8 @@ class Call:
                         sideband_url(self.config, self.id), headers=bearer(self.config.openai_api_key),
                         heartbeat=SIDEBAND_HEARTBEAT, timeout=aiohttp.ClientWSTimeout(ws_close=5))
             except aiohttp.WSServerHandshakeError as exc:
-                why = f"HTTP {exc.status}"  # the status alone: a real 404 can have an empty body
-                if exc.status in (404, 410) and not race:  # the call is over
+                why = f"HTTP {exc.status}"  # the status alone: a real 404 can have no body
+                if exc.status in (404, 410) and not race:
                     self.log.info("sideband refused (%s): the call is over", why)
                     self.end_reason = self.end_reason or "caller_hung_up"
                     return None
@@ -286,7 +295,7 @@ class Call:
         return None  # not reached
 
     async def _attach_and_listen(self, delays: tuple[float, ...] | None) -> None:
-        """Step 3 on: open the sideband, greet, read its events; after a close, see if the call goes on."""
+        """Step 3 on: open the sideband, greet, read its events, and after a close see if the call goes on."""
         while delays is not None and (ws := await self._connect_sideband(delays)) is not None:
             again = self.sideband.ws is not None
             self.log.log(logging.WARNING if again else logging.INFO, "sideband %s",
@@ -302,7 +311,7 @@ class Call:
                 msg = await ws.receive()
             reason = one_line(msg.extra, 200) if msg.type == WSMsgType.CLOSE and msg.extra else ""
             delays = await self._after_close(None if ws.close_code is None else int(ws.close_code), reason)
-        self.end_reason = self.end_reason or "sideband_lost"  # never leave a caller with a model cut off
+        self.end_reason = self.end_reason or "sideband_lost"
 
     async def _on_message(self, data: str) -> None:
         """Step 4: one sideband event; anything malformed is logged and skipped."""
@@ -311,14 +320,17 @@ class Call:
             self.log.warning("sideband sent something other than a JSON object, ignored")
             return
         kind = event.get("type")
-        unasked = await self.sideband.on_event(kind, event)
+        rule = await self.sideband.on_event(kind, event)
+        if rule == "resent":
+            self.record.mark("refused for its reasoning: asked for again without it")
         item: dict[str, Any] = event["item"] if isinstance(event.get("item"), dict) else {}
         response: dict[str, Any] = event["response"] if isinstance(event.get("response"), dict) else {}
         now = time.monotonic()
-        if unasked or kind in CALLER_SIGNS or (kind == "conversation.item.added" and item.get("role") == "user"):
+        caller_item = kind == "conversation.item.added" and item.get("role") == "user"
+        if rule == "unasked" or kind in CALLER_SIGNS or caller_item:
             self.silence.caller(now, speaking=kind == "input_audio_buffer.speech_started")
         elif kind in ("response.done", "output_audio_buffer.stopped", "output_audio_buffer.cleared"):
-            self.silence.heard(now)  # the assistant's turn ends: the silence starts
+            self.silence.heard(now)  # the assistant's turn ends
         if kind == "response.done":
             self.prompted = True
             self.record.add_usage(response.get("usage"))
@@ -327,7 +339,7 @@ class Call:
             self.record.greeting_id = response.get("id")
             self.record.mark("greeting started")
         elif kind == "conversation.item.added" and item.get("call_id") in self.in_flight:
-            self.in_flight = tuple(i for i in self.in_flight if i != item["call_id"])  # delivered: not to mention
+            self.in_flight = tuple(i for i in self.in_flight if i != item["call_id"])  # delivered
             self.app[STORE].save_call(self)
         elif kind == "output_audio_buffer.started":
             self.playing = event.get("response_id")
@@ -335,11 +347,11 @@ class Call:
             self.record.audio_started(self.playing)
         elif kind == "output_audio_buffer.cleared" or (  # .cleared: the caller barged in
             kind == "output_audio_buffer.stopped" and event.get("response_id") in (None, self.playing)
-        ):  # (an earlier response's audio ending while a later one's plays is not silence)
+        ):  # (an earlier response's audio ending while a later one plays is not silence)
             self.playback_stopped.set()
-        elif kind in SPEAKERS and self.config.log_transcripts:  # (the assistant's is sent in any case)
+        elif kind in SPEAKERS and self.config.log_transcripts:
             self.log.info("%s", self.record.said(SPEAKERS[kind], one_line(event.get("transcript"))))
-        elif kind == "conversation.item.input_audio_transcription.failed":  # a mumble, not a fault of ours
+        elif kind == "conversation.item.input_audio_transcription.failed":  # a mumble
             self.log.debug("transcription failed: %s", one_line(json.dumps(event.get("error"))))
         elif kind == "input_audio_buffer.dtmf_event_received":
             await self._on_keypad(event.get("event"))
@@ -360,10 +372,10 @@ class Call:
             self.log.info("function call %s not run: its response was %s", names, one_line(status))
 
     async def _run_calls(self, items: list[dict[str, Any]]) -> None:
-        """Run the function calls of one response in turn, in the order the model made them."""
+        """Run the function calls of one response in the order the model made them."""
         asked = [item["call_id"] for item in items if item.get("name") != "end_call" and item.get("call_id")]
         self.in_flight += tuple(call_id for call_id in asked if isinstance(call_id, str))
-        self.app[STORE].save_call(self)  # first: a restart tells the model of each, and never runs one again
+        self.app[STORE].save_call(self)  # first: a restart tells the model of each, never runs one again
         for item in items:
             if item.get("name") == "end_call":
                 self.log.info("end_call: hanging up after the goodbye")
@@ -372,11 +384,18 @@ class Call:
                 self.log.warning("function call %s has no call_id, ignored", one_line(item.get("name")))
             else:
                 self.record.tool_calls += 1
-                output = await self._tool_output(item.get("name"), item.get("arguments"))
+                loop = self.breaker.count(time.monotonic())
+                if loop:
+                    self.log.warning("%d tool calls within %gs%s", len(self.breaker.calls), LOOP_WINDOW,
+                                     ", after being told to stop: hanging up" if loop == "hang up" else
+                                     ": telling the model to stop calling tools")
+                if loop == "hang up":
+                    return await self.hang_up_after_goodbye("tool_loop", goodbye=LOOP_GOODBYE)
+                output = STOP_TOOLS if loop else await self._tool_output(item.get("name"), item.get("arguments"))
                 await self.sideband.queue(function_call_output(item["call_id"], output))  # + response.create
 
     async def _tool_output(self, name: Any, arguments: Any) -> str:
-        """The output string for one function call; errors become outputs the model can act on."""
+        """The output for one function call; errors are outputs the model can act on."""
         if name != "ask_openclaw":
             self.log.warning("unknown tool %s called", one_line(repr(name), 100))
             return f"Error: there is no tool named {one_line(repr(name), 100)}. Use ask_openclaw or end_call."
@@ -391,6 +410,11 @@ class Call:
         if not isinstance(request, str) or not request.strip():
             self.log.warning('ask_openclaw arguments missing, invalid or too long, not sent: need {"request": "..."}')
             return 'Error: call ask_openclaw with JSON arguments {"request": "<the question in one or two sentences>"}.'
+        request = request.strip()
+        earlier = self.breaker.repeat(request, time.monotonic())
+        if earlier:
+            self.log.info("ask_openclaw: the same question again within %gs, answered from before", REPEAT_WINDOW)
+            return f"{earlier} (This answered the same question a moment ago: it was not asked again.)"
         if self.asking:
             self.log.info("ask_openclaw while the previous question is still running: not sent")
             return "The previous question is still being worked on. Wait for that answer before asking again."
@@ -398,9 +422,10 @@ class Call:
         filler = asyncio.create_task(self._filler())
         question = self.record.ask()
         try:
-            answer = await ask_openclaw(self.http, self.config, request.strip(), agent=self.agent,
+            answer = await ask_openclaw(self.http, self.config, request, agent=self.agent,
                                         user=openclaw_user(self.caller, self.id), system=openclaw_system(self.caller))
             question["outcome"] = "answered"
+            self.breaker.last = (request, time.monotonic(), answer)
         except OpenClawError as exc:
             self.log.warning("OpenClaw failed: %s", exc)
             question.update(outcome="too slow" if exc.say == SAY_TOO_SLOW else "failed", why=str(exc))
@@ -414,14 +439,13 @@ class Call:
         return answer
 
     async def hang_up_after_goodbye(self, reason: str, goodbye: str = "") -> None:
-        """Let what is said play out (bounded), then hang up; `goodbye`: ask the model for it first."""
-        self.end_reason = self.end_reason or reason  # from now on no filler and no "anyone there?"
+        """Let what is said play out (bounded), then hang up; `goodbye`: ask for it first."""
+        self.end_reason = self.end_reason or reason  # no filler and no "anyone there?" now
         try:
             async with timeout(GOODBYE_TIMEOUT):
                 if self.sideband.ws is not None and not self.sideband.ws.closed:
-                    # Owed: it goes now, or after the active response, ahead of any results waiting.
-                    # Then wait until it and all before it (an answer asked for in the same breath
-                    # as end_call) are done.
+                    # Owed: it goes now, or after the active response, ahead of results. Then wait
+                    # until it, and an answer asked for in the same breath as end_call, are done.
                     if goodbye:
                         self.playback_stopped.clear()
                         await self.sideband.owe({"instructions": goodbye, "tool_choice": "none",
@@ -433,9 +457,9 @@ class Call:
         await self.hang_up(reason)
 
     async def hang_up(self, reason: str) -> None:
-        """End the call over REST (retried for a while: an open call is billed); run() cleans up."""
+        """End the call over REST (retried: an open call is billed); run() cleans up."""
         self.end_reason = self.end_reason or reason
-        if not self.accepted:  # hung up already, or the accept is still out (run() hangs up once it answers)
+        if not self.accepted:  # hung up already, or the accept is out (run() hangs up once it answers)
             return
         self.accepted = False
         await call_control(self.http, self.config, self.id, "hangup", delays=HANGUP_RETRY_DELAYS)
@@ -444,18 +468,18 @@ class Call:
     # The rest of the call: its end, reconnects, the greeting, the PIN, the filler, the silence.
 
     async def _end(self, accepting: bool) -> None:
-        """However it ended: count a missing PIN, hang up, record the call, log a summary, stop its tools."""
+        """However it ended: count a missing PIN, hang up, record the call, stop its tools."""
         # Bookkeeping first: shutdown may cancel this task again while it awaits below.
         self.app[CALLS].pop(self.id, None)
         self.accepted = self.accepted or accepting
-        silent = self.keypad.waiting and self.prompted  # asked for the PIN, and it never came
+        silent = self.keypad.waiting and self.prompted  # asked for the PIN, which never came
         if silent and self.end_reason not in ("shutdown", "sideband_lost", "pin_locked", ""):
             self.log.warning("the call ended (%s) without the PIN: counts as a wrong PIN", self.end_reason)
-            self._wrong_pin()  # so silent callers cannot hold the lines without risking a strike
+            self._wrong_pin()  # so silent callers cannot hold the lines without a strike
         self.silence.stop()
         try:
-            if self.accepted:  # one rule, whatever happened: a 404 answer just means it was over already
-                await self.hang_up(self.end_reason or "error")  # (no reason: a crash, which spawn() logged)
+            if self.accepted:  # whatever happened: a 404 answer means it was over already
+                await self.hang_up(self.end_reason or "error")  # (no reason: a crash, logged)
         finally:
             self.app[STORE].end_call(self.id)
             record = self.record.close(self.id, self.caller, self.agent, self.accepted_at, self.end_reason or "error",
@@ -468,14 +492,14 @@ class Call:
                 ",".join(f"{s:.1f}" for s in answers) or "-", record["end_reason"],
             )
             for task in self.tools:
-                task.cancel()  # which also closes a question's request to OpenClaw: its agent run stops
+                task.cancel()  # (which closes a request to OpenClaw: the agent run stops)
             await asyncio.gather(*self.tools, return_exceptions=True)
             await self.sideband.close()
 
     async def _after_close(self, code: int | None, reason: str) -> tuple[float, ...] | None:
-        """The sideband closed: the delays to reconnect with, or None if the call is over (or given up)."""
-        self.sideband.response_active = True  # nothing can be sent until a reconnect: results wait
-        self.playback_stopped.set()  # (and its output_audio_buffer.stopped will never come)
+        """The sideband closed: the delays to reconnect with, or None (over, or given up)."""
+        self.sideband.response_active = True  # nothing can be sent until a reconnect
+        self.playback_stopped.set()  # (its output_audio_buffer.stopped will never come)
         self.silence.speaking_since = None  # (nor the caller's next sign)
         self.log.info("sideband closed (code %s%s)", code, f", reason {reason!r}" if reason else "")
         self.record.mark(f"sideband closed (code {code})")
@@ -486,12 +510,12 @@ class Call:
             return None
         now = time.monotonic()
         self.reconnects = [at for at in self.reconnects if now - at < RECONNECT_WINDOW]
-        if code == 1008 or (code or 0) >= 4000:  # (4000: beta_api_shape_disabled): retrying won't help
+        if code == 1008 or (code or 0) >= 4000:  # (4000: beta_api_shape_disabled): no retry helps
             self.log.error("sideband closed with code %s: the server refuses this session, not reconnecting", code)
         elif len(self.reconnects) == len(RECONNECT_BACKOFF):
             self.log.error("sideband dropped (code %s) after %d reconnects within %gs: giving up",
                            code, len(self.reconnects), RECONNECT_WINDOW)
-        else:  # a drop, or a clean close (a backend rotating sends one too): only a handshake tells
+        else:  # a drop, or a clean close (a backend rotating sends one too): a handshake tells
             backoff = RECONNECT_BACKOFF[len(self.reconnects)]
             self.reconnects.append(now)
             self.log.info("sideband: checking whether the call goes on%s", f" in {backoff:g}s" * bool(backoff))
@@ -501,14 +525,17 @@ class Call:
         return None
 
     async def _begin(self) -> None:
-        """After the first attach: greet a new caller, or tell the model of questions a restart cut off."""
-        self.silence.heard(time.monotonic())  # (after a restart, the time down is not silence)
+        """After the first attach: greet, or tell the model of questions a restart cut off."""
+        self.silence.heard(time.monotonic())  # (the time down is not silence)
         if self.resumed:
             self.log.info("resumed after a restart")
             for call_id in self.in_flight:
                 await self.sideband.queue(function_call_output(call_id, RESTARTED))
         else:
-            greeting = {"instructions": self.config.greeting or GREETING, "metadata": GREETING_TAG}
+            greeting: dict[str, Any] = {"instructions": self.config.greeting or GREETING, "metadata": GREETING_TAG}
+            if takes_reasoning(self.config.model):  # a greeting needs no thought: its first word comes sooner
+                greeting["reasoning"] = {"effort": "minimal"}
+            self.record.mark("greeting asked for" + (" at minimal reasoning" if "reasoning" in greeting else ""))
             await self.sideband.request_response(greeting)
         if self.keypad.waiting and self.app[PIN_LOCK].locked:  # (resumed while the line is locked)
             self._start(self.hang_up_after_goodbye("pin_locked", goodbye=PIN_LOCKED_GOODBYE))
@@ -520,7 +547,7 @@ class Call:
     async def _on_keypad(self, key: Any) -> None:
         """A key: a note for the model, a strike toward the PIN lock, or the goodbye."""
         if self.app[PIN_LOCK].locked:
-            return  # while the line is locked no PIN is checked (this call is being hung up)
+            return  # no PIN is checked while the line is locked (this call is being hung up)
         outcome = self.keypad.press(key, time.monotonic())
         if outcome == "accepted":
             self.record.mark("PIN accepted")
@@ -538,7 +565,7 @@ class Call:
                 await self._tell_model(PIN_WRONG)
 
     def _wrong_pin(self) -> None:
-        """Count a wrong PIN across calls; if that locks the line, hang up all calls waiting for a PIN."""
+        """Count a wrong PIN across calls; if that locks the line, hang up the calls waiting for one."""
         lock = self.app[PIN_LOCK]
         if lock.locked:
             return
@@ -553,19 +580,19 @@ class Call:
                 call._start(call.hang_up_after_goodbye("pin_locked", goodbye=PIN_LOCKED_GOODBYE))
 
     async def _pin_deadline(self) -> None:
-        """Hang up on a caller with no right PIN within PIN_TIMEOUT: a silent call is billed too."""
+        """Hang up on a caller with no right PIN after PIN_TIMEOUT: a silent call is billed too."""
         await asyncio.sleep(self.config.pin_timeout)
         if self.keypad.waiting:
             self.log.warning("no right PIN within PIN_TIMEOUT=%gs: hanging up", self.config.pin_timeout)
             await self.hang_up_after_goodbye("pin_timeout", goodbye=PIN_TIMEOUT_GOODBYE)
 
     async def _tell_model(self, text: str) -> None:
-        """Add a system note to the conversation and let the model respond to it."""
+        """A system note for the model, which it then responds to."""
         note = {"type": "input_text", "text": text}
         await self.sideband.queue({"type": "message", "role": "system", "content": [note]})
 
     def _start(self, coro: Any) -> None:
-        """Run a tool in a task of its own, so events keep coming; the call cancels it at its end."""
+        """Run a tool in a task of its own (events keep coming); the call cancels it at its end."""
         spawn(self.tools, self.id, coro, crashed=lambda: self._start(self.hang_up("error")))
 
     async def _filler(self) -> None:
@@ -592,7 +619,7 @@ class Call:
         elif verdict == "hang up":
             self.log.info("still no sign of the caller: hanging up")
             return self._start(self.hang_up_after_goodbye("idle", goodbye=IDLE_GOODBYE))
-        # A timer, not a task: one per live call, and a sleeping task costs ~1.5 KiB more.
+        # A timer, not a task: a sleeping task costs ~1.5 KiB more per call.
         self.silence.timer = asyncio.get_running_loop().call_at(self.silence.due, self._check_silence)
 
 
@@ -625,39 +652,47 @@ PIN_LOCKED_GOODBYE = "Too many wrong PINs have been typed. Say politely that you
 PIN_TIMEOUT_GOODBYE = ("The caller did not type the PIN in time. Say politely that you cannot help without it, "
                        "and goodbye.")
 # Metadata on our response.create, which comes back in its response.created and response.done.
+STOP_TOOLS = ("Not run: too many tool calls in a row. Stop calling tools; talk with the caller about what they "
+              "need, then try once more if they ask.")
+LOOP_GOODBYE = "Something went wrong on this line. Apologise briefly and say goodbye in one sentence."
 GREETING_TAG = {"voicebridge": "greeting"}
 GOODBYE_TAG = {"voicebridge": "goodbye"}
 IDLE_TAG = {"voicebridge": "anyone there"}
-# Signs of the caller, besides their own conversation items and a response the server started
-# unasked (its turn detection heard them). No one signal is relied on alone.
+# Signs of the caller, besides their own items and a response the server started unasked (its VAD
+# heard them). No one signal is relied on alone.
 CALLER_SIGNS = ("input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
                 "input_audio_buffer.committed", "input_audio_buffer.dtmf_event_received",
                 "conversation.item.input_audio_transcription.completed")
-# With LOG_TRANSCRIPTS: who said what, and the model that transcribes the caller (no shutdown date).
+# With LOG_TRANSCRIPTS: who said what, and the model that transcribes the caller.
 SPEAKERS = {"conversation.item.input_audio_transcription.completed": "caller",
             "response.output_audio_transcript.done": "assistant"}
 TRANSCRIPTION_MODEL = "gpt-realtime-whisper"
 
 MAX_WEBHOOK_BYTES = 64 * 1024
-BODY_TIMEOUT = 5.0  # seconds for a request's head (else closed), then its body (else 408), to arrive
-CALL_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # with fullmatch: "$" would let a trailing newline through
-DOUBLING = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # seconds between retries: each use takes a slice
+BODY_TIMEOUT = 5.0  # seconds for a request's head (else closed), then its body (else 408)
+CALL_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # fullmatch: "$" would let a trailing newline through
+DOUBLING = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # seconds between retries, of which each use takes a slice
 REST_RETRY_DELAYS = DOUBLING[:4]  # a failed accept or reject: ~4 s in all (the phone is ringing)
-HANGUP_RETRY_DELAYS = DOUBLING  # a call not hung up is billed until OpenAI's 60-minute cap: ~16 s
+HANGUP_RETRY_DELAYS = DOUBLING  # a call not hung up is billed until OpenAI's cap: ~16 s
 SIDEBAND_RETRY_DELAYS = (*DOUBLING[:2], *[1.0] * 7)  # a 404 right after the accept: a race (~8 s)
-RECONNECT_DELAYS = DOUBLING[:5]  # between the handshakes of one reconnect; 404/410 stops at once
+RECONNECT_DELAYS = DOUBLING[:5]  # between the handshakes of one reconnect
 RECONNECT_BACKOFF = (0.0, *DOUBLING[2:])  # before the 1st..5th reconnect within RECONNECT_WINDOW; no 6th
 RECONNECT_WINDOW = 60.0
-MAX_DURATION_CLOSE = "maximum duration"  # in the reason of the 60-minute cap's 1001: over, no handshake
-HANDSHAKE_TIMEOUT = 10.0  # for one sideband handshake (aiohttp's default would be 300 s)
+MAX_DURATION_CLOSE = "maximum duration"  # in the 60-minute cap's 1001: over, no handshake
+HANDSHAKE_TIMEOUT = 10.0  # for a sideband handshake (aiohttp's default: 300 s)
 SIDEBAND_HEARTBEAT = 20.0  # a ping this often; no pong within half of it: the socket is dead
-GOODBYE_TIMEOUT = 10.0  # for a goodbye to finish playing
+GOODBYE_TIMEOUT = 10.0
 FILLER_AFTER = 4.0  # seconds of OpenClaw silence before the model says "still checking"
 FILLER_EVERY = 9.0  # and then at most this often
 MAX_REQUEST_CHARS = 4000  # ask_openclaw arguments accepted
-MAX_TRANSCRIPT_CHARS = 500  # a logged line of what was said, at most
-# A speech_started with no later sign (audio cut mid-word) holds the silence clock this long at most: server VAD
-# ends a turn after half a second of silence, so a real caller's next sign comes long before.
+# A caller asks about once in 10 s at most; a model in a loop, several times a second, billed until
+# something stops it (the numbers: docs/protocol.md, step 5).
+LOOP_CALLS = 10
+LOOP_WINDOW = 60.0
+REPEAT_WINDOW = 10.0
+MAX_TRANSCRIPT_CHARS = 500  # of a logged line of what was said
+# A speech_started with no later sign (audio cut mid-word) holds the silence clock this long at most:
+# server VAD ends a turn after half a second of silence, so a real caller's next sign comes long before.
 SPEAKING_HOLD = 60.0
 
 
@@ -671,18 +706,18 @@ class Sideband:
         self.log = log
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.idle = asyncio.Event()  # set while no response is active
-        self.outbox: list[dict[str, Any]] = []  # conversation items waiting for no active response
-        self.unconfirmed: dict[str, dict[str, Any]] = {}  # items sent, by item id, until the server confirms them
+        self.outbox: list[dict[str, Any]] = []  # conversation items waiting
+        self.unconfirmed: dict[str, dict[str, Any]] = {}  # items sent, by id, until the server confirms them
         self.owed: dict[str, Any] | None = None  # a response.create to send once no response is active
         self.last_response: tuple[str, dict[str, Any] | None] = ("", None)  # our last response.create: id, body
-        self.asked = 0  # our response.creates the server has neither started nor refused
+        self.asked = 0  # our response.creates neither started nor refused yet
         self.creates: dict[str, str] = {}  # event_id of each conversation.item.create -> its item id
         # Ids unique in the conversation, which outlives a process: a random run, then a count.
         self._ids = (f"vb{os.urandom(4).hex()}_{n}" for n in itertools.count(1))
 
     @property
     def response_active(self) -> bool:
-        """A response is under way (or the sideband is down): a response.create now would fail."""
+        """A response is under way (or the sideband is down): a response.create would fail."""
         return not self.idle.is_set()
 
     @response_active.setter
@@ -697,8 +732,8 @@ class Sideband:
         """Use a new sideband; `again`: send what may have been lost with the old one."""
         self.ws, self.asked = ws, 0
         if again:
-            self.response_active = False  # (a response cut off by the drop never reports response.done)
-            # Items never confirmed may have gone into a dead socket: send them again under the same
+            self.response_active = False  # (a response cut off by the drop never reports its end)
+            # Items never confirmed may have died with the socket: send them again under the same
             # ids, so one that did arrive is refused as a duplicate, not added twice.
             self.outbox[:0] = self.unconfirmed.values()
             self.unconfirmed.clear()
@@ -709,12 +744,12 @@ class Sideband:
             await self.ws.close()
 
     async def queue(self, item: dict[str, Any]) -> None:
-        """Add a conversation item, then a response.create, as soon as no response is active."""
+        """A conversation item, then a response.create, once no response is active."""
         self.outbox.append(item)
         await self.flush()
 
     async def owe(self, response: dict[str, Any]) -> None:
-        """Ask for this response now, or after the active one's response.done, ahead of any results."""
+        """Ask for this response now, or after the active one, ahead of any results."""
         self.owed = response
         await self.flush()
 
@@ -723,10 +758,10 @@ class Sideband:
         while self.response_active or (settled and self.owed is not None):
             await self.idle.wait()
 
-    async def on_event(self, kind: Any, event: dict[str, Any]) -> bool:
-        """Follow the server events the rules depend on; True for a response nobody here asked for."""
+    async def on_event(self, kind: Any, event: dict[str, Any]) -> str:
+        """Follow the server events the rules depend on: "unasked" (a response nobody asked for), "resent"."""
         if kind == "response.created":
-            unasked = self.asked == 0
+            unasked = "unasked" if self.asked == 0 else ""
             self.response_active, self.asked = True, max(0, self.asked - 1)
             return unasked
         elif kind == "response.done":
@@ -735,7 +770,7 @@ class Sideband:
         elif kind in ("conversation.item.added", "conversation.item.created"):  # .created: the pre-GA name
             item = event.get("item")
             if isinstance(item, dict) and isinstance(item.get("id"), str):
-                self.unconfirmed.pop(item["id"], None)  # the server has it: no need to send it again
+                self.unconfirmed.pop(item["id"], None)  # the server has it
         elif kind == "error":  # if it refused our response.create, that is repeated after the active one
             error = event["error"] if isinstance(event.get("error"), dict) else {}
             self.log.warning("server error %s: %s", one_line(error.get("code")), one_line(error.get("message")))
@@ -748,16 +783,19 @@ class Sideband:
                 self.response_active = error.get("code") == "conversation_already_has_active_response"
                 self.asked = max(0, self.asked - 1)
                 stale = (body or {}).get("metadata") in (GREETING_TAG, IDLE_TAG)
-                if self.response_active and not stale and self.owed is None:  # (an owed goodbye stays first)
+                if self.response_active and not stale and self.owed is None:  # (an owed goodbye first)
                     self.owed = body or {}
-        return False
+                elif not self.response_active and "reasoning" in (body or {}):  # maybe refused for it
+                    await self.owe({key: value for key, value in (body or {}).items() if key != "reasoning"})
+                    return "resent"
+        return ""
 
     async def flush(self) -> None:
-        """Send queued items and one response.create, but only while no response is active."""
+        """Send queued items and one response.create, only while no response is active."""
         if self.response_active or not (self.outbox or self.owed is not None):
             return  # (a dropped sideband counts as active: all waits for the reconnect)
         items, owed, self.outbox, self.owed = self.outbox, self.owed, [], None
-        self.response_active = True  # claimed before the first await, so a concurrent flush waits
+        self.response_active = True  # claimed before the first await: a concurrent flush waits
         for item in items:
             item.setdefault("id", next(self._ids))  # ours: a repeat can't add it twice
             event = item_create(item, next(self._ids))
@@ -766,7 +804,7 @@ class Sideband:
             if "call_id" in item:
                 self.log.info("result sent for %s", one_line(item["call_id"]))
         goodbye = owed is not None and owed.get("metadata") == GOODBYE_TAG
-        await self.request_response(owed if goodbye or not items else None)  # new results beat a stale filler
+        await self.request_response(owed if goodbye or not items else None)  # results beat a stale filler
 
     async def request_response(self, response: dict[str, Any] | None = None) -> None:
         """Send response.create; the response is active until response.done."""
@@ -788,7 +826,7 @@ class Sideband:
 
 
 class Keypad:
-    """The caller's PIN on the phone keypad: press() takes a key and says what happened."""
+    """The caller's PIN on the keypad: press() takes a key and says what happened."""
 
     def __init__(self, pin: str) -> None:
         self.pin = pin
@@ -806,7 +844,7 @@ class Keypad:
         return "accepted" if self.ok else f"wrong {self.failures} time(s)" if self.failures else "not typed"
 
     def press(self, key: Any, now: float) -> str:
-        """One key at `now` (seconds): "accepted", "wrong", "out of tries", or "" (nothing yet)."""
+        """One key at `now`: "accepted", "wrong", "out of tries", or "" (nothing yet)."""
         if not self.waiting or key not in KEYPAD:
             return ""
         if key in "*#" or now - self.last_key > PIN_IDLE:
@@ -827,7 +865,7 @@ class Keypad:
 
 KEYPAD = tuple("0123456789*#")
 PIN_TRIES = 3  # wrong PINs per call
-PIN_IDLE = 5.0  # seconds without a key after which a half-typed PIN is forgotten
+PIN_IDLE = 5.0  # seconds without a key: a half-typed PIN is forgotten
 # PIN_LOCK_AFTER wrong PINs across calls within PIN_LOCK_WINDOW lock the line for PIN_LOCK_SECONDS, doubled at
 # each further lock up to a day (docs/security.md).
 PIN_LOCK_AFTER = 10
@@ -864,9 +902,9 @@ class SilenceClock:
     """IDLE_SECONDS with no sign of the caller: ask if anyone is there; as long again: hang up."""
 
     idle: float  # IDLE_SECONDS
-    quiet_since: float  # time.monotonic() since when neither side has been heard
-    asked: bool = False  # "anyone there?" was asked, and the caller has given no sign since
-    speaking_since: float | None = None  # the caller's speech_started, until their next sign
+    quiet_since: float  # time.monotonic() since when neither side was heard
+    asked: bool = False  # "anyone there?" was asked, and the caller gave no sign since
+    speaking_since: float | None = None  # the caller's speech_started, till their next sign
     timer: asyncio.TimerHandle | None = None
 
     def caller(self, now: float, speaking: bool = False) -> None:
@@ -899,7 +937,31 @@ class SilenceClock:
             self.timer.cancel()
 
 
-# A call's token counts from each response.done's usage ("cached": part of the input, billed lower).
+@dataclass(slots=True)
+class ToolBreaker:
+    """A model in a loop of tool calls: refused past LOOP_CALLS a minute, then hung up; repeats answered."""
+
+    calls: list[float] = field(default_factory=list)  # when the calls of the last LOOP_WINDOW came
+    stopped: float = float("-inf")  # when the model was last told to stop
+    last: tuple[str, float, str] = ("", float("-inf"), "")  # the last question answered, when, its answer
+
+    def count(self, now: float) -> str:
+        """One more tool call: "" (run it), "stop" (tell the model to stop) or "hang up"."""
+        self.calls = [at for at in self.calls if now - at < LOOP_WINDOW] + [now]
+        if len(self.calls) <= LOOP_CALLS:
+            return ""
+        if now - self.stopped < LOOP_WINDOW:
+            return "hang up"
+        self.stopped = now
+        return "stop"
+
+    def repeat(self, question: str, now: float) -> str:
+        """The answer this same question got within REPEAT_WINDOW, or ""."""
+        asked, at, answer = self.last
+        return answer if question.casefold() == asked.casefold() and now - at < REPEAT_WINDOW else ""
+
+
+# A call's token counts, from each response.done's usage ("cached": part of the input, billed lower).
 TOKEN_COUNTS = ("input", "input_text", "input_audio", "input_cached", "output", "output_text", "output_audio")
 
 
@@ -909,10 +971,10 @@ class CallRecord:
 
     received: float  # time.monotonic() (the event loop's clock) of the webhook
     resumed: bool
-    timeline: str = ""  # "<seconds since the webhook> <step>" a line: one string costs ~1 byte a character
-    questions: tuple[dict[str, Any], ...] = ()  # each question put to OpenClaw: when, how long, the outcome
+    timeline: str = ""  # "<seconds since the webhook> <step>" a line: a string costs a byte a character
+    questions: tuple[dict[str, Any], ...] = ()  # each question to OpenClaw: when, how long, the outcome
     tokens: list[int] = field(default_factory=lambda: [0] * len(TOKEN_COUNTS))
-    transcript: tuple[str, ...] = ()  # with LOG_TRANSCRIPTS only (an empty tuple costs no memory)
+    transcript: tuple[str, ...] = ()  # with LOG_TRANSCRIPTS (an empty tuple costs no memory)
     greeting_id: Any = ""  # the greeting's response_id, until its audio starts
     tool_calls: int = 0
 
@@ -921,41 +983,39 @@ class CallRecord:
             self.mark("webhook arrived", self.received)
 
     def mark(self, step: str, now: float | None = None) -> float:
-        """Note a step on the timeline; its time, in seconds since the webhook."""
+        """Note a step on the timeline; its seconds since the webhook."""
         at = (time.monotonic() if now is None else now) - self.received
         self.timeline += f"{at:.3f} {step}\n"
         return at
 
     def audio_started(self, response_id: Any) -> None:
-        """The assistant's audio started: the greeting's ends the wait for a first word."""
         if self.greeting_id and response_id == self.greeting_id:
             self.greeting_id = ""
             self.mark("greeting audio started")
 
     def said(self, speaker: str, text: str) -> str:
-        """Keep a line of the transcript (with LOG_TRANSCRIPTS), and return it."""
         self.transcript += (f"{speaker} said: {text}",)
         return self.transcript[-1]
 
     def add_usage(self, usage: Any) -> None:
-        """Add a response.done's usage (what OpenAI bills) to the counts."""
+        """Add a response.done's usage (what OpenAI bills)."""
         if not isinstance(usage, dict):
             return
         for index, name in enumerate(TOKEN_COUNTS):
-            side, _, kind = name.partition("_")  # input: usage.input_tokens; input_audio: its details' audio_tokens
+            side, _, kind = name.partition("_")  # input: input_tokens; input_audio: its details' audio_tokens
             counts = usage.get(f"{side}_token_details") if kind else usage
             count = counts.get(f"{kind or side}_tokens") if isinstance(counts, dict) else None
-            if type(count) is int and count >= 0:  # (not a bool, not a float, never negative)
+            if type(count) is int and count >= 0:  # (not a bool, nor a float, nor negative)
                 self.tokens[index] += count
 
     def ask(self) -> dict[str, Any]:
-        """A question goes to OpenClaw: "cancelled by the hangup" until settled otherwise."""
+        """A question goes to OpenClaw: "cancelled by the hangup" until settled."""
         at = round(self.mark(f"question {len(self.questions) + 1} sent to OpenClaw"), 3)
         self.questions += ({"at": at, "outcome": "cancelled by the hangup"},)
         return self.questions[-1]
 
     def settle(self, question: dict[str, Any]) -> None:
-        """The question's answer (or failure) is in: how long it took."""
+        """The question's answer (or failure) is in."""
         question["seconds"] = round(time.monotonic() - self.received - question["at"], 2)
         why = f": {question['why']}" if "why" in question else ""
         self.mark(f"question {len(self.questions)} {question['outcome']} after {question['seconds']:.1f}s{why}")
@@ -988,7 +1048,6 @@ def history_record(call_id: str, caller: str | None, agent: str | None, started:
 
 
 def utc_text(timestamp: float) -> str:
-    """A time.time() value as ISO 8601 UTC, to the second."""
     return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
 
 
@@ -1092,7 +1151,7 @@ def turned_away(app: web.Application, agent: str | None) -> tuple[str, str, int]
         return "shutting down", "shutting down", 486
     if agent is None:
         return "not listed", "caller not in ALLOWED_CALLERS", 603
-    if config.call_pin and lock.locked:  # turned away before any billed session starts
+    if config.call_pin and lock.locked:  # before any billed session starts
         return "PIN lock", f"too many wrong PINs, the line is locked until {utc_text(lock.until)}", 603
     if config.max_concurrent_calls and len(app[CALLS]) >= config.max_concurrent_calls:
         return "busy", f"MAX_CONCURRENT_CALLS={config.max_concurrent_calls} calls are already live", 486
@@ -1102,7 +1161,7 @@ def turned_away(app: web.Application, agent: str | None) -> tuple[str, str, int]
 # --- The clients: OpenAI's call control, and OpenClaw ---
 
 REST_TIMEOUT = aiohttp.ClientTimeout(total=5)
-MAX_BODY_BYTES = 256 * 1024  # OpenClaw answers and error bodies are read up to this, never whole
+MAX_BODY_BYTES = 256 * 1024  # OpenClaw answers and error bodies are read this far, never whole
 
 
 async def call_control(
@@ -1221,7 +1280,7 @@ async def ask_openclaw(
 
 
 def openclaw_user(number: str | None, call_id: str) -> str:
-    """A stable OpenClaw session per caller (and agent); withheld callers never share one."""
+    """A stable OpenClaw session per caller; withheld callers never share one."""
     return f"voicebridge:{number}" if number else f"voicebridge:call:{call_id}"
 
 
@@ -1256,10 +1315,9 @@ STORE_BATCH = 0.05  # seconds the store gathers writes for one transaction
 class StateStore:
     """What outlives the process, in SQLite: live calls, the PIN lock, call ids seen, the history."""
 
-    # One thread owns the connection and writes what is queued every STORE_BATCH: the event loop never waits on the
-    # disk. Only the accept waits for its call's record, RECORD_WAIT at most: a call accepted but unknown to a
-    # restart would be billed until OpenAI's cap. The schema: one transaction, every statement idempotent, so a start
-    # that fails halfway (a full disk) leaves nothing half made. Schema 2 adds the history (a row per call, as JSON).
+    # One thread writes what is queued every STORE_BATCH: the event loop never waits on the disk. Only the accept
+    # waits for its call's record (RECORD_WAIT at most): a call a restart did not know of would be billed until
+    # OpenAI's cap. The schema is one idempotent transaction: a start that fails halfway leaves nothing half made.
     SCHEMA = f"""
         BEGIN;
         CREATE TABLE IF NOT EXISTS live_calls (call_id TEXT PRIMARY KEY, caller TEXT, agent TEXT NOT NULL,
@@ -1281,7 +1339,7 @@ class StateStore:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="voicebridge-state")
         self._db: sqlite3.Connection | None = None  # used in that thread only
         self._failures: set[str] = set()  # causes of failed writes, each logged once until one succeeds
-        self._queued: list[tuple[str, str, tuple[Any, ...]]] = []  # (call_id, sql, params), for the next batch
+        self._queued: list[tuple[str, str, tuple[Any, ...]]] = []  # (call_id, sql, params)
         self._pruning: asyncio.TimerHandle | None = None
         self._lock = -1  # STATE_DIR/voicebridge.lock, held for the life of the process
 
@@ -1298,7 +1356,7 @@ class StateStore:
             except BlockingIOError:
                 raise StartupError(f"STATE_DIR={self.path.parent} is in use by another voicebridge, which holds its "
                                    "live calls: stop that one first, or give this one a STATE_DIR of its own") from None
-            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))  # 0600 from the start, whatever the umask
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))  # 0600 whatever the umask
             self._db = db = sqlite3.connect(self.path)
             tables = db.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite%'")
             if {name for (name,) in tables} - self.TABLES:  # (before anything is written to it)
@@ -1309,7 +1367,7 @@ class StateStore:
                                   f"(schema {version}): upgrade voicebridge, or set STATE_DIR to another folder")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(self.SCHEMA)  # a write: proves the file writable now, not at the first call
+            db.executescript(self.SCHEMA)  # a write: the file proves writable now, not at the first call
             calls = db.execute("SELECT * FROM live_calls").fetchall()
             lock = db.execute("SELECT failures, until, locks FROM pin_lock").fetchone()
             seen = dict.fromkeys(row[0] for row in db.execute("SELECT call_id FROM seen_calls ORDER BY rowid"))
@@ -1328,7 +1386,7 @@ class StateStore:
         assert self._db is not None
         call_id = ""
         try:
-            with self._db:  # one transaction, one commit, for the whole batch
+            with self._db:  # one transaction for the batch
                 for call_id, sql, params in batch:
                     self._db.execute(sql, params)
         except sqlite3.Error as exc:
@@ -1342,18 +1400,18 @@ class StateStore:
             self._failures.clear()
 
     def write(self, call_id: str, sql: str, *params: Any) -> None:
-        """Queue one statement for the store's thread, which gets the queue STORE_BATCH later."""
+        """Queue a statement for the store's thread, which gets the queue STORE_BATCH later."""
         self._queued.append((call_id, sql, params))
-        if len(self._queued) == 1:  # (a wake-up per write would cost ~0.1 ms of CPU each)
+        if len(self._queued) == 1:  # (a wake-up per write would cost ~0.1 ms of CPU)
             asyncio.get_running_loop().call_later(STORE_BATCH, lambda: self._queued and self.hand_over())
 
     def hand_over(self) -> Future[None]:
-        """Give the store's thread what is queued; the future is done once written (or failed)."""
+        """Give the store's thread what is queued; the future is done once it is written."""
         batch, self._queued = self._queued, []
         return self._thread.submit(self._write, batch)
 
     async def written(self) -> None:
-        """Hand over what is queued and wait until it is on disk, RECORD_WAIT at most."""
+        """Hand over what is queued and wait for the disk, RECORD_WAIT at most."""
         await asyncio.wait({asyncio.wrap_future(self.hand_over())}, timeout=RECORD_WAIT)
 
     def save_call(self, call: Call) -> None:
@@ -1377,12 +1435,11 @@ class StateStore:
                        record["started"], json.dumps(record))
 
     def prune(self) -> None:
-        """Delete the history older than HISTORY_DAYS, now and then once a day."""
+        """Delete the history older than HISTORY_DAYS, now and once a day."""
         self.write("", "DELETE FROM history WHERE started < ?", time.time() - self.history_days * 86400)
         self._pruning = asyncio.get_running_loop().call_later(86400, self.prune)
 
     async def close(self) -> None:
-        """Write everything queued, then close the database."""
         if self._pruning is not None:
             self._pruning.cancel()
         if self._db is not None:
@@ -1404,7 +1461,7 @@ async def resume_calls(app: web.Application) -> None:
         call.keypad.ok, call.in_flight = bool(pin_typed) or call.keypad.ok, tuple(json.loads(in_flight))
         if age >= app[CONFIG].max_call_seconds:
             call.log.info("left by the previous run %.0fs after its accept: past MAX_CALL_SECONDS, hanging up", age)
-            call.end_reason = "max_duration"  # run() then only hangs up and cleans up
+            call.end_reason = "max_duration"  # run() then only hangs up
         elif routed is None:
             call.log.info("no longer in ALLOWED_CALLERS: hanging up")
             call.end_reason = "not_listed"
@@ -1415,7 +1472,7 @@ async def resume_calls(app: web.Application) -> None:
 
 
 class CallLog(logging.LoggerAdapter):
-    """The module's logger, with the call id in front of every line."""
+    """The module's logger, the call id in front of every line."""
 
     def __init__(self, call_id: str) -> None:
         super().__init__(log)
@@ -1434,7 +1491,7 @@ def one_line(text: Any, limit: int = MAX_TRANSCRIPT_CHARS) -> str:
 
 
 def exc_text(exc: BaseException) -> str:
-    """An exception as one log line: its type, then its text if it has one."""
+    """An exception as one log line: its type, then its text if any."""
     return one_line(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
 
 
@@ -1474,7 +1531,7 @@ class Throttled:
 
 
 def loop_error(throttled: Throttled, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-    """The event loop's errors; an accept() refused for want of descriptors is retried each second."""
+    """The event loop's errors; a refused accept() (no descriptors) is retried each second."""
     if context.get("message") != "socket.accept() out of system resource":
         return loop.default_exception_handler(context)
     throttled.warning(f"out of file descriptors ({exc_text(context['exception'])}): new connections wait; "
@@ -1483,17 +1540,17 @@ def loop_error(throttled: Throttled, loop: asyncio.AbstractEventLoop, context: d
 
 # --- The app: its state, its life, and its shutdown ---
 
-# (The types are annotations: their classes come further down, and these lines run at import.)
+# (Types as annotations: their classes come further down, and these lines run at import.)
 CONFIG: web.AppKey[Config] = web.AppKey("config")
 HTTP: web.AppKey[aiohttp.ClientSession] = web.AppKey("http")
 CALLS: web.AppKey[dict[str, Call]] = web.AppKey("calls")
 TASKS: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("tasks")
 SEEN_CALLS: web.AppKey[dict[str, None]] = web.AppKey("seen_calls")
 STORE: web.AppKey[StateStore] = web.AppKey("store")
-LEFT_CALLS: web.AppKey[list[tuple[Any, ...]]] = web.AppKey("left_calls")  # the store's live calls from the last run
+LEFT_CALLS: web.AppKey[list[tuple[Any, ...]]] = web.AppKey("left_calls")  # the last run's live calls
 DRAINING: web.AppKey[asyncio.Event] = web.AppKey("draining")
 PIN_LOCK: web.AppKey[PinLock] = web.AppKey("pin_lock")
-REJECTED: web.AppKey[Throttled] = web.AppKey("rejected")  # the "webhook rejected" line: anyone can cause it
+REJECTED: web.AppKey[Throttled] = web.AppKey("rejected")  # the "webhook rejected" line
 SHUTDOWN_AFTER_GRACE = 20.0  # after SHUTDOWN_GRACE: the goodbye (10 s), the hangups (systemd waits 60 s)
 
 
@@ -1508,9 +1565,8 @@ def spawn(
 
 
 def forget(tasks: set[asyncio.Task[Any]], crashed: Callable[[], Any], task: asyncio.Task[Any]) -> None:
-    """Drop a finished task; log an unexpected error (the task's name is the call id)."""
     tasks.discard(task)
-    if not task.cancelled() and task.exception():  # (asking marks the error seen, so it is logged once)
+    if not task.cancelled() and task.exception():  # (asking marks the error seen: logged once)
         CallLog(task.get_name()).error("unexpected error", exc_info=task.exception())
         crashed()
 
@@ -1528,7 +1584,6 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def http_session(app: web.Application) -> AsyncIterator[None]:
-    """One client session for OpenAI and OpenClaw, for the life of the app."""
     # limit=0: every live call holds a sideband connection; the default pool of 100 would stall call 101
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         app[HTTP] = session
@@ -1536,7 +1591,6 @@ async def http_session(app: web.Application) -> AsyncIterator[None]:
 
 
 async def state_store(app: web.Application) -> AsyncIterator[None]:
-    """The state store for the life of the app."""
     app[STORE] = StateStore(app[CONFIG].state_dir, app[CONFIG].history_days)
     app[LEFT_CALLS], app[PIN_LOCK], app[SEEN_CALLS] = await app[STORE].open()
     app[STORE].prune()
@@ -1553,8 +1607,8 @@ def make_app(config: Config) -> web.Application:
     app[TASKS] = set()
     app[DRAINING] = asyncio.Event()
     app[REJECTED] = Throttled()
-    app.cleanup_ctx.extend((state_store, http_session))  # the store first: a bad STATE_DIR stops before anything
-    app.on_shutdown.append(functools.partial(drain, grace=0))  # a last resort: serve() drains with a grace
+    app.cleanup_ctx.extend((state_store, http_session))  # the store first: a bad STATE_DIR stops all
+    app.on_shutdown.append(functools.partial(drain, grace=0))  # a last resort: serve() drains first
     app.router.add_post("/webhook", webhook)
     app.router.add_get("/healthz", healthz)
     return app
@@ -1562,9 +1616,9 @@ def make_app(config: Config) -> web.Application:
 
 async def serve(config: Config) -> None:
     """Serve until SIGTERM or Ctrl-C, then drain while still answering webhooks, then stop."""
-    # aiohttp would wait 60 s for requests in flight; ours are done within BODY_TIMEOUT
+    # aiohttp would wait 60 s for requests in flight; ours end within BODY_TIMEOUT
     runner = web.AppRunner(make_app(config), handle_signals=False, shutdown_timeout=BODY_TIMEOUT)
-    stop = asyncio.Event()  # (first: a SIGTERM the moment the banner is out must drain, not kill)
+    stop = asyncio.Event()  # (first: a SIGTERM as the banner goes out must drain, not kill)
     for signum in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(signum, stop.set)
     asyncio.get_running_loop().set_exception_handler(functools.partial(loop_error, Throttled(every=60.0)))
@@ -1578,9 +1632,10 @@ async def serve(config: Config) -> None:
         raise (StartupError if taken else ConfigError)(
             f"cannot listen on {config.host}:{config.port} ({why}): " + ("stop the program that has this port "
             "(another voicebridge?), or set PORT to a free one" if taken else "check HOST and PORT")) from None
-    log_banner(config)  # only now: the port is open, the state store loaded
-    await resume_calls(runner.app)  # and only now: a start that cannot bind leaves them to the next one
-    # The ~35k objects from imports out of the collector's way: a full collection takes ms, not ~80 ms.
+    log_banner(config)  # only now: the port is open, the store loaded
+    await resume_calls(runner.app)  # only now: a start that cannot bind leaves them to the next
+    spawn(runner.app[TASKS], "", warn_of_shutdown(runner.app))
+    # Imports' ~35k objects out of the collector's way: a full collection takes ms, not ~80 ms.
     gc.freeze()
     await stop.wait()
     log.info("shutdown requested: new calls are now refused")
@@ -1589,11 +1644,28 @@ async def serve(config: Config) -> None:
     log.info("stopped")
 
 
+async def warn_of_shutdown(app: web.Application) -> None:
+    """Ask OpenAI once whether REALTIME_MODEL has a shutdown date; silent if OpenAI cannot tell."""
+    config = app[CONFIG]
+    status, reply = await probe(app[HTTP], "GET", model_url(config), "OPENAI_BASE_URL",
+                                headers=bearer(config.openai_api_key))
+    shutdown = (json_object(reply) or {}).get("shutdown_date") if status == 200 else None
+    warning = shutdown_warning(config.model, shutdown, datetime.now(timezone.utc).date())
+    if warning:
+        log.log(*warning)
+    log.debug("REALTIME_MODEL's shutdown date: %s", one_line(shutdown if status == 200 else reply))
+
+
+def model_url(config: Config) -> str:
+    """OpenAI's model object: whether the key may use REALTIME_MODEL, and its shutdown date."""
+    return f"{config.openai_base_url}/models/{quote(config.model, safe='')}"
+
+
 async def drain(app: web.Application, grace: float) -> None:
     """Refuse new calls, let live ones go on for `grace` seconds, then say goodbye and hang up."""
     app[DRAINING].set()
     try:
-        async with timeout(grace + SHUTDOWN_AFTER_GRACE):  # one deadline: systemd never kills a hangup
+        async with timeout(grace + SHUTDOWN_AFTER_GRACE):  # one deadline: systemd kills no hangup
             if app[CALLS] and grace > 0:
                 log.info("shutting down: %d live call(s) may go on for up to %gs", len(app[CALLS]), grace)
                 await asyncio.wait({call.task for call in app[CALLS].values() if call.task}, timeout=grace)
@@ -1627,7 +1699,7 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class Config:
-    """Every setting, parsed and checked (each is explained in .env.example)."""
+    """Every setting, parsed and checked (each explained in .env.example)."""
 
     openai_api_key: str
     webhook_key: bytes  # OPENAI_WEBHOOK_SECRET, base64-decoded
@@ -1649,10 +1721,11 @@ class Config:
     pin_timeout: float = 60.0
     max_concurrent_calls: int = 3  # 0: no limit
     idle_seconds: float = 30.0  # 0: off
-    state_dir: str = "state"  # parse() resolves it: systemd's $STATE_DIRECTORY, or ./state beside this file
+    state_dir: str = "state"  # parse(): systemd's $STATE_DIRECTORY, or ./state beside this file
     history_days: float = 30.0  # 0: no call history
     log_transcripts: bool = False
     log_level: str = "INFO"
+    reasoning_effort: str = ""  # empty: the model's own default
 
     @classmethod
     def parse(cls, env: Mapping[str, str], need_openai: bool = True) -> tuple[Config, list[str]]:
@@ -1721,6 +1794,11 @@ class Config:
         if 0 < idle < 10:
             problems.append(f"IDLE_SECONDS={idle:g}: use 0 (never hang up on silence) or 10 seconds or more")
             idle = cls.idle_seconds
+        effort = get("REASONING_EFFORT").lower()
+        if effort not in ("", "minimal", "low", "medium", "high", "xhigh"):
+            problems.append(f"REASONING_EFFORT={effort!r}: use minimal, low, medium, high or xhigh (or nothing: the "
+                            "model's own default)")
+            effort = ""
         level = get("LOG_LEVEL", "INFO").upper()
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             problems.append(f"LOG_LEVEL={level!r}: use DEBUG, INFO, WARNING or ERROR")
@@ -1751,6 +1829,7 @@ class Config:
             history_days=number("HISTORY_DAYS", cls.history_days, 0, 36500),
             log_transcripts=transcripts in ("1", "yes", "true", "on"),
             log_level=level,
+            reasoning_effort=effort,
         ), problems
 
 
@@ -1771,8 +1850,8 @@ def read_settings(path: Path, required: bool) -> tuple[dict[str, str], list[str]
     """The settings file as python-dotenv reads it ($ stays literal), and its problems."""
     try:
         with path.open(encoding="utf-8") as stream:  # (python-dotenv skips a byte order mark itself)
-            # dotenv_values(interpolate=False) is made of these, but skips a line it cannot parse
-            # with a warning: here it is refused, for CALL_PIN="1234 must never mean "no PIN".
+            # dotenv_values(interpolate=False) is made of these, but skips a line it cannot parse with
+            # a warning: here it is refused, for CALL_PIN="1234 must never mean "no PIN".
             bindings = list(parse_stream(stream))
     except FileNotFoundError:
         return {}, [f"--env-file {path}: there is no such file"] if required else []
@@ -1798,19 +1877,12 @@ def read_settings(path: Path, required: bool) -> tuple[dict[str, str], list[str]
 
 # --- The command line: --check, --ask, --calls, and main ---
 
-# Announced shutdowns (openai-python 3.57.0): model -> (date, the replacement we suggest).
-RETIRING_MODELS: dict[str, tuple[date, str]] = {
-    model: (date(2027, 1, 20), "gpt-realtime-2.1-mini" if "mini" in model else "gpt-realtime-2.1")
-    for model in ("gpt-realtime", "gpt-realtime-2025-08-28", "gpt-realtime-mini", "gpt-realtime-mini-2025-12-15",
-                  "gpt-audio-mini", "gpt-audio-mini-2025-12-15")
-}
 VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar")
 PRICING = "https://developers.openai.com/api/docs/pricing"  # what the tokens of --calls cost
 
 
-def config_warnings(config: Config, today: date | None) -> Iterator[tuple[int, str]]:
+def config_warnings(config: Config) -> Iterator[tuple[int, str]]:
     """What the banner and --check warn about: (WARNING or ERROR, text)."""
-    today = today or datetime.now(timezone.utc).date()
     warn, fail = logging.WARNING, logging.ERROR
     if not config.allowed_callers:
         yield (fail, "ALLOWED_CALLERS is empty: EVERY CALL WILL BE REJECTED. List your own number(s).")
@@ -1824,17 +1896,24 @@ def config_warnings(config: Config, today: date | None) -> Iterator[tuple[int, s
     if config.voice not in VOICES:
         yield (warn, f"VOICE={config.voice} is not one of the documented voices ({', '.join(VOICES)}): "
                "fine if OpenAI has added it, otherwise every accept fails")
-    if config.model in RETIRING_MODELS:
-        shutdown, replacement = RETIRING_MODELS[config.model]
-        if today < shutdown:
-            yield (warn, f"REALTIME_MODEL={config.model} will be shut down by OpenAI on {shutdown}: "
-                   f"set REALTIME_MODEL={replacement} before then")
-        else:
-            yield (fail, f"REALTIME_MODEL={config.model} was shut down by OpenAI on {shutdown}, so "
-                   f"calls will fail: set REALTIME_MODEL={replacement}")
+    if config.reasoning_effort and not takes_reasoning(config.model):
+        yield (warn, f"REASONING_EFFORT={config.reasoning_effort} is not sent: REALTIME_MODEL={config.model} takes no "
+               "reasoning")
 
 
-def log_banner(config: Config, today: date | None = None) -> None:
+def shutdown_warning(model: str, shutdown: Any, today: date) -> tuple[int, str] | None:
+    """What OpenAI's model object says of its shutdown (the date as given: its format is undocumented)."""
+    better = "gpt-realtime-2.1-mini" if "mini" in model else Config.model
+    fix = f"set REALTIME_MODEL={better}" if better != model else "see developers.openai.com/api/docs/deprecations"
+    if not shutdown:
+        return None
+    with contextlib.suppress(ValueError):
+        if date.fromisoformat(str(shutdown)[:10]) <= today:
+            return logging.ERROR, f"REALTIME_MODEL={model} was shut down by OpenAI on {shutdown}, so calls fail: {fix}"
+    return logging.WARNING, f"REALTIME_MODEL={model} will be shut down by OpenAI on {shutdown}: {fix} before then"
+
+
+def log_banner(config: Config) -> None:
     """One screen saying what this process will do; of secrets, only whether they are set."""
     routes = ", ".join(f"{mask(who)} -> {agent}" for who, agent in config.allowed_callers.items())
     for line in (
@@ -1850,15 +1929,17 @@ def log_banner(config: Config, today: date | None = None) -> None:
         f"  shutdown   live calls get {config.shutdown_grace:g}s after SIGTERM",
     ):
         log.info("%s", line)
-    for level, warning in config_warnings(config, today):
-        log.log(level, "%s", warning)  # and it still starts: the owner may be about to fix it
+    for level, warning in config_warnings(config):
+        log.log(level, "%s", warning)  # and it starts: the owner may be about to fix it
 
 
 async def probe(http: aiohttp.ClientSession, method: str, url: str, setting: str, **kwargs: Any) -> tuple[int, str]:
-    """One request for --check: (status, error message); 0 if nothing answered, saying why."""
+    """One request: (status, the body if 200, else the error message); 0 if nothing answered, saying why."""
     try:
         async with http.request(method, url, timeout=REST_TIMEOUT, **kwargs) as resp:
-            return resp.status, "" if resp.status == 200 else await error_text(resp)
+            if resp.status != 200:
+                return resp.status, await error_text(resp)
+            return 200, (await read_body(resp) or b"").decode(errors="replace")
     except aiohttp.ClientConnectorDNSError as exc:
         return 0, f"cannot resolve host {one_line(exc.host)} ({setting})"
     except aiohttp.ClientConnectorError as exc:
@@ -1876,9 +1957,9 @@ async def check(config: Config, today: date | None = None, problems: list[str] |
     async with aiohttp.ClientSession() as http:
         # Retrieving the model proves the key and that its project may use it; messages=[] makes the
         # gateway check the token, the endpoint and the agent, and stop before any agent run.
-        (status, error), *claws = await asyncio.gather(
-            probe(http, "GET", f"{config.openai_base_url}/models/{quote(config.model, safe='')}", "OPENAI_BASE_URL",
-                  headers=bearer(config.openai_api_key)) if config.openai_api_key
+        (status, reply), *claws = await asyncio.gather(
+            probe(http, "GET", model_url(config), "OPENAI_BASE_URL", headers=bearer(config.openai_api_key))
+            if config.openai_api_key
             else asyncio.sleep(0, (-1, "not tried without a usable OPENAI_API_KEY")),
             *(probe(http, "POST", f"{config.openclaw_url}/v1/chat/completions", "OPENCLAW_URL",
                     headers=bearer(config.openclaw_token), json={"model": f"openclaw:{agent}", "messages": []})
@@ -1890,13 +1971,15 @@ async def check(config: Config, today: date | None = None, problems: list[str] |
         else "OpenAI refused OPENAI_API_KEY: check it, and that its project is active" if status in (401, 403)
         else "check OPENAI_BASE_URL"
     )
-    warnings = list(config_warnings(config, today))
+    shutdown = (json_object(reply) or {}).get("shutdown_date") if status == 200 else None
+    today = today or datetime.now(timezone.utc).date()
+    warnings = [*config_warnings(config), *filter(None, [shutdown_warning(config.model, shutdown, today)])]
     checks = [
         ("configuration complete, OPENAI_WEBHOOK_SECRET well formed", "\n      ".join(problems)),
         ("no setting makes every call fail (ALLOWED_CALLERS, REALTIME_MODEL's shutdown date)",
          "\n      ".join(text for level, text in warnings if level >= logging.ERROR)),
         (f"OpenAI accepts OPENAI_API_KEY and serves REALTIME_MODEL={config.model} (GET /models/{config.model})",
-         "" if status == 200 else error if status <= 0 else f"HTTP {status}: {error} ({openai_fix})"),
+         "" if status == 200 else reply if status <= 0 else f"HTTP {status}: {reply} ({openai_fix})"),
         *((f"OpenClaw at {one_line(config.openclaw_url)}: reachable, token accepted, chat endpoint enabled, "
            f"agent {agent!r} exists", "" if claw == 400 and "user message" in text.lower()
            else f"{text} ({OPENCLAW_FIXES[0]})" if claw == 0
@@ -1916,9 +1999,9 @@ async def check(config: Config, today: date | None = None, problems: list[str] |
 
 
 async def ask(config: Config, question: str, caller: str | None = None) -> int:
-    """--ask: ask OpenClaw as a call (from `caller`) would, and print what the caller would hear."""
+    """--ask: ask OpenClaw as a call (from `caller`) would; print what the caller would hear."""
     agent, user, system = config.openclaw_agent, "voicebridge:cli", OPENCLAW_SYSTEM_PROMPT
-    if caller is not None:  # as this caller's call: their agent, their session, their caller ID
+    if caller is not None:  # as this caller's call: their agent, session and caller ID
         number = normalise_number(caller)
         routed = agent_for(config, number) if number else None
         if routed is None:
@@ -1943,12 +2026,12 @@ def show_history(config: Config, call_id: str, last: int, as_json: bool, numbers
     path = Path(config.state_dir).resolve() / "voicebridge.db"
     query = "SELECT record FROM history " + ("WHERE call_id = ?" if call_id else "ORDER BY started DESC LIMIT ?")
     rows = []
-    try:  # (exists() too can be refused: the folder is the service user's, 0700)
+    try:  # (exists() too can be refused: the folder is the service user's)
         if path.exists():
             with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
                 rows = db.execute(query, (call_id or last,)).fetchall()
     except (OSError, sqlite3.Error) as exc:
-        if "no such table" not in str(exc):  # (a store the service has not opened since its upgrade)
+        if "no such table" not in str(exc):  # (a store not opened by the service since its upgrade)
             print(f"cannot read the call history in {path} ({one_line(exc)}): run this as the user voicebridge runs "
                   "as (sudo -u voicebridge ...), with its STATE_DIR", file=sys.stderr)
             return 1
@@ -1971,7 +2054,7 @@ def show_history(config: Config, call_id: str, last: int, as_json: bool, numbers
 
 
 def percentiles(values: list[float]) -> str:
-    """p50 and p95 (nearest rank) for the --calls summary, in seconds."""
+    """p50 and p95 (nearest rank), in seconds."""
     ordered = sorted(values)
     if not ordered:
         return "-"
@@ -1980,7 +2063,6 @@ def percentiles(values: list[float]) -> str:
 
 
 def shown(number: str | None, in_full: bool) -> str:
-    """A caller's number for --calls: masked, unless --show-numbers."""
     return (number or "withheld") if in_full else mask(number)
 
 
@@ -2048,8 +2130,8 @@ def main() -> None:
         parser.error("--last needs a number of calls, 1 or more")
     journal = stderr_is_journal()
     try:
-        # --env-file: the unit's file wins, so a check sees what the service will. Otherwise the .env beside
-        # this file (no search through parent folders) fills in what the environment does not set.
+        # --env-file: the unit's file wins, so a check sees what the service will; otherwise the .env
+        # beside this file (no search of parent folders) fills in what the environment does not set.
         path = Path(args.env_file or Path(__file__).with_name(".env"))
         settings, problems = read_settings(path, required=args.env_file is not None)
         env = {**os.environ, **settings} if args.env_file else {**settings, **os.environ}
