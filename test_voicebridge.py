@@ -3743,7 +3743,7 @@ async def test_the_untouched_env_example_names_both_placeholders_in_one_run_and_
     assert code == 78, output
     assert output.splitlines() == [
         "voicebridge: configuration error: OPENAI_API_KEY is still the placeholder from .env.example: put your "
-        "OpenAI API key in the settings file",
+        f"OpenAI API key in {tmp_path}/voicebridge.env",
         "voicebridge: configuration error: OPENAI_WEBHOOK_SECRET is still the placeholder from .env.example: copy "
         "the webhook's signing secret from OpenAI's dashboard",
     ]
@@ -3777,8 +3777,8 @@ def test_a_settings_file_is_read_as_python_dotenv_reads_it_and_a_line_it_cannot_
     assert values == {"OPENAI_API_KEY": "sk-fine", "OPENCLAW_AGENT": "main"}  # and never CALL_PIN
     assert [problem.split(": ")[0] for problem in problems] == [f"{bad}, line {n}" for n in (2, 4, 5)]
     assert all("python-dotenv cannot read this line" in problem and "KEY=value" in problem for problem in problems)
-    assert voicebridge.read_settings(tmp_path / "none.env", required=True) == (
-        {}, [f"--env-file {tmp_path}/none.env: there is no such file"])
+    with pytest.raises(ConfigError, match=f"^--env-file {tmp_path}/none.env: there is no such file$"):
+        voicebridge.read_settings(tmp_path / "none.env", required=True)
     assert voicebridge.read_settings(tmp_path / "none.env", required=False) == ({}, [])
 
 
@@ -3803,8 +3803,9 @@ def test_an_unreadable_settings_file_names_the_file_the_user_and_the_fix(
 
     monkeypatch.setattr(Path, "open", refused)
     user = voicebridge.pwd.getpwuid(os.geteuid()).pw_name
-    values, [refusal] = voicebridge.read_settings(tmp_path / "voicebridge.env", required=True)
-    assert values == {} and refusal == (f"cannot read {tmp_path}/voicebridge.env as user {user} (permission denied): let "
+    with pytest.raises(ConfigError) as refusal:
+        voicebridge.read_settings(tmp_path / "voicebridge.env", required=True)
+    assert str(refusal.value) == (f"cannot read {tmp_path}/voicebridge.env as user {user} (permission denied): let "
                                   f"that user read it, e.g. sudo chown root:{user} {tmp_path}/voicebridge.env && "
                                   f"sudo chmod 640 {tmp_path}/voicebridge.env")
 
@@ -3827,9 +3828,9 @@ async def test_the_env_file_wins_over_the_environment_and_the_env_beside_the_scr
     code, output = await output_of(await asyncio.create_subprocess_exec(*run, env=base, stdout=subprocess.PIPE))
     assert code == 0 and "(agent main," in output, output
     code, output = await output_of(await run_voicebridge({}, "--env-file", str(tmp_path / "missing.env"), "--check"))
-    assert code == 78 and ("FAIL  configuration complete, OPENAI_WEBHOOK_SECRET well formed\n"
+    assert code == 78 and ("FAIL  the settings file can be read\n"
                            f"      --env-file {tmp_path}/missing.env: there is no such file") in output, output
-    assert "OpenClaw at" in output  # the whole checklist, even so
+    assert "OpenClaw at" not in output  # one FAIL, and none that only follows from it
 
 
 async def test_check_prints_its_whole_checklist_even_with_broken_settings(
@@ -3845,10 +3846,11 @@ async def test_check_prints_its_whole_checklist_even_with_broken_settings(
     assert "\n      OPENAI_API_KEY is still the placeholder from .env.example" in output and "PORT='http'" in output
     assert "FAIL  OpenAI accepts OPENAI_API_KEY" in output and "not tried without a usable OPENAI_API_KEY" in output
     assert "ok    OpenClaw at" in output and openai.models_retrieved == []  # the probe that could run, ran
-    assert "PIN   no CALL_PIN: callers type no PIN" in output and "problem(s) found." in output
+    assert "WARN  no CALL_PIN: a caller ID, which can be faked, is all it takes to reach your assistant" in output
+    assert "problem(s) found." in output
     text = text.replace("sk-...", API_KEY).replace("PORT=http\n", "").replace("CALL_PIN ", "export CALL_PIN=")
     code, output = await run_with_file(tmp_path, text, "--check")
-    assert code == 0 and "PIN   CALL_PIN is set (6 digits)" in output, output
+    assert code == 0 and "ok    CALL_PIN is set (6 digits)" in output, output
 
 
 async def test_check_tells_a_name_that_does_not_resolve_and_a_silent_server_from_a_refused_key(
@@ -4340,6 +4342,8 @@ async def test_a_model_that_calls_tools_without_end_is_told_to_stop_then_hung_up
         await call.model_response([tool])
         rounds += 1
         await eventually(lambda: len(call.outputs()) == rounds or call.state == "ended")
+        # (and the response.create that follows each output, before the model's next round)
+        await eventually(lambda: len(call.response_creates()) > rounds or call.state == "ended")
     assert rounds == voicebridge.LOOP_CALLS + 2, rounds  # told to stop at LOOP_CALLS + 1; the call after: hung up
     assert call.outputs()[voicebridge.LOOP_CALLS]["output"] == voicebridge.STOP_TOOLS
     assert len(openclaw.requests) <= 1 and "reason=tool_loop" in caplog.text
@@ -4390,3 +4394,177 @@ async def test_the_service_asks_openai_for_its_models_shutdown_date_in_the_backg
     assert time.monotonic() - started < 10 and "shut down" not in slow.log
     code, output = await slow.stop()
     assert code == 0 and "WARNING" not in output and "ERROR" not in output, output
+
+
+# --- systemd and the owner know the truth (issue 25) -------------------------------------------------------------------
+
+
+class Systemd:
+    """A datagram socket standing in for systemd's $NOTIFY_SOCKET: what the service tells it, and when it came (a
+    thread reads it, so the times are right even while the test's own event loop is stuck)."""
+
+    def __init__(self, tmp_path: Path, abstract: bool = False) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.address = f"@voicebridge-test-{os.getpid()}-{id(self)}" if abstract else str(tmp_path / "notify")
+        self.sock.bind("\0" + self.address[1:] if abstract else self.address)
+        self.sock.settimeout(0.1)
+        self.heard: list[tuple[float, str]] = []
+        self.reading = True
+        self.thread = threading.Thread(target=self.listen, daemon=True)
+        self.thread.start()
+
+    def listen(self) -> None:
+        while self.reading:
+            with contextlib.suppress(TimeoutError, socket.timeout):
+                message = self.sock.recv(4096).decode()
+                self.heard.append((time.monotonic(), message))
+
+    def read(self) -> list[str]:
+        return [message for _, message in self.heard]
+
+    def close(self) -> None:
+        self.reading = False
+        self.thread.join()
+        self.sock.close()
+
+
+@pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
+async def test_systemd_hears_ready_once_the_port_answers_then_the_watchdog_then_stopping(
+    openai: FakeOpenAI, openclaw: FakeOpenClaw, tmp_path: Path, abstract: bool
+) -> None:
+    systemd, port = Systemd(tmp_path, abstract), free_port()
+    env = {**make_env(openai, openclaw), "PORT": str(port), "NOTIFY_SOCKET": systemd.address,
+           "WATCHDOG_USEC": "400000"}  # WatchdogSec=0.4: a ping every 0.2 s
+    proc = await run_voicebridge(env)
+    await eventually(lambda: any("READY=1" in m for m in systemd.read()), timeout=20)
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+        assert resp.status == 200  # READY=1 came once the port answers, not before
+    await asyncio.sleep(1.0)
+    pings = [at for at, message in systemd.heard if "WATCHDOG=1" in message]
+    assert 4 <= len(pings) <= 8, systemd.heard  # every half of WATCHDOG_USEC
+    assert any("STATUS=0 live call(s)" in m for m in systemd.read())
+    proc.send_signal(signal.SIGTERM)
+    code, output = await output_of(proc)
+    await eventually(lambda: any("STOPPING=1" in m for m in systemd.read()))
+    systemd.close()
+    assert code == 0, output
+
+
+async def test_a_stuck_event_loop_stops_the_watchdog_pings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    systemd = Systemd(tmp_path)
+    monkeypatch.setenv("NOTIFY_SOCKET", systemd.address)
+    monkeypatch.setenv("WATCHDOG_USEC", "200000")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    app = web.Application()
+    app[voicebridge.CALLS] = {}
+    task = asyncio.create_task(voicebridge.tell_systemd(app))
+    await asyncio.sleep(0.5)
+    time.sleep(1.0)  # a blocking call wedges the loop
+    blocked_at = time.monotonic()
+    await asyncio.sleep(0.35)
+    task.cancel()
+    systemd.close()
+    gaps = [b - a for (a, _), (b, _) in itertools.pairwise(systemd.heard)]
+    assert systemd.heard[0][1] == "READY=1" and max(gaps) >= 0.9  # nothing while it was stuck
+    assert any(at >= blocked_at for at, m in systemd.heard if "WATCHDOG=1" in m)  # and pings again after
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    voicebridge.notify("READY=1")  # without NOTIFY_SOCKET: nothing, and no error
+
+
+def test_the_unit_waits_for_ready_and_has_a_watchdog() -> None:
+    unit = (HERE / "voicebridge.service").read_text()
+    assert "\nType=notify\n" in unit and re.search(r"\nWatchdogSec=\d+", unit)
+
+
+async def test_check_sends_a_signed_test_event_through_the_public_path(
+    openai: FakeOpenAI, openclaw: FakeOpenClaw, bridges: Start, tmp_path: Path
+) -> None:
+    env = state_env(openai, openclaw, tmp_path / "state")
+    running = await bridges(env)
+    url = f"http://127.0.0.1:{running.port}/webhook"
+    code, output = await output_of(await run_voicebridge({**env, "WEBHOOK_URL": url}, "--check"))
+    assert code == 0 and f"ok    a signed test event reaches the service at WEBHOOK_URL={url}" in output, output
+    await running.logged("webhook verified: voicebridge.check, ignored")
+    assert openai.rest == [] and history_rows(str(tmp_path / "state")) == {}  # no call control, no call recorded
+    other = "whsec_" + base64.b64encode(b"the-secret-edited-in-the-file-32").decode()
+    code, output = await output_of(await run_voicebridge({**env, "WEBHOOK_URL": url, "OPENAI_WEBHOOK_SECRET": other},
+                                                         "--check"))
+    assert code == 1 and "FAIL  a signed test event" in output and "OPENAI_WEBHOOK_SECRET" in output.split(
+        "FAIL  a signed test event")[1].split("\n")[1], output
+    closed = f"http://127.0.0.1:{free_port()}/webhook"
+    code, output = await output_of(await run_voicebridge({**env, "WEBHOOK_URL": closed}, "--check"))
+    problem = output.split("FAIL  a signed test event")[1].split("\n")[1]
+    assert code == 1 and "check WEBHOOK_URL" in problem and "cannot connect" in problem, output
+    code, output = await output_of(await run_voicebridge(env, "--check"))
+    assert "WARN  no WEBHOOK_URL: the public path" in output and "test event" not in output
+
+
+async def test_check_fails_on_a_state_dir_this_user_cannot_make(
+    openai: FakeOpenAI, openclaw: FakeOpenClaw, tmp_path: Path
+) -> None:
+    (tmp_path / "file").write_text("not a folder\n")
+    env = make_env(openai, openclaw, STATE_DIR=str(tmp_path / "file" / "state"))
+    code, output = await output_of(await run_voicebridge(env, "--check"))
+    assert code == 1 and f"FAIL  STATE_DIR={tmp_path}/file/state can be made and written" in output, output
+    assert "All good" not in output
+    code, output = await output_of(await run_voicebridge({**env, "STATE_DIR": str(tmp_path / "new")}, "--check"))
+    assert code == 0 and f"ok    STATE_DIR={tmp_path}/new can be made and written" in output, output
+
+
+async def test_an_unreadable_settings_file_is_one_fail_in_check(
+    openai: FakeOpenAI, openclaw: FakeOpenClaw, tmp_path: Path
+) -> None:
+    code, output = await output_of(await run_voicebridge({}, "--env-file", str(tmp_path / "missing.env"), "--check"))
+    assert code == 78 and output.splitlines() == ["FAIL  the settings file can be read",
+                                                  f"      --env-file {tmp_path}/missing.env: there is no such file"]
+    (tmp_path / "binary.env").write_bytes(b"\xff\xfe\x00junk")
+    code, output = await output_of(await run_voicebridge({}, "--env-file", str(tmp_path / "binary.env"), "--check"))
+    assert code == 78 and output.count("FAIL") == 1 and "ok " not in output and "OPENCLAW_TOKEN" not in output
+
+
+async def test_the_first_error_names_the_settings_file_to_fill_in(tmp_path: Path) -> None:
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "voicebridge.py").write_text((HERE / "voicebridge.py").read_text())
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "OPENCLAW_"))}
+    result = subprocess.run([sys.executable, str(tmp_path / "app" / "voicebridge.py")], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=30)
+    first = result.stderr.splitlines()[0]
+    assert result.returncode == 78 and "OPENAI_API_KEY is not set" in first, result.stderr
+    assert f"{tmp_path}/app/.env (copy .env.example there first)" in first
+
+
+async def test_calls_takes_a_unique_start_of_a_call_id(
+    start_bridge: Bridge, openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    state_dir = str(tmp_path / "state")
+    bridge = await start_bridge(STATE_DIR=state_dir)
+    for call_id in ("rtc_479a275623b5", "rtc_479b000000aa"):
+        call = await connected_call(bridge, openai, call_id)
+        await call.caller_hangs_up()
+    await eventually(lambda: len(history_rows(state_dir)) == 2)
+    code, out, err = await calls_cli(state_dir, "rtc_479a")  # as the log shows it, cut short
+    assert code == 0 and "call rtc_479a275623b5 from" in out, out + err
+    code, out, err = await calls_cli(state_dir, "rtc_479")
+    assert code == 1 and "rtc_479a275623b5" in err and "rtc_479b000000aa" in err and out == "", out + err
+    code, out, err = await calls_cli(state_dir, "rtc_479a", "--json")
+    assert code == 0 and json.loads(out)["call_id"] == "rtc_479a275623b5"
+
+
+async def test_each_distinct_rejection_reason_is_logged_within_the_second(
+    bridge: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    body = incoming_event("rtc_flood")
+    for _ in range(20):
+        await post_webhook(bridge, body, headers={})  # no signature headers at all
+    await post_webhook(bridge, body, headers=sign(body, secret="whsec_" + base64.b64encode(b"x" * 32).decode()))
+    lines = [r.getMessage() for r in caplog.records if "webhook rejected" in r.getMessage()]
+    assert len(lines) == 2 and "missing webhook-id" in lines[0] and "no webhook-signature matches" in lines[1], lines
+
+
+async def test_check_says_ok_or_warn_of_the_pin(openai: FakeOpenAI, openclaw: FakeOpenClaw,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert await voicebridge.check(config_from(make_env(openai, openclaw))) == 0
+    assert any(line.startswith("WARN  no CALL_PIN: a caller ID, which can be faked,")
+               for line in capsys.readouterr().out.splitlines())
+    assert await voicebridge.check(config_from(make_env(openai, openclaw, CALL_PIN="246810"))) == 0
+    assert "ok    CALL_PIN is set (6 digits)" in capsys.readouterr().out.splitlines()

@@ -34,6 +34,7 @@ import os
 import pwd
 import re
 import signal
+import socket
 import sqlite3
 import sys
 import time
@@ -1069,13 +1070,17 @@ def verify_signature(key: bytes, headers: Mapping[str, str], body: bytes, now: f
     now = time.time() if now is None else now
     if abs(now - int(timestamp)) > SIGNATURE_TOLERANCE:
         raise SignatureError("webhook-timestamp is more than 5 minutes away from now (replay, or a wrong clock)")
-    signed = f"{msg_id}.{timestamp}.".encode() + body
-    expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest())
+    expected = signature(key, msg_id, timestamp, body).encode()
     for entry in signatures.split():
-        version, _, signature = entry.partition(",")
-        if version == "v1" and hmac.compare_digest(signature.encode(), expected):
+        version, _, given = entry.partition(",")
+        if version == "v1" and hmac.compare_digest(given.encode(), expected):
             return
     raise SignatureError("no webhook-signature matches (wrong OPENAI_WEBHOOK_SECRET?)")
+
+
+def signature(key: bytes, msg_id: str, timestamp: str, body: bytes) -> str:
+    """Standard Webhooks: HMAC-SHA256 of "<id>.<timestamp>.<body>", in base64."""
+    return base64.b64encode(hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()).decode()
 
 
 SIGNATURE_TOLERANCE = 300  # seconds either side of now, as in Standard Webhooks
@@ -1514,20 +1519,19 @@ def stderr_is_journal() -> bool:
 
 @dataclass
 class Throttled:
-    """A line outsiders can cause at will: one every `every` seconds, the next counting those held back."""
+    """Lines outsiders can cause at will: each one once every `every` seconds, its next counting those held back."""
 
     every: float = 1.0
-    last: float = float("-inf")  # time.monotonic() of the last line logged
-    held: int = 0
+    last: dict[str, tuple[float, int]] = field(default_factory=dict)  # text -> when last logged, held back since
 
     def warning(self, text: str, level: int = logging.WARNING) -> None:
-        """Log text, or count it if the last line is less than `every` seconds old."""
-        now = time.monotonic()
-        if now - self.last < self.every:
-            self.held += 1
+        """Log text (a fixed few, never outside text), or count it if it went out less than `every` seconds ago."""
+        now, (at, held) = time.monotonic(), self.last.get(text, (float("-inf"), 0))
+        if now - at < self.every:
+            self.last[text] = at, held + 1
             return
-        log.log(level, "%s%s", text, f" (and {self.held} more since the last line)" if self.held else "")
-        self.last, self.held = now, 0
+        log.log(level, "%s%s", text, f" (and {held} more since the last line)" if held else "")
+        self.last[text] = now, 0
 
 
 def loop_error(throttled: Throttled, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -1633,6 +1637,7 @@ async def serve(config: Config) -> None:
             f"cannot listen on {config.host}:{config.port} ({why}): " + ("stop the program that has this port "
             "(another voicebridge?), or set PORT to a free one" if taken else "check HOST and PORT")) from None
     log_banner(config)  # only now: the port is open, the store loaded
+    spawn(runner.app[TASKS], "", tell_systemd(runner.app))  # READY=1: the port is open
     await resume_calls(runner.app)  # only now: a start that cannot bind leaves them to the next
     spawn(runner.app[TASKS], "", warn_of_shutdown(runner.app))
     # Imports' ~35k objects out of the collector's way: a full collection takes ms, not ~80 ms.
@@ -1642,6 +1647,28 @@ async def serve(config: Config) -> None:
     await drain(runner.app, config.shutdown_grace)
     await runner.cleanup()
     log.info("stopped")
+
+
+def notify(*lines: str) -> None:
+    """sd_notify: tell systemd how the service is, in one datagram to $NOTIFY_SOCKET; nothing without one."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.setblocking(False)  # (the loop never waits on systemd)
+        sock.sendto("\n".join(lines).encode(), "\0" + address[1:] if address[0] == "@" else address)
+
+
+async def tell_systemd(app: web.Application) -> None:
+    """READY=1 once the port is open; then, from the event loop, the live calls (systemctl status) and, with the
+    unit's WatchdogSec=, WATCHDOG=1 every half of WATCHDOG_USEC: a stuck loop stops the pings, and systemd restarts."""
+    ours = os.environ.get("WATCHDOG_PID", str(os.getpid())) == str(os.getpid())
+    usec = os.environ.get("WATCHDOG_USEC", "") if ours else ""
+    ping = ["WATCHDOG=1"] if usec.isdigit() else []
+    notify("READY=1")
+    while "NOTIFY_SOCKET" in os.environ:
+        notify(f"STATUS={len(app[CALLS])} live call(s)", *ping)
+        await asyncio.sleep(int(usec) / 2e6 if ping else 10.0)
 
 
 async def warn_of_shutdown(app: web.Application) -> None:
@@ -1664,6 +1691,7 @@ def model_url(config: Config) -> str:
 async def drain(app: web.Application, grace: float) -> None:
     """Refuse new calls, let live ones go on for `grace` seconds, then say goodbye and hang up."""
     app[DRAINING].set()
+    notify("STOPPING=1", f"STATUS=shutting down: {len(app[CALLS])} live call(s)")
     try:
         async with timeout(grace + SHUTDOWN_AFTER_GRACE):  # one deadline: systemd kills no hangup
             if app[CALLS] and grace > 0:
@@ -1726,9 +1754,11 @@ class Config:
     log_transcripts: bool = False
     log_level: str = "INFO"
     reasoning_effort: str = ""  # empty: the model's own default
+    webhook_url: str = ""  # for --check's signed test event
 
     @classmethod
-    def parse(cls, env: Mapping[str, str], need_openai: bool = True) -> tuple[Config, list[str]]:
+    def parse(cls, env: Mapping[str, str], need_openai: bool = True, where: str = "the settings file"
+              ) -> tuple[Config, list[str]]:
         """The config (a default where a setting is wrong), and every problem."""
         problems: list[str] = []
 
@@ -1749,6 +1779,8 @@ class Config:
 
         def url(name: str, default: str) -> str:
             value = get(name, default).rstrip("/")
+            if not value:  # (only WEBHOOK_URL may be left out)
+                return value
             try:
                 parts = urlsplit(value)
                 usable = parts.scheme in ("http", "https") and parts.hostname and parts.port != 0
@@ -1762,7 +1794,7 @@ class Config:
         key = get("OPENAI_API_KEY")
         if need_openai and key in ("", "sk-..."):  # (sk-...: the line as .env.example has it)
             problems.append(f"OPENAI_API_KEY {'is still the placeholder from .env.example' if key else 'is not set'}: "
-                            "put your OpenAI API key in the settings file")
+                            f"put your OpenAI API key in {where}")
             key = ""
         webhook_key, problem = parse_webhook_secret(get("OPENAI_WEBHOOK_SECRET")) if need_openai else (b"", "")
         if problem:
@@ -1830,7 +1862,16 @@ class Config:
             log_transcripts=transcripts in ("1", "yes", "true", "on"),
             log_level=level,
             reasoning_effort=effort,
+            webhook_url=url("WEBHOOK_URL", ""),
         ), problems
+
+
+def user() -> str:
+    """The name of the user this runs as."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:  # (a uid with no name, as in some containers)
+        return f"uid {os.geteuid()}"
 
 
 def parse_webhook_secret(secret: str) -> tuple[bytes, str]:
@@ -1847,23 +1888,21 @@ def parse_webhook_secret(secret: str) -> tuple[bytes, str]:
 
 
 def read_settings(path: Path, required: bool) -> tuple[dict[str, str], list[str]]:
-    """The settings file as python-dotenv reads it ($ stays literal), and its problems."""
+    """The settings file as python-dotenv reads it ($ stays literal), and its lines' problems (ConfigError: none)."""
     try:
         with path.open(encoding="utf-8") as stream:  # (python-dotenv skips a byte order mark itself)
             # dotenv_values(interpolate=False) is made of these, but skips a line it cannot parse with
             # a warning: here it is refused, for CALL_PIN="1234 must never mean "no PIN".
             bindings = list(parse_stream(stream))
     except FileNotFoundError:
-        return {}, [f"--env-file {path}: there is no such file"] if required else []
+        if required:
+            raise ConfigError(f"--env-file {path}: there is no such file") from None
+        return {}, []
     except PermissionError:
-        try:
-            user = pwd.getpwuid(os.geteuid()).pw_name
-        except KeyError:  # (a uid with no name, as in some containers)
-            user = f"uid {os.geteuid()}"
-        return {}, [f"cannot read {path} as user {user} (permission denied): let that user read it, e.g. "
-                    f"sudo chown root:{user} {path} && sudo chmod 640 {path}"]
+        raise ConfigError(f"cannot read {path} as user {user()} (permission denied): let that user read it, e.g. "
+                          f"sudo chown root:{user()} {path} && sudo chmod 640 {path}") from None
     except (OSError, UnicodeDecodeError) as exc:
-        return {}, [f"cannot read {path} ({one_line(exc)})"]
+        raise ConfigError(f"cannot read {path} ({one_line(exc)})") from None
     values: dict[str, str] = {}
     problems = []
     for binding in bindings:
@@ -1954,6 +1993,11 @@ async def probe(http: aiohttp.ClientSession, method: str, url: str, setting: str
 async def check(config: Config, today: date | None = None, problems: list[str] | tuple[()] = ()) -> int:
     """--check: the whole checklist, probing OpenAI and OpenClaw with no call."""
     agents = list(dict.fromkeys([config.openclaw_agent, *config.allowed_callers.values()]))
+    test = json.dumps({"object": "event", "id": f"evt_check_{os.urandom(8).hex()}", "type": "voicebridge.check",
+                       "created_at": int(time.time()), "data": {}}).encode()  # (a type the service ignores)
+    sent, at = f"wh_check_{os.urandom(8).hex()}", str(int(time.time()))
+    signed = {"webhook-id": sent, "webhook-timestamp": at, "content-type": "application/json",
+              "webhook-signature": f"v1,{signature(config.webhook_key, sent, at, test)}"}
     async with aiohttp.ClientSession() as http:
         # Retrieving the model proves the key and that its project may use it; messages=[] makes the
         # gateway check the token, the endpoint and the agent, and stop before any agent run.
@@ -1961,10 +2005,13 @@ async def check(config: Config, today: date | None = None, problems: list[str] |
             probe(http, "GET", model_url(config), "OPENAI_BASE_URL", headers=bearer(config.openai_api_key))
             if config.openai_api_key
             else asyncio.sleep(0, (-1, "not tried without a usable OPENAI_API_KEY")),
+            probe(http, "POST", config.webhook_url, "WEBHOOK_URL", data=test, headers=signed) if config.webhook_url
+            else asyncio.sleep(0, (-1, "")),
             *(probe(http, "POST", f"{config.openclaw_url}/v1/chat/completions", "OPENCLAW_URL",
                     headers=bearer(config.openclaw_token), json={"model": f"openclaw:{agent}", "messages": []})
               for agent in agents),
         )
+    hook, reply_hook = claws.pop(0)
     openai_fix = (  # a 404 is model_not_found: the key is fine, the model is not
         f"REALTIME_MODEL={config.model} is not available to this key's project: check the spelling and the project's "
         f"model permissions in the OpenAI dashboard; the default is {Config.model}" if status == 404
@@ -1985,17 +2032,45 @@ async def check(config: Config, today: date | None = None, problems: list[str] |
            else f"{text} ({OPENCLAW_FIXES[0]})" if claw == 0
            else f"HTTP {claw}: {text} ({openclaw_fix(config, agent, claw)})")
           for agent, (claw, text) in zip(agents, claws)),
+        (f"STATE_DIR={config.state_dir} can be made and written by user {user()}", state_dir_problem(config.state_dir)),
     ]
+    if config.webhook_url:
+        checks.append((f"a signed test event reaches the service at WEBHOOK_URL={one_line(config.webhook_url)}",
+                       webhook_problem(hook, reply_hook)))
     for level, warning in warnings:
         if level < logging.ERROR:
             print(f"WARN  {warning}")
-    pin = f"CALL_PIN is set ({len(config.call_pin)} digits)" if config.call_pin else "no CALL_PIN: callers type no PIN"
-    print(f"PIN   {pin}")
+    print(f"ok    CALL_PIN is set ({len(config.call_pin)} digits)" if config.call_pin else
+          "WARN  no CALL_PIN: a caller ID, which can be faked, is all it takes to reach your assistant")
+    if not config.webhook_url:
+        print("WARN  no WEBHOOK_URL: the public path (DNS, the certificate, the proxy, the service) was not tested")
     for what, problem in checks:
         print(f"FAIL  {what}\n      {problem}" if problem else f"ok    {what}")
     failed = sum(bool(problem) for _, problem in checks)
     print(f"{failed} problem(s) found." if failed else "All good: ready for calls.")
     return EX_CONFIG if problems else 1 if failed else 0
+
+
+def webhook_problem(status: int, reply: str) -> str:
+    """What the signed test event through WEBHOOK_URL met, or "" if the service took it."""
+    if status == 200:
+        return ""
+    if status == 400 and reply.startswith("invalid webhook signature"):  # (voicebridge's own words)
+        return (f"{reply}: the service runs with another OPENAI_WEBHOOK_SECRET (the file was edited since: sudo "
+                "systemctl restart voicebridge), or WEBHOOK_URL reaches another one")
+    got = f"HTTP {status}: {reply}" if status > 0 else reply
+    return f"{got}: check WEBHOOK_URL, its DNS, certificate and proxy (README: The phone rings and nothing happens)"
+
+
+def state_dir_problem(state_dir: str) -> str:
+    """Why this user could not make or write STATE_DIR (the service would exit 78), or ""."""
+    if state_dir == "/var/lib/voicebridge" and not os.path.exists(state_dir):
+        return ""  # (the unit's StateDirectory= makes it as the service starts)
+    folder = next(path for path in (Path(state_dir), *Path(state_dir).parents) if os.path.exists(path))
+    if os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK):
+        return ""
+    return (f"{folder} is not a folder user {user()} may write in: make it so (sudo chown {user()} {folder}), or "
+            "set STATE_DIR")
 
 
 async def ask(config: Config, question: str, caller: str | None = None) -> int:
@@ -2024,12 +2099,13 @@ async def ask(config: Config, question: str, caller: str | None = None) -> int:
 def show_history(config: Config, call_id: str, last: int, as_json: bool, numbers: bool) -> int:
     """--calls: read the history read-only (never holding up the service) and show it."""
     path = Path(config.state_dir).resolve() / "voicebridge.db"
-    query = "SELECT record FROM history " + ("WHERE call_id = ?" if call_id else "ORDER BY started DESC LIMIT ?")
+    query = "SELECT record FROM history " + ("WHERE substr(call_id, 1, ?) = ?" if call_id else "") + \
+        " ORDER BY started DESC LIMIT ?"  # (a CALL_ID may be any unique start of one: the log shows them cut short)
     rows = []
     try:  # (exists() too can be refused: the folder is the service user's)
         if path.exists():
             with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
-                rows = db.execute(query, (call_id or last,)).fetchall()
+                rows = db.execute(query, (len(call_id), call_id, 10) if call_id else (last,)).fetchall()
     except (OSError, sqlite3.Error) as exc:
         if "no such table" not in str(exc):  # (a store not opened by the service since its upgrade)
             print(f"cannot read the call history in {path} ({one_line(exc)}): run this as the user voicebridge runs "
@@ -2043,6 +2119,13 @@ def show_history(config: Config, call_id: str, last: int, as_json: bool, numbers
         print(f"no call {call_id} in the history in {path}" if call_id else
               f"no call history yet in {path} (STATE_DIR={config.state_dir}){where}", file=sys.stderr)
         return 1 if call_id else 0
+    exact = [record for record in records if record["call_id"] == call_id]
+    if call_id and len(records) > 1 and not exact:
+        ids = ", ".join(record["call_id"] for record in records)
+        print(f"{call_id} starts more than one call id ({ids}{', ...' * (len(rows) == 10)}): give more of it",
+              file=sys.stderr)
+        return 1
+    records = exact or records
     if as_json:
         for record in records:
             print(json.dumps({**record, "caller": shown(record["caller"], numbers)}))
@@ -2133,9 +2216,16 @@ def main() -> None:
         # --env-file: the unit's file wins, so a check sees what the service will; otherwise the .env
         # beside this file (no search of parent folders) fills in what the environment does not set.
         path = Path(args.env_file or Path(__file__).with_name(".env"))
-        settings, problems = read_settings(path, required=args.env_file is not None)
+        try:
+            settings, problems = read_settings(path, required=args.env_file is not None)
+        except ConfigError as exc:
+            if args.check:  # one FAIL: every other row would fail because of it
+                print(f"FAIL  the settings file can be read\n      {exc}")
+                sys.exit(EX_CONFIG)
+            raise
         env = {**os.environ, **settings} if args.env_file else {**settings, **os.environ}
-        config, more = Config.parse(env, need_openai=args.check or (args.ask is None and args.calls is None))
+        where = str(path) if path.exists() else f"{path} (copy .env.example there first)"
+        config, more = Config.parse(env, args.check or (args.ask is None and args.calls is None), where)
         if args.check:  # the whole checklist, whatever is wrong
             sys.exit(asyncio.run(check(config, problems=problems + more)))
         if problems + more:
