@@ -58,9 +58,7 @@ else:  # Python 3.10: the backport in requirements.txt (it raises asyncio.Timeou
 
 log = logging.getLogger("voicebridge")
 
-
 # --- The protocol at a glance: every URL and message voicebridge sends OpenAI ---
-
 
 def bearer(key: str) -> dict[str, str]:
     """The header of every request to OpenAI (never OpenAI-Beta: that API is gone) and OpenClaw."""
@@ -80,18 +78,11 @@ def sideband_url(config: Config, call_id: str) -> str:
 ASK_OPENCLAW_TOOL: dict[str, Any] = {
     "type": "function",
     "name": "ask_openclaw",
-    "description": (
-        "Ask the owner's personal assistant, which can read and act on their email, calendar, files, "
-        "messages and the web. Before calling, tell the caller briefly that you are checking; the answer "
-        "can take 5 to 30 seconds."
-    ),
-    "parameters": {
-        "type": "object",
-        "properties": {
-            "request": {"type": "string", "description": "The caller's request, complete and self-contained."},
-        },
-        "required": ["request"],
-    },
+    "description": ("Ask the owner's personal assistant, which can read and act on their email, calendar, files, "
+                    "messages and the web. Before calling, tell the caller briefly that you are checking; the "
+                    "answer can take 5 to 30 seconds."),
+    "parameters": {"type": "object", "required": ["request"], "properties": {
+        "request": {"type": "string", "description": "The caller's request, complete and self-contained."}}},
 }
 
 END_CALL_TOOL: dict[str, Any] = {
@@ -105,7 +96,7 @@ END_CALL_TOOL: dict[str, Any] = {
 def accept_payload(config: Config) -> dict[str, Any]:
     """Step 2's body: the session config. No audio format: SIP negotiates the codec."""
     audio: dict[str, Any] = {"output": {"voice": config.voice}}
-    if config.log_transcripts:  # only then: input transcription is billed
+    if config.log_transcripts:
         audio["input"] = {"transcription": {"model": TRANSCRIPTION_MODEL}}
     session = {
         "type": "realtime",  # required: without it the accept answers 200 and the sideband then 404s
@@ -115,13 +106,13 @@ def accept_payload(config: Config) -> dict[str, Any]:
         "tools": [ASK_OPENCLAW_TOOL, END_CALL_TOOL],
         "tool_choice": "auto",
     }
-    if config.reasoning_effort and takes_reasoning(config.model):  # else the model's own default
+    if config.reasoning_effort and takes_reasoning(config.model):
         session["reasoning"] = {"effort": config.reasoning_effort}
     return session
 
 
 def takes_reasoning(model: str) -> bool:
-    """Whether the model reasons, and so takes `reasoning` (the gpt-realtime-2 family; its mini is taken for not)."""
+    """Whether the model reasons and takes `reasoning` (the gpt-realtime-2 family, but its mini)."""
     return model.startswith("gpt-realtime-2") and "mini" not in model
 
 
@@ -134,29 +125,22 @@ def function_call_output(call_id: str, output: str) -> dict[str, Any]:
     return {"type": "function_call_output", "call_id": call_id, "output": output}
 
 
-def item_create(item: dict[str, Any], event_id: str) -> dict[str, Any]:
-    """Add an item (an output, or a note for the model) to the conversation."""
-    return {"type": "conversation.item.create", "event_id": event_id, "item": item}
-
-
 def response_create(response: dict[str, Any] | None, event_id: str) -> dict[str, Any]:
     """Step 5: make the model speak (after an output: the answer); see Sideband for when."""
     return {"type": "response.create", "event_id": event_id, **({"response": response} if response else {})}
 
-
 # --- The webhook: where a call starts ---
-
 
 async def webhook(request: web.Request) -> web.Response:
     """Step 1: verify, deduplicate, screen the caller, then accept (or reject) in the background."""
     app, received = request.app, time.monotonic()
-    try:  # over MAX_WEBHOOK_BYTES (client_max_size): 413 at once
+    try:
         async with timeout(BODY_TIMEOUT):
             body = await request.read()
     except asyncio.TimeoutError:
         app[REJECTED].warning(f"webhook rejected: the body did not arrive within {BODY_TIMEOUT:g}s")
         return web.Response(status=408, text=f"the body did not arrive within {BODY_TIMEOUT:g}s\n")
-    except ConnectionError:  # the client went away mid-body: routine
+    except ConnectionError:  # the client went away: routine
         log.debug("webhook client disconnected before its body arrived")
         return web.Response(status=400)
     try:
@@ -196,9 +180,7 @@ async def webhook(request: web.Request) -> web.Response:
     spawn(app[TASKS], call_id, call_control(app[HTTP], config, call_id, "reject", {"status_code": status}))
     return web.Response(text="ok\n")
 
-
 # --- One call, in the order it goes: accept, attach, events, tools, output + response.create, hang up ---
-
 
 class Call:
     """One call, from its webhook (or a restart) to its hangup."""
@@ -211,10 +193,10 @@ class Call:
         self.id = call_id
         self.caller = caller
         self.agent = agent
-        self.resumed = accepted_at is not None  # left live by a crashed run
-        self.accepted_at = time.time() if accepted_at is None else accepted_at  # wall clock
+        self.resumed = accepted_at is not None
+        self.accepted_at = time.time() if accepted_at is None else accepted_at
         self.log = CallLog(call_id)
-        self.task: asyncio.Task[None] | None = None  # run()
+        self.task: asyncio.Task[None] | None = None
         self.sideband = Sideband(self.log)
         self.keypad = Keypad(self.config.call_pin)
         self.silence = SilenceClock(self.config.idle_seconds, received)
@@ -226,10 +208,10 @@ class Call:
         self.playing: Any = None  # the response_id of the latest output_audio_buffer.started
         self.prompted = False  # the model has spoken (and so asked for the PIN, if one is needed)
         self.accepted = self.resumed  # (or may be): a /hangup is owed
-        self.reconnects: list[float] = []  # times of recent reconnects
-        self.asking = False  # a question is with OpenClaw
+        self.reconnects: list[float] = []
+        self.asking = False
         self.breaker = ToolBreaker()
-        self.end_reason = ""  # caller_hung_up, end_call, ... (docs/history.md)
+        self.end_reason = ""  # (docs/history.md)
 
     async def run(self) -> None:
         """The call's life: accept it (or resume it), attach, follow it to its end."""
@@ -237,7 +219,7 @@ class Call:
         try:
             async with timeout(self.config.max_call_seconds - max(0.0, time.time() - self.accepted_at)):
                 if self.resumed:  # a 404 now: the call ended while no process watched
-                    if not self.end_reason:  # (past MAX_CALL_SECONDS: only hung up)
+                    if not self.end_reason:
                         await self._attach_and_listen(RECONNECT_DELAYS)
                     return
                 self.app[STORE].save_call(self)
@@ -252,7 +234,7 @@ class Call:
                     return
                 self.accepted = True  # or may be: a retry after a timeout gets 404 or 409
                 if self.end_reason:
-                    return  # ended while the accept was out (PIN lock, shutdown): hung up, never greeted
+                    return  # ended while the accept was out: hung up, never greeted
                 if status == 200:
                     self.log.info("call accepted in %.0f ms", (time.monotonic() - self.record.received) * 1000)
                     return await self._attach_and_listen(SIDEBAND_RETRY_DELAYS)
@@ -293,7 +275,7 @@ class Call:
                 return None
             self.log.debug("sideband not ready (%s), retrying in %.2fs", why, delay)
             await asyncio.sleep(delay)
-        return None  # not reached
+        return None
 
     async def _attach_and_listen(self, delays: tuple[float, ...] | None) -> None:
         """Step 3 on: open the sideband, greet, read its events, and after a close see if the call goes on."""
@@ -331,7 +313,7 @@ class Call:
         if rule == "unasked" or kind in CALLER_SIGNS or caller_item:
             self.silence.caller(now, speaking=kind == "input_audio_buffer.speech_started")
         elif kind in ("response.done", "output_audio_buffer.stopped", "output_audio_buffer.cleared"):
-            self.silence.heard(now)  # the assistant's turn ends
+            self.silence.heard(now)
         if kind == "response.done":
             self.prompted = True
             self.record.add_usage(response.get("usage"))
@@ -340,7 +322,7 @@ class Call:
             self.record.greeting_id = response.get("id")
             self.record.mark("greeting started")
         elif kind == "conversation.item.added" and item.get("call_id") in self.in_flight:
-            self.in_flight = tuple(i for i in self.in_flight if i != item["call_id"])  # delivered
+            self.in_flight = tuple(i for i in self.in_flight if i != item["call_id"])
             self.app[STORE].save_call(self)
         elif kind == "output_audio_buffer.started":
             self.playing = event.get("response_id")
@@ -348,11 +330,11 @@ class Call:
             self.record.audio_started(self.playing)
         elif kind == "output_audio_buffer.cleared" or (  # .cleared: the caller barged in
             kind == "output_audio_buffer.stopped" and event.get("response_id") in (None, self.playing)
-        ):  # (an earlier response's audio ending while a later one plays is not silence)
+        ):  # (an earlier response's audio ending as a later one plays is not silence)
             self.playback_stopped.set()
         elif kind in SPEAKERS and self.config.log_transcripts:
             self.log.info("%s", self.record.said(SPEAKERS[kind], one_line(event.get("transcript"))))
-        elif kind == "conversation.item.input_audio_transcription.failed":  # a mumble
+        elif kind == "conversation.item.input_audio_transcription.failed":
             self.log.debug("transcription failed: %s", one_line(json.dumps(event.get("error"))))
         elif kind == "input_audio_buffer.dtmf_event_received":
             await self._on_keypad(event.get("event"))
@@ -360,7 +342,7 @@ class Call:
     async def _on_response_done(self, response: dict[str, Any]) -> None:
         """Run the function calls of a completed response, never of one the caller interrupted."""
         status = response.get("status")
-        if status in ("failed", "incomplete"):  # the caller hears silence: say why
+        if status in ("failed", "incomplete"):
             self.log.warning("response %s: %s", status, json.dumps(response.get("status_details"))[:500])
         output = response.get("output")
         calls = [item for item in (output if isinstance(output, list) else [])
@@ -441,7 +423,7 @@ class Call:
 
     async def hang_up_after_goodbye(self, reason: str, goodbye: str = "") -> None:
         """Let what is said play out (bounded), then hang up; `goodbye`: ask for it first."""
-        self.end_reason = self.end_reason or reason  # no filler and no "anyone there?" now
+        self.end_reason = self.end_reason or reason
         try:
             async with timeout(GOODBYE_TIMEOUT):
                 if self.sideband.ws is not None and not self.sideband.ws.closed:
@@ -466,7 +448,6 @@ class Call:
         await call_control(self.http, self.config, self.id, "hangup", delays=HANGUP_RETRY_DELAYS)
         await self.sideband.close()
 
-    # The rest of the call: its end, reconnects, the greeting, the PIN, the filler, the silence.
 
     async def _end(self, accepting: bool) -> None:
         """However it ended: count a missing PIN, hang up, record the call, stop its tools."""
@@ -476,15 +457,18 @@ class Call:
         silent = self.keypad.waiting and self.prompted  # asked for the PIN, which never came
         if silent and self.end_reason not in ("shutdown", "sideband_lost", "pin_locked", ""):
             self.log.warning("the call ended (%s) without the PIN: counts as a wrong PIN", self.end_reason)
-            self._wrong_pin()  # so silent callers cannot hold the lines without a strike
-        self.silence.stop()
+            self._wrong_pin()  # so silent callers risk a strike too
+        if self.silence.timer is not None:
+            self.silence.timer.cancel()
         try:
             if self.accepted:  # whatever happened: a 404 answer means it was over already
-                await self.hang_up(self.end_reason or "error")  # (no reason: a crash, logged)
+                await self.hang_up(self.end_reason or "error")
         finally:
             self.app[STORE].end_call(self.id)
+            pad = self.keypad
+            pin = "accepted" if pad.ok else f"wrong {pad.failures} time(s)" if pad.failures else "not typed"
             record = self.record.close(self.id, self.caller, self.agent, self.accepted_at, self.end_reason or "error",
-                                       self.keypad.outcome if self.config.call_pin else None)
+                                       pin if self.config.call_pin else None)
             self.app[STORE].save_history(record)
             answers = [question["seconds"] for question in record["questions"] if question["outcome"] == "answered"]
             self.log.info(
@@ -493,7 +477,7 @@ class Call:
                 ",".join(f"{s:.1f}" for s in answers) or "-", record["end_reason"],
             )
             for task in self.tools:
-                task.cancel()  # (which closes a request to OpenClaw: the agent run stops)
+                task.cancel()  # (closing a request to OpenClaw stops its agent run)
             await asyncio.gather(*self.tools, return_exceptions=True)
             await self.sideband.close()
 
@@ -505,13 +489,13 @@ class Call:
         self.log.info("sideband closed (code %s%s)", code, f", reason {reason!r}" if reason else "")
         self.record.mark(f"sideband closed (code {code})")
         if self.end_reason:
-            return None  # we hung up, or are hanging up
+            return None
         if code == 1001 and MAX_DURATION_CLOSE in reason.lower():
             self.end_reason = "max_duration"
             return None
         now = time.monotonic()
         self.reconnects = [at for at in self.reconnects if now - at < RECONNECT_WINDOW]
-        if code == 1008 or (code or 0) >= 4000:  # (4000: beta_api_shape_disabled): no retry helps
+        if code == 1008 or (code or 0) >= 4000:  # (4000: beta_api_shape_disabled)
             self.log.error("sideband closed with code %s: the server refuses this session, not reconnecting", code)
         elif len(self.reconnects) == len(RECONNECT_BACKOFF):
             self.log.error("sideband dropped (code %s) after %d reconnects within %gs: giving up",
@@ -527,18 +511,18 @@ class Call:
 
     async def _begin(self) -> None:
         """After the first attach: greet, or tell the model of questions a restart cut off."""
-        self.silence.heard(time.monotonic())  # (the time down is not silence)
+        self.silence.heard(time.monotonic())  # (after a restart, the time down is not silence)
         if self.resumed:
             self.log.info("resumed after a restart")
             for call_id in self.in_flight:
                 await self.sideband.queue(function_call_output(call_id, RESTARTED))
         else:
             greeting: dict[str, Any] = {"instructions": self.config.greeting or GREETING, "metadata": GREETING_TAG}
-            if takes_reasoning(self.config.model):  # a greeting needs no thought: its first word comes sooner
+            if takes_reasoning(self.config.model):  # a greeting needs no thought: a sooner first word
                 greeting["reasoning"] = {"effort": "minimal"}
             self.record.mark("greeting asked for" + (" at minimal reasoning" if "reasoning" in greeting else ""))
             await self.sideband.request_response(greeting)
-        if self.keypad.waiting and self.app[PIN_LOCK].locked:  # (resumed while the line is locked)
+        if self.keypad.waiting and self.app[PIN_LOCK].locked:
             self._start(self.hang_up_after_goodbye("pin_locked", goodbye=PIN_LOCKED_GOODBYE))
         elif self.keypad.waiting:
             self._start(self._pin_deadline())
@@ -548,7 +532,7 @@ class Call:
     async def _on_keypad(self, key: Any) -> None:
         """A key: a note for the model, a strike toward the PIN lock, or the goodbye."""
         if self.app[PIN_LOCK].locked:
-            return  # no PIN is checked while the line is locked (this call is being hung up)
+            return  # no PIN is checked while the line is locked
         outcome = self.keypad.press(key, time.monotonic())
         if outcome == "accepted":
             self.record.mark("PIN accepted")
@@ -588,12 +572,11 @@ class Call:
             await self.hang_up_after_goodbye("pin_timeout", goodbye=PIN_TIMEOUT_GOODBYE)
 
     async def _tell_model(self, text: str) -> None:
-        """A system note for the model, which it then responds to."""
         note = {"type": "input_text", "text": text}
         await self.sideband.queue({"type": "message", "role": "system", "content": [note]})
 
     def _start(self, coro: Any) -> None:
-        """Run a tool in a task of its own (events keep coming); the call cancels it at its end."""
+        """Run a tool in a task of its own; the call cancels it at its end."""
         spawn(self.tools, self.id, coro, crashed=lambda: self._start(self.hang_up("error")))
 
     async def _filler(self) -> None:
@@ -602,7 +585,7 @@ class Call:
         while True:
             await self.sideband.wait_idle()  # never over the model's own speech
             if self.end_reason:
-                return  # a goodbye is under way
+                return
             self.log.info("OpenClaw is slow: asking the model to say it is still checking")
             await self.sideband.request_response({"instructions": FILLER_INSTRUCTIONS, "tool_choice": "none"})
             await asyncio.sleep(FILLER_EVERY)
@@ -622,7 +605,6 @@ class Call:
             return self._start(self.hang_up_after_goodbye("idle", goodbye=IDLE_GOODBYE))
         # A timer, not a task: a sleeping task costs ~1.5 KiB more per call.
         self.silence.timer = asyncio.get_running_loop().call_at(self.silence.due, self._check_silence)
-
 
 # --- What the model is told, and the numbers a call runs by ---
 
@@ -650,55 +632,48 @@ PIN_ACCEPTED = "The caller typed the correct PIN. Confirm briefly and carry on w
 PIN_WRONG = "The caller typed a wrong PIN. Ask them to type it again; star clears the entry."
 PIN_GOODBYE = "The PIN was wrong three times. Say politely that you cannot help without it, and goodbye."
 PIN_LOCKED_GOODBYE = "Too many wrong PINs have been typed. Say politely that you cannot help now, and goodbye."
-PIN_TIMEOUT_GOODBYE = ("The caller did not type the PIN in time. Say politely that you cannot help without it, "
-                       "and goodbye.")
+PIN_TIMEOUT_GOODBYE = "The PIN was not typed in time. Say politely that you cannot help without it, and goodbye."
 # Metadata on our response.create, which comes back in its response.created and response.done.
-STOP_TOOLS = ("Not run: too many tool calls in a row. Stop calling tools; talk with the caller about what they "
-              "need, then try once more if they ask.")
+STOP_TOOLS = "Not run: too many tool calls in a row. Stop calling tools, and talk with the caller about what they need."
 LOOP_GOODBYE = "Something went wrong on this line. Apologise briefly and say goodbye in one sentence."
 GREETING_TAG = {"voicebridge": "greeting"}
 GOODBYE_TAG = {"voicebridge": "goodbye"}
 IDLE_TAG = {"voicebridge": "anyone there"}
-# Signs of the caller, besides their own items and a response the server started unasked (its VAD
-# heard them). No one signal is relied on alone.
+# Signs of the caller, besides their own items and a response started unasked (VAD heard them).
 CALLER_SIGNS = ("input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
                 "input_audio_buffer.committed", "input_audio_buffer.dtmf_event_received",
                 "conversation.item.input_audio_transcription.completed")
-# With LOG_TRANSCRIPTS: who said what, and the model that transcribes the caller.
 SPEAKERS = {"conversation.item.input_audio_transcription.completed": "caller",
             "response.output_audio_transcript.done": "assistant"}
 TRANSCRIPTION_MODEL = "gpt-realtime-whisper"
 
 MAX_WEBHOOK_BYTES = 64 * 1024
 BODY_TIMEOUT = 5.0  # seconds for a request's head (else closed), then its body (else 408)
-CALL_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # fullmatch: "$" would let a trailing newline through
-DOUBLING = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # seconds between retries, of which each use takes a slice
-REST_RETRY_DELAYS = DOUBLING[:4]  # a failed accept or reject: ~4 s in all (the phone is ringing)
+CALL_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # fullmatch: "$" lets a trailing newline through
+DOUBLING = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # seconds between retries, each use a slice
+REST_RETRY_DELAYS = DOUBLING[:4]  # a failed accept or reject: ~4 s (the phone is ringing)
 HANGUP_RETRY_DELAYS = DOUBLING  # a call not hung up is billed until OpenAI's cap: ~16 s
-SIDEBAND_RETRY_DELAYS = (*DOUBLING[:2], *[1.0] * 7)  # a 404 right after the accept: a race (~8 s)
-RECONNECT_DELAYS = DOUBLING[:5]  # between the handshakes of one reconnect
-RECONNECT_BACKOFF = (0.0, *DOUBLING[2:])  # before the 1st..5th reconnect within RECONNECT_WINDOW; no 6th
+SIDEBAND_RETRY_DELAYS = (*DOUBLING[:2], *[1.0] * 7)  # a 404 right after the accept: a race
+RECONNECT_DELAYS = DOUBLING[:5]
+RECONNECT_BACKOFF = (0.0, *DOUBLING[2:])  # before the 1st..5th reconnect in RECONNECT_WINDOW
 RECONNECT_WINDOW = 60.0
-MAX_DURATION_CLOSE = "maximum duration"  # in the 60-minute cap's 1001: over, no handshake
-HANDSHAKE_TIMEOUT = 10.0  # for a sideband handshake (aiohttp's default: 300 s)
+MAX_DURATION_CLOSE = "maximum duration"
+HANDSHAKE_TIMEOUT = 10.0  # (aiohttp's default: 300 s)
 SIDEBAND_HEARTBEAT = 20.0  # a ping this often; no pong within half of it: the socket is dead
 GOODBYE_TIMEOUT = 10.0
 FILLER_AFTER = 4.0  # seconds of OpenClaw silence before the model says "still checking"
 FILLER_EVERY = 9.0  # and then at most this often
-MAX_REQUEST_CHARS = 4000  # ask_openclaw arguments accepted
-# A caller asks about once in 10 s at most; a model in a loop, several times a second, billed until
-# something stops it (the numbers: docs/protocol.md, step 5).
+MAX_REQUEST_CHARS = 4000
+# A caller asks about once in 10 s at most; a model in a loop, several times a second (docs/protocol.md).
 LOOP_CALLS = 10
 LOOP_WINDOW = 60.0
 REPEAT_WINDOW = 10.0
-MAX_TRANSCRIPT_CHARS = 500  # of a logged line of what was said
+MAX_TRANSCRIPT_CHARS = 500
 # A speech_started with no later sign (audio cut mid-word) holds the silence clock this long at most:
-# server VAD ends a turn after half a second of silence, so a real caller's next sign comes long before.
+# server VAD ends a turn after half a second of silence, so a caller's next sign comes long before.
 SPEAKING_HOLD = 60.0
 
-
 # --- The rules, without I/O: each a small class or function you can test without a socket ---
-
 
 class Sideband:
     """The sideband's sending rules: one response at a time, each item delivered once."""
@@ -706,12 +681,12 @@ class Sideband:
     def __init__(self, log: CallLog) -> None:
         self.log = log
         self.ws: aiohttp.ClientWebSocketResponse | None = None
-        self.idle = asyncio.Event()  # set while no response is active
-        self.outbox: list[dict[str, Any]] = []  # conversation items waiting
+        self.idle = asyncio.Event()
+        self.outbox: list[dict[str, Any]] = []
         self.unconfirmed: dict[str, dict[str, Any]] = {}  # items sent, by id, until the server confirms them
         self.owed: dict[str, Any] | None = None  # a response.create to send once no response is active
         self.last_response: tuple[str, dict[str, Any] | None] = ("", None)  # our last response.create: id, body
-        self.asked = 0  # our response.creates neither started nor refused yet
+        self.asked = 0  # our response.creates neither started nor refused
         self.creates: dict[str, str] = {}  # event_id of each conversation.item.create -> its item id
         # Ids unique in the conversation, which outlives a process: a random run, then a count.
         self._ids = (f"vb{os.urandom(4).hex()}_{n}" for n in itertools.count(1))
@@ -723,7 +698,6 @@ class Sideband:
 
     @response_active.setter
     def response_active(self, active: bool) -> None:
-        # The one place the flag changes, so that whoever waits on `idle` wakes when it should.
         if active:
             self.idle.clear()
         else:
@@ -755,7 +729,7 @@ class Sideband:
         await self.flush()
 
     async def wait_idle(self, settled: bool = False) -> None:
-        """Wait (not poll) until no response is active; `settled`: and nothing is owed."""
+        """Wait until no response is active; `settled`: and nothing is owed."""
         while self.response_active or (settled and self.owed is not None):
             await self.idle.wait()
 
@@ -771,8 +745,8 @@ class Sideband:
         elif kind in ("conversation.item.added", "conversation.item.created"):  # .created: the pre-GA name
             item = event.get("item")
             if isinstance(item, dict) and isinstance(item.get("id"), str):
-                self.unconfirmed.pop(item["id"], None)  # the server has it
-        elif kind == "error":  # if it refused our response.create, that is repeated after the active one
+                self.unconfirmed.pop(item["id"], None)
+        elif kind == "error":  # our response.create refused: repeated after the active one
             error = event["error"] if isinstance(event.get("error"), dict) else {}
             self.log.warning("server error %s: %s", one_line(error.get("code")), one_line(error.get("message")))
             # A refused item ("already exists" after a resend, or invalid) is settled.
@@ -784,7 +758,7 @@ class Sideband:
                 self.response_active = error.get("code") == "conversation_already_has_active_response"
                 self.asked = max(0, self.asked - 1)
                 stale = (body or {}).get("metadata") in (GREETING_TAG, IDLE_TAG)
-                if self.response_active and not stale and self.owed is None:  # (an owed goodbye first)
+                if self.response_active and not stale and self.owed is None:
                     self.owed = body or {}
                 elif not self.response_active and "reasoning" in (body or {}):  # maybe refused for it
                     await self.owe({key: value for key, value in (body or {}).items() if key != "reasoning"})
@@ -798,23 +772,22 @@ class Sideband:
         items, owed, self.outbox, self.owed = self.outbox, self.owed, [], None
         self.response_active = True  # claimed before the first await: a concurrent flush waits
         for item in items:
-            item.setdefault("id", next(self._ids))  # ours: a repeat can't add it twice
-            event = item_create(item, next(self._ids))
+            item.setdefault("id", next(self._ids))  # ours: a repeat is refused, never added twice
+            event: dict[str, Any] = {"type": "conversation.item.create", "event_id": next(self._ids), "item": item}
             self.unconfirmed[item["id"]], self.creates[event["event_id"]] = item, item["id"]
             await self._send(event)
             if "call_id" in item:
                 self.log.info("result sent for %s", one_line(item["call_id"]))
         goodbye = owed is not None and owed.get("metadata") == GOODBYE_TAG
-        await self.request_response(owed if goodbye or not items else None)  # results beat a stale filler
+        await self.request_response(owed if goodbye or not items else None)  # results beat a filler
 
     async def request_response(self, response: dict[str, Any] | None = None) -> None:
-        """Send response.create; the response is active until response.done."""
         event = response_create(response, next(self._ids))
         self.response_active, self.last_response = True, (event["event_id"], response)
         self.asked += await self._send(event)
 
     async def _send(self, event: dict[str, Any]) -> bool:
-        """Send one client event, True if it went out; a closing sideband is no error."""
+        """Send one client event, True if it went out."""
         if self.ws is None or self.ws.closed:
             self.log.debug("sideband closed, %s not sent", event["type"])
             return False
@@ -837,12 +810,8 @@ class Keypad:
         self.last_key = float("-inf")
 
     @property
-    def waiting(self) -> bool:  # the PIN is still to be typed, and tries are left
+    def waiting(self) -> bool:
         return not self.ok and self.failures < PIN_TRIES
-
-    @property
-    def outcome(self) -> str:
-        return "accepted" if self.ok else f"wrong {self.failures} time(s)" if self.failures else "not typed"
 
     def press(self, key: Any, now: float) -> str:
         """One key at `now`: "accepted", "wrong", "out of tries", or "" (nothing yet)."""
@@ -865,7 +834,7 @@ class Keypad:
 
 
 KEYPAD = tuple("0123456789*#")
-PIN_TRIES = 3  # wrong PINs per call
+PIN_TRIES = 3
 PIN_IDLE = 5.0  # seconds without a key: a half-typed PIN is forgotten
 # PIN_LOCK_AFTER wrong PINs across calls within PIN_LOCK_WINDOW lock the line for PIN_LOCK_SECONDS, doubled at
 # each further lock up to a day (docs/security.md).
@@ -877,10 +846,9 @@ PIN_LOCK_LONGEST = 24 * 3600.0
 
 @dataclass
 class PinLock:
-    """Wrong PINs across all calls, and the lock they set; a restart keeps it."""
-
-    failures: list[float] = field(default_factory=list)  # time.time() of recent wrong PINs
-    until: float = 0.0  # time.time() when the lock lifts
+    """Wrong PINs across all calls, and the lock they set."""
+    failures: list[float] = field(default_factory=list)
+    until: float = 0.0
     locks: int = 0
 
     @property
@@ -888,7 +856,6 @@ class PinLock:
         return self.until > time.time()
 
     def wrong_pin(self, now: float) -> bool:
-        """Count one wrong PIN; True if that locks the line."""
         self.failures = [at for at in self.failures if now - at < PIN_LOCK_WINDOW] + [now]
         if len(self.failures) < PIN_LOCK_AFTER:
             return False
@@ -901,11 +868,10 @@ class PinLock:
 @dataclass(slots=True)
 class SilenceClock:
     """IDLE_SECONDS with no sign of the caller: ask if anyone is there; as long again: hang up."""
-
     idle: float  # IDLE_SECONDS
-    quiet_since: float  # time.monotonic() since when neither side was heard
-    asked: bool = False  # "anyone there?" was asked, and the caller gave no sign since
-    speaking_since: float | None = None  # the caller's speech_started, till their next sign
+    quiet_since: float
+    asked: bool = False
+    speaking_since: float | None = None
     timer: asyncio.TimerHandle | None = None
 
     def caller(self, now: float, speaking: bool = False) -> None:
@@ -913,7 +879,7 @@ class SilenceClock:
         self.quiet_since, self.asked, self.speaking_since = now, False, now if speaking else None
 
     def heard(self, now: float) -> None:
-        """The assistant's turn ended, or OpenClaw answered: the silence counts from now."""
+        """The assistant's turn ended, or OpenClaw answered."""
         self.quiet_since = now
 
     @property
@@ -926,25 +892,20 @@ class SilenceClock:
             return ""
         speaking = self.speaking_since is not None and now - self.speaking_since < SPEAKING_HOLD
         if busy or speaking:
-            self.quiet_since = now  # someone talks, or OpenClaw works: the clock waits
+            self.quiet_since = now
             return ""
         if self.asked:
             return "hang up"
         self.quiet_since, self.asked = now, True
         return "ask"
 
-    def stop(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-
 
 @dataclass(slots=True)
 class ToolBreaker:
-    """A model in a loop of tool calls: refused past LOOP_CALLS a minute, then hung up; repeats answered."""
-
-    calls: list[float] = field(default_factory=list)  # when the calls of the last LOOP_WINDOW came
-    stopped: float = float("-inf")  # when the model was last told to stop
-    last: tuple[str, float, str] = ("", float("-inf"), "")  # the last question answered, when, its answer
+    """A model in a loop of tool calls: stopped past LOOP_CALLS a minute, then hung up; repeats answered."""
+    calls: list[float] = field(default_factory=list)
+    stopped: float = float("-inf")
+    last: tuple[str, float, str] = ("", float("-inf"), "")  # the last question answered, when, answer
 
     def count(self, now: float) -> str:
         """One more tool call: "" (run it), "stop" (tell the model to stop) or "hang up"."""
@@ -962,21 +923,20 @@ class ToolBreaker:
         return answer if question.casefold() == asked.casefold() and now - at < REPEAT_WINDOW else ""
 
 
-# A call's token counts, from each response.done's usage ("cached": part of the input, billed lower).
+# A call's token counts, from each response.done's usage.
 TOKEN_COUNTS = ("input", "input_text", "input_audio", "input_cached", "output", "output_text", "output_audio")
 
 
 @dataclass(slots=True)
 class CallRecord:
     """What the call history keeps of a call (docs/history.md), gathered as it goes."""
-
     received: float  # time.monotonic() (the event loop's clock) of the webhook
     resumed: bool
-    timeline: str = ""  # "<seconds since the webhook> <step>" a line: a string costs a byte a character
-    questions: tuple[dict[str, Any], ...] = ()  # each question to OpenClaw: when, how long, the outcome
+    timeline: str = ""  # "<seconds since the webhook> <step>" a line (a byte a character)
+    questions: tuple[dict[str, Any], ...] = ()
     tokens: list[int] = field(default_factory=lambda: [0] * len(TOKEN_COUNTS))
-    transcript: tuple[str, ...] = ()  # with LOG_TRANSCRIPTS (an empty tuple costs no memory)
-    greeting_id: Any = ""  # the greeting's response_id, until its audio starts
+    transcript: tuple[str, ...] = ()
+    greeting_id: Any = ""
     tool_calls: int = 0
 
     def __post_init__(self) -> None:
@@ -984,7 +944,6 @@ class CallRecord:
             self.mark("webhook arrived", self.received)
 
     def mark(self, step: str, now: float | None = None) -> float:
-        """Note a step on the timeline; its seconds since the webhook."""
         at = (time.monotonic() if now is None else now) - self.received
         self.timeline += f"{at:.3f} {step}\n"
         return at
@@ -999,35 +958,31 @@ class CallRecord:
         return self.transcript[-1]
 
     def add_usage(self, usage: Any) -> None:
-        """Add a response.done's usage (what OpenAI bills)."""
         if not isinstance(usage, dict):
             return
         for index, name in enumerate(TOKEN_COUNTS):
-            side, _, kind = name.partition("_")  # input: input_tokens; input_audio: its details' audio_tokens
+            side, _, kind = name.partition("_")  # input_tokens, or input_token_details' audio_tokens
             counts = usage.get(f"{side}_token_details") if kind else usage
             count = counts.get(f"{kind or side}_tokens") if isinstance(counts, dict) else None
-            if type(count) is int and count >= 0:  # (not a bool, nor a float, nor negative)
+            if type(count) is int and count >= 0:
                 self.tokens[index] += count
 
     def ask(self) -> dict[str, Any]:
-        """A question goes to OpenClaw: "cancelled by the hangup" until settled."""
         at = round(self.mark(f"question {len(self.questions) + 1} sent to OpenClaw"), 3)
         self.questions += ({"at": at, "outcome": "cancelled by the hangup"},)
         return self.questions[-1]
 
     def settle(self, question: dict[str, Any]) -> None:
-        """The question's answer (or failure) is in."""
         question["seconds"] = round(time.monotonic() - self.received - question["at"], 2)
         why = f": {question['why']}" if "why" in question else ""
         self.mark(f"question {len(self.questions)} {question['outcome']} after {question['seconds']:.1f}s{why}")
 
     def close(self, call_id: str, caller: str | None, agent: str, started: float, reason: str,
               pin: str | None) -> dict[str, Any]:
-        """The call's record in the history, as it ends."""
         seconds = time.monotonic() - self.received
         steps = [(float(at), text) for at, _, text in (line.partition(" ") for line in self.timeline.splitlines())]
-        first = {text: at for at, text in reversed(steps)}  # the first time of each step
-        for question in self.questions:  # (one still with OpenClaw is cut off by the hangup)
+        first = {text: at for at, text in reversed(steps)}
+        for question in self.questions:
             question.setdefault("seconds", round(seconds - question["at"], 2))
             question["asked"] = utc_text(started + question["at"])
         return history_record(
@@ -1083,12 +1038,11 @@ def signature(key: bytes, msg_id: str, timestamp: str, body: bytes) -> str:
     return base64.b64encode(hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()).decode()
 
 
-SIGNATURE_TOLERANCE = 300  # seconds either side of now, as in Standard Webhooks
+SIGNATURE_TOLERANCE = 300
 RECENT_IDS = 4096
 
 
 def first_time(seen: dict[str, None], key: str) -> bool:
-    """Remember key among the last RECENT_IDS; False if seen before."""
     if key in seen:
         return False
     seen[key] = None
@@ -1098,10 +1052,9 @@ def first_time(seen: dict[str, None], key: str) -> bool:
 
 
 def json_object(text: str | bytes) -> dict[str, Any] | None:
-    """The JSON object in `text`, or None for anything else."""
     try:
         value = json.loads(text)
-    except (ValueError, RecursionError):  # (RecursionError: nested too deep)
+    except (ValueError, RecursionError):
         return None
     return value if isinstance(value, dict) else None
 
@@ -1120,7 +1073,6 @@ def from_user(sip_headers: Any) -> str:
 
 
 def normalise_number(text: str) -> str | None:
-    """E.164 "+<digits>", or None."""
     text = re.sub(r"[\s().-]", "", text)
     if text.startswith("00"):
         text = "+" + text[2:]
@@ -1129,17 +1081,15 @@ def normalise_number(text: str) -> str | None:
 
 def describe_caller(user: str) -> str:
     """The From user part for the log: a masked number, "withheld", or "unreadable" and its end."""
-    if normalise_number(user) or not re.search(r"\d", user):  # no digits: anonymous, or nothing
+    if normalise_number(user) or not re.search(r"\d", user):
         return mask(normalise_number(user))
-    return f"unreadable ({'*' * min(len(user) - 2, 20) + user[-2:]!r})"  # repr: nothing raw reaches the log
+    return f"unreadable ({'*' * min(len(user) - 2, 20) + user[-2:]!r})"
 
 
 def mask(number: str | None) -> str:
     """A phone number for the log, at most half of it shown: +1******4567."""
-    if not number:
-        return "withheld"
-    if number == "*":
-        return number
+    if not number or number == "*":  # (ALLOWED_CALLERS' "*" as itself)
+        return number or "withheld"
     tail = min(4, (len(number) - 1) // 2 - 1)
     return number[:2] + "*" * (len(number) - 2 - tail) + number[len(number) - tail:]
 
@@ -1156,25 +1106,22 @@ def turned_away(app: web.Application, agent: str | None) -> tuple[str, str, int]
         return "shutting down", "shutting down", 486
     if agent is None:
         return "not listed", "caller not in ALLOWED_CALLERS", 603
-    if config.call_pin and lock.locked:  # before any billed session starts
+    if config.call_pin and lock.locked:
         return "PIN lock", f"too many wrong PINs, the line is locked until {utc_text(lock.until)}", 603
     if config.max_concurrent_calls and len(app[CALLS]) >= config.max_concurrent_calls:
         return "busy", f"MAX_CONCURRENT_CALLS={config.max_concurrent_calls} calls are already live", 486
     return "", "", 0
 
-
 # --- The clients: OpenAI's call control, and OpenClaw ---
 
 REST_TIMEOUT = aiohttp.ClientTimeout(total=5)
-MAX_BODY_BYTES = 256 * 1024  # OpenClaw answers and error bodies are read this far, never whole
+MAX_BODY_BYTES = 256 * 1024
 
 
-async def call_control(
-    http: aiohttp.ClientSession, config: Config, call_id: str, action: str, body: dict | None = None,
-    delays: tuple[float, ...] = REST_RETRY_DELAYS,
-) -> tuple[int, bool]:
+async def call_control(http: aiohttp.ClientSession, config: Config, call_id: str, action: str,
+                       body: dict | None = None, delays: tuple[float, ...] = REST_RETRY_DELAYS) -> tuple[int, bool]:
     """POST to call control, retrying what may pass (no answer, 429, 5xx): (status or 0, any failed)."""
-    clog = CallLog(call_id)  # (after a failure that may pass, the outcome is in doubt)
+    clog = CallLog(call_id)
     for attempt, delay in enumerate((*delays, None)):
         try:
             async with http.post(call_control_url(config, call_id, action), json=body,
@@ -1188,7 +1135,7 @@ async def call_control(
                     return status, attempt > 0
                 if status < 500 and status != 429:
                     hint = " (check OPENAI_API_KEY)" if status in (401, 403) else ""
-                    if action == "accept" and status == 400:  # the session config was refused
+                    if action == "accept" and status == 400:
                         hint = (" (check REALTIME_MODEL, VOICE, INSTRUCTIONS and LOG_TRANSCRIPTS: "
                                 "they shape the accept body)")
                     clog.error("%s failed: %s%s", action, why, hint)
@@ -1200,11 +1147,10 @@ async def call_control(
             return status, True
         clog.warning("%s failed, retrying in %.2fs: %s", action, delay, why)
         await asyncio.sleep(delay)
-    return 0, True  # not reached
+    return 0, True
 
 
 async def read_body(resp: aiohttp.ClientResponse) -> bytes | None:
-    """The response body, or None past MAX_BODY_BYTES (not read further)."""
     body = bytearray()
     async for chunk in resp.content.iter_chunked(64 * 1024):
         body += chunk
@@ -1214,7 +1160,6 @@ async def read_body(resp: aiohttp.ClientResponse) -> bytes | None:
 
 
 async def error_text(resp: aiohttp.ClientResponse) -> str:
-    """An error body's message, or the start of what came, as one line."""
     body = await read_body(resp)
     if body is None:
         return f"an error body over {MAX_BODY_BYTES // 1024} KiB"
@@ -1233,10 +1178,8 @@ SAY_UNREACHABLE = "I couldn't reach your assistant just now. Please try again in
 SAY_TOO_SLOW = "Your assistant is taking too long to answer. Please try again in a moment."
 SAY_NO_ANSWER = "Your assistant didn't have an answer for that."
 SAY_TOO_LONG = "Your assistant's answer was far too long to read out. Please ask for something shorter."
-OPENCLAW_FIXES = {  # what to do about an OpenClaw failure, by HTTP status (0: no answer at all)
-    0: "is the gateway running? check OPENCLAW_URL",
-    401: "check OPENCLAW_TOKEN",
-    403: "check OPENCLAW_TOKEN",
+OPENCLAW_FIXES = {  # by HTTP status (0: no answer at all)
+    0: "is the gateway running? check OPENCLAW_URL", 401: "check OPENCLAW_TOKEN", 403: "check OPENCLAW_TOKEN",
     404: "enable gateway.http.endpoints.chatCompletions in the OpenClaw config, or check OPENCLAW_URL",
     429: "the gateway is rate limiting",
 }
@@ -1250,9 +1193,8 @@ class OpenClawError(Exception):
         self.say = say
 
 
-async def ask_openclaw(
-    http: aiohttp.ClientSession, config: Config, request: str, *, agent: str, user: str, system: str
-) -> str:
+async def ask_openclaw(http: aiohttp.ClientSession, config: Config, request: str, *, agent: str, user: str,
+                       system: str) -> str:
     """Ask an OpenClaw agent one question in the session `user`: its answer, or OpenClawError."""
     messages = [{"role": "system", "content": system}, {"role": "user", "content": request}]
     body = {"model": f"openclaw:{agent}", "user": user, "messages": messages}
@@ -1285,18 +1227,15 @@ async def ask_openclaw(
 
 
 def openclaw_user(number: str | None, call_id: str) -> str:
-    """A stable OpenClaw session per caller; withheld callers never share one."""
     return f"voicebridge:{number}" if number else f"voicebridge:call:{call_id}"
 
 
 def openclaw_system(number: str | None) -> str:
-    """How to answer, and who calls (in full: the agent may greet, look up or refuse them)."""
     who = f"Caller ID: {number} (caller ID can be faked)." if number else "Caller ID: withheld."
     return f"{OPENCLAW_SYSTEM_PROMPT} {who}"
 
 
 def openclaw_fix(config: Config, agent: str, status: int) -> str:
-    """What to do about an OpenClaw failure with this HTTP status."""
     if status != 400:
         return OPENCLAW_FIXES.get(status, "the gateway or its model provider failed")
     # We always name an agent, so a 400 means "Unknown agent 'x'.": name the setting that named it.
@@ -1306,15 +1245,14 @@ def openclaw_fix(config: Config, agent: str, status: int) -> str:
     return f"check the ALLOWED_CALLERS entry {entries}, or add the agent to OpenClaw's agents.entries"
 
 
-MAX_ANSWER_CHARS = 4000  # of an OpenClaw answer, passed to the model
-AGENT_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # an OpenClaw agent id, used with fullmatch
+MAX_ANSWER_CHARS = 4000
+AGENT_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 AGENT_ID_RULE = "lowercase letters, digits, '-' and '_', starting with a letter or digit, at most 64"
-
 
 # --- The state store, and restart recovery ---
 
-RECORD_WAIT = 0.2  # seconds the accept waits at most for its call to be recorded
-STORE_BATCH = 0.05  # seconds the store gathers writes for one transaction
+RECORD_WAIT = 0.2
+STORE_BATCH = 0.05
 
 
 class StateStore:
@@ -1342,21 +1280,20 @@ class StateStore:
     def __init__(self, state_dir: str, history_days: float) -> None:
         self.path, self.history_days = Path(state_dir) / "voicebridge.db", history_days
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="voicebridge-state")
-        self._db: sqlite3.Connection | None = None  # used in that thread only
-        self._failures: set[str] = set()  # causes of failed writes, each logged once until one succeeds
-        self._queued: list[tuple[str, str, tuple[Any, ...]]] = []  # (call_id, sql, params)
+        self._db: sqlite3.Connection | None = None
+        self._failures: set[str] = set()
+        self._queued: list[tuple[str, str, tuple[Any, ...]]] = []
         self._pruning: asyncio.TimerHandle | None = None
-        self._lock = -1  # STATE_DIR/voicebridge.lock, held for the life of the process
+        self._lock = -1
 
     async def open(self) -> tuple[list[tuple[Any, ...]], PinLock, dict[str, None]]:
-        """Open or create the store; what the last run left: live calls, the PIN lock, call ids seen."""
         return await asyncio.wrap_future(self._thread.submit(self._open))
 
     def _open(self) -> tuple[list[tuple[Any, ...]], PinLock, dict[str, None]]:
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._lock = os.open(self.path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
-            try:  # one voicebridge per STATE_DIR: a second would resume, and hang up, the first one's calls
+            try:  # one voicebridge per STATE_DIR: a second would resume, and hang up, the first's calls
                 fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise StartupError(f"STATE_DIR={self.path.parent} is in use by another voicebridge, which holds its "
@@ -1364,7 +1301,7 @@ class StateStore:
             os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))  # 0600 whatever the umask
             self._db = db = sqlite3.connect(self.path)
             tables = db.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite%'")
-            if {name for (name,) in tables} - self.TABLES:  # (before anything is written to it)
+            if {name for (name,) in tables} - self.TABLES:
                 raise sqlite3.DatabaseError("it holds tables that are not voicebridge's")
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > 2:
@@ -1372,12 +1309,12 @@ class StateStore:
                                   f"(schema {version}): upgrade voicebridge, or set STATE_DIR to another folder")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(self.SCHEMA)  # a write: the file proves writable now, not at the first call
+            db.executescript(self.SCHEMA)  # a write: the file is writable now, not at the first call
             calls = db.execute("SELECT * FROM live_calls").fetchall()
             lock = db.execute("SELECT failures, until, locks FROM pin_lock").fetchone()
             seen = dict.fromkeys(row[0] for row in db.execute("SELECT call_id FROM seen_calls ORDER BY rowid"))
         except (OSError, sqlite3.Error) as exc:
-            if type(exc) is sqlite3.DatabaseError:  # (not OperationalError: disk full, read-only, ...)
+            if type(exc) is sqlite3.DatabaseError:  # (not OperationalError: disk full, ...)
                 raise ConfigError(f"STATE_DIR={self.path.parent}: {self.path} is not voicebridge's, or is damaged "
                                   f"({exc}): stop voicebridge, move the file aside (the call history and the PIN "
                                   "lock go with it), and start it again") from None
@@ -1391,7 +1328,7 @@ class StateStore:
         assert self._db is not None
         call_id = ""
         try:
-            with self._db:  # one transaction for the batch
+            with self._db:
                 for call_id, sql, params in batch:
                     self._db.execute(sql, params)
         except sqlite3.Error as exc:
@@ -1400,18 +1337,17 @@ class StateStore:
                 CallLog(call_id).error("state not saved to %s (%s): calls go on, but a restart now would lose track "
                                        "of them", self.path, exc)
             return
-        if self._failures:  # so that the next failure is logged too
+        if self._failures:
             log.warning("state saved again to %s", self.path)
             self._failures.clear()
 
     def write(self, call_id: str, sql: str, *params: Any) -> None:
-        """Queue a statement for the store's thread, which gets the queue STORE_BATCH later."""
+        """Queue a statement; the store's thread gets the queue STORE_BATCH later."""
         self._queued.append((call_id, sql, params))
-        if len(self._queued) == 1:  # (a wake-up per write would cost ~0.1 ms of CPU)
+        if len(self._queued) == 1:  # (a wake-up per write costs ~0.1 ms of CPU)
             asyncio.get_running_loop().call_later(STORE_BATCH, lambda: self._queued and self.hand_over())
 
     def hand_over(self) -> Future[None]:
-        """Give the store's thread what is queued; the future is done once it is written."""
         batch, self._queued = self._queued, []
         return self._thread.submit(self._write, batch)
 
@@ -1420,7 +1356,7 @@ class StateStore:
         await asyncio.wait({asyncio.wrap_future(self.hand_over())}, timeout=RECORD_WAIT)
 
     def save_call(self, call: Call) -> None:
-        typed = call.keypad.ok and bool(call.keypad.pin)  # (so a PIN set while down is asked for)
+        typed = call.keypad.ok and bool(call.keypad.pin)  # (a PIN set while down is then asked for)
         self.write(call.id, "INSERT OR REPLACE INTO live_calls VALUES (?, ?, ?, ?, ?, ?)", call.id, call.caller,
                    call.agent, call.accepted_at, typed, json.dumps(call.in_flight))
 
@@ -1460,24 +1396,22 @@ async def resume_calls(app: web.Application) -> None:
     if app[LEFT_CALLS]:
         log.info("resuming %d call(s) left by the previous run", len(app[LEFT_CALLS]))
     for call_id, caller, agent, accepted_at, pin_typed, in_flight in app[LEFT_CALLS]:
-        age, routed = time.time() - accepted_at, agent_for(app[CONFIG], caller)  # (settings may have changed)
+        age, routed = time.time() - accepted_at, agent_for(app[CONFIG], caller)
         call = Call(app, call_id, caller, routed or agent, time.monotonic() - max(0.0, age), accepted_at)
         app[CALLS][call_id] = call
         call.keypad.ok, call.in_flight = bool(pin_typed) or call.keypad.ok, tuple(json.loads(in_flight))
         if age >= app[CONFIG].max_call_seconds:
             call.log.info("left by the previous run %.0fs after its accept: past MAX_CALL_SECONDS, hanging up", age)
-            call.end_reason = "max_duration"  # run() then only hangs up
+            call.end_reason = "max_duration"
         elif routed is None:
             call.log.info("no longer in ALLOWED_CALLERS: hanging up")
             call.end_reason = "not_listed"
         call.task = spawn(app[TASKS], call_id, call.run())
 
-
 # --- The log: a line per event, the call id first, nothing secret, outside text escaped ---
 
-
 class CallLog(logging.LoggerAdapter):
-    """The module's logger, the call id in front of every line."""
+    """The module's logger, with the call id in front of every line."""
 
     def __init__(self, call_id: str) -> None:
         super().__init__(log)
@@ -1496,7 +1430,6 @@ def one_line(text: Any, limit: int = MAX_TRANSCRIPT_CHARS) -> str:
 
 
 def exc_text(exc: BaseException) -> str:
-    """An exception as one log line: its type, then its text if any."""
     return one_line(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
 
 
@@ -1509,23 +1442,22 @@ class JournalFormat(logging.Formatter):
 
 
 def stderr_is_journal() -> bool:
-    """Whether stderr is the journal (systemd sets JOURNAL_STREAM to its device and inode)."""
+    """Whether stderr is the journal (systemd then sets JOURNAL_STREAM)."""
     try:
         stream = os.fstat(sys.stderr.fileno())
-    except (OSError, ValueError, AttributeError):  # (no file behind stderr)
+    except (OSError, ValueError, AttributeError):
         return False
     return os.environ.get("JOURNAL_STREAM") == f"{stream.st_dev}:{stream.st_ino}"
 
 
 @dataclass
 class Throttled:
-    """Lines outsiders can cause at will: each one once every `every` seconds, its next counting those held back."""
-
+    """Lines outsiders can cause at will: each once every `every` seconds, counting those held back."""
     every: float = 1.0
-    last: dict[str, tuple[float, int]] = field(default_factory=dict)  # text -> when last logged, held back since
+    last: dict[str, tuple[float, int]] = field(default_factory=dict)
 
     def warning(self, text: str, level: int = logging.WARNING) -> None:
-        """Log text (a fixed few, never outside text), or count it if it went out less than `every` seconds ago."""
+        """Log text (a fixed few, never outside text), or count it if it is too soon."""
         now, (at, held) = time.monotonic(), self.last.get(text, (float("-inf"), 0))
         if now - at < self.every:
             self.last[text] = at, held + 1
@@ -1541,26 +1473,24 @@ def loop_error(throttled: Throttled, loop: asyncio.AbstractEventLoop, context: d
     throttled.warning(f"out of file descriptors ({exc_text(context['exception'])}): new connections wait; "
                       "the unit's LimitNOFILE= is 65536, and the port must sit behind a proxy", logging.ERROR)
 
-
 # --- The app: its state, its life, and its shutdown ---
 
-# (Types as annotations: their classes come further down, and these lines run at import.)
+# (Types as annotations: their classes come later, and these lines run at import.)
 CONFIG: web.AppKey[Config] = web.AppKey("config")
 HTTP: web.AppKey[aiohttp.ClientSession] = web.AppKey("http")
 CALLS: web.AppKey[dict[str, Call]] = web.AppKey("calls")
 TASKS: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("tasks")
 SEEN_CALLS: web.AppKey[dict[str, None]] = web.AppKey("seen_calls")
 STORE: web.AppKey[StateStore] = web.AppKey("store")
-LEFT_CALLS: web.AppKey[list[tuple[Any, ...]]] = web.AppKey("left_calls")  # the last run's live calls
+LEFT_CALLS: web.AppKey[list[tuple[Any, ...]]] = web.AppKey("left_calls")
 DRAINING: web.AppKey[asyncio.Event] = web.AppKey("draining")
 PIN_LOCK: web.AppKey[PinLock] = web.AppKey("pin_lock")
-REJECTED: web.AppKey[Throttled] = web.AppKey("rejected")  # the "webhook rejected" line
-SHUTDOWN_AFTER_GRACE = 20.0  # after SHUTDOWN_GRACE: the goodbye (10 s), the hangups (systemd waits 60 s)
+REJECTED: web.AppKey[Throttled] = web.AppKey("rejected")
+SHUTDOWN_AFTER_GRACE = 20.0  # after SHUTDOWN_GRACE: the goodbye (10 s), the hangups
 
 
-def spawn(
-    tasks: set[asyncio.Task[Any]], name: str, coro: Any, crashed: Callable[[], Any] = lambda: None
-) -> asyncio.Task[Any]:
+def spawn(tasks: set[asyncio.Task[Any]], name: str, coro: Any, crashed: Callable[[], Any] = lambda: None
+          ) -> asyncio.Task[Any]:
     """Run work in the background, kept in `tasks`; a crash is logged, then `crashed()`."""
     task = asyncio.create_task(coro, name=name)
     tasks.add(task)
@@ -1570,25 +1500,22 @@ def spawn(
 
 def forget(tasks: set[asyncio.Task[Any]], crashed: Callable[[], Any], task: asyncio.Task[Any]) -> None:
     tasks.discard(task)
-    if not task.cancelled() and task.exception():  # (asking marks the error seen: logged once)
+    if not task.cancelled() and task.exception():
         CallLog(task.get_name()).error("unexpected error", exc_info=task.exception())
         crashed()
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """Liveness, live calls and their cap, the PIN lock; 503 while shutting down."""
     app, draining = request.app, request.app[DRAINING].is_set()
     locked = app[CONFIG].call_pin and app[PIN_LOCK].locked
-    return web.json_response(
-        {"status": "draining" if draining else "ok", "active_calls": len(app[CALLS]),
-         "max_concurrent_calls": app[CONFIG].max_concurrent_calls or None,
-         "pin_locked_until": utc_text(app[PIN_LOCK].until) if locked else None},
-        status=503 if draining else 200,
-    )
+    return web.json_response({"status": "draining" if draining else "ok", "active_calls": len(app[CALLS]),
+                              "max_concurrent_calls": app[CONFIG].max_concurrent_calls or None,
+                              "pin_locked_until": utc_text(app[PIN_LOCK].until) if locked else None},
+                             status=503 if draining else 200)
 
 
 async def http_session(app: web.Application) -> AsyncIterator[None]:
-    # limit=0: every live call holds a sideband connection; the default pool of 100 would stall call 101
+    # limit=0: each live call holds a connection; the default pool of 100 would stall call 101
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         app[HTTP] = session
         yield
@@ -1603,7 +1530,6 @@ async def state_store(app: web.Application) -> AsyncIterator[None]:
 
 
 def make_app(config: Config) -> web.Application:
-    """The aiohttp application; tests build it with their own Config."""
     # aiohttp's keep-alive timer runs from a connection's start: one with no whole head is closed too.
     app = web.Application(client_max_size=MAX_WEBHOOK_BYTES, handler_args={"keepalive_timeout": BODY_TIMEOUT})
     app[CONFIG] = config
@@ -1626,17 +1552,17 @@ async def serve(config: Config) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(signum, stop.set)
     asyncio.get_running_loop().set_exception_handler(functools.partial(loop_error, Throttled(every=60.0)))
-    await runner.setup()  # (it opens STATE_DIR first)
+    await runner.setup()
     try:
         await web.TCPSite(runner, config.host, config.port).start()
-    except OSError as exc:  # taken (it may come free: exit 1), or HOST and PORT are wrong here (78)
+    except OSError as exc:  # taken (exit 1), or HOST and PORT are wrong here (78)
         await runner.cleanup()
         why = os.strerror(exc.errno).lower() if exc.errno and exc.errno > 0 else one_line(exc)
         taken = exc.errno == errno.EADDRINUSE
         raise (StartupError if taken else ConfigError)(
             f"cannot listen on {config.host}:{config.port} ({why}): " + ("stop the program that has this port "
             "(another voicebridge?), or set PORT to a free one" if taken else "check HOST and PORT")) from None
-    log_banner(config)  # only now: the port is open, the store loaded
+    log_banner(config)
     spawn(runner.app[TASKS], "", tell_systemd(runner.app))  # READY=1: the port is open
     await resume_calls(runner.app)  # only now: a start that cannot bind leaves them to the next
     spawn(runner.app[TASKS], "", warn_of_shutdown(runner.app))
@@ -1650,18 +1576,17 @@ async def serve(config: Config) -> None:
 
 
 def notify(*lines: str) -> None:
-    """sd_notify: tell systemd how the service is, in one datagram to $NOTIFY_SOCKET; nothing without one."""
+    """sd_notify: tell systemd how the service is, in a datagram to $NOTIFY_SOCKET (if set)."""
     address = os.environ.get("NOTIFY_SOCKET", "")
-    if not address:
-        return
-    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.setblocking(False)  # (the loop never waits on systemd)
-        sock.sendto("\n".join(lines).encode(), "\0" + address[1:] if address[0] == "@" else address)
+    if address:
+        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            sock.sendto("\n".join(lines).encode(), "\0" + address[1:] if address[0] == "@" else address)
 
 
 async def tell_systemd(app: web.Application) -> None:
-    """READY=1 once the port is open; then, from the event loop, the live calls (systemctl status) and, with the
-    unit's WatchdogSec=, WATCHDOG=1 every half of WATCHDOG_USEC: a stuck loop stops the pings, and systemd restarts."""
+    """READY=1; then the live calls (systemctl status) and, with WatchdogSec=, WATCHDOG=1 every half of
+    WATCHDOG_USEC, from the event loop: a stuck loop stops the pings, and systemd restarts the service."""
     ours = os.environ.get("WATCHDOG_PID", str(os.getpid())) == str(os.getpid())
     usec = os.environ.get("WATCHDOG_USEC", "") if ours else ""
     ping = ["WATCHDOG=1"] if usec.isdigit() else []
@@ -1674,18 +1599,13 @@ async def tell_systemd(app: web.Application) -> None:
 async def warn_of_shutdown(app: web.Application) -> None:
     """Ask OpenAI once whether REALTIME_MODEL has a shutdown date; silent if OpenAI cannot tell."""
     config = app[CONFIG]
-    status, reply = await probe(app[HTTP], "GET", model_url(config), "OPENAI_BASE_URL",
-                                headers=bearer(config.openai_api_key))
+    model = f"{config.openai_base_url}/models/{quote(config.model, safe='')}"
+    status, reply = await probe(app[HTTP], "GET", model, "OPENAI_BASE_URL", headers=bearer(config.openai_api_key))
     shutdown = (json_object(reply) or {}).get("shutdown_date") if status == 200 else None
     warning = shutdown_warning(config.model, shutdown, datetime.now(timezone.utc).date())
     if warning:
         log.log(*warning)
     log.debug("REALTIME_MODEL's shutdown date: %s", one_line(shutdown if status == 200 else reply))
-
-
-def model_url(config: Config) -> str:
-    """OpenAI's model object: whether the key may use REALTIME_MODEL, and its shutdown date."""
-    return f"{config.openai_base_url}/models/{quote(config.model, safe='')}"
 
 
 async def drain(app: web.Application, grace: float) -> None:
@@ -1708,10 +1628,9 @@ async def drain(app: web.Application, grace: float) -> None:
         task.cancel()
     await asyncio.gather(*app[TASKS], return_exceptions=True)
 
-
 # --- The settings: read once at start, every problem named with its fix ---
 
-EX_CONFIG = 78  # a configuration error's exit status (sysexits.h); the unit's RestartPreventExitStatus=
+EX_CONFIG = 78  # a configuration error (sysexits.h); the unit's RestartPreventExitStatus=
 
 
 class StartupError(Exception):
@@ -1728,7 +1647,6 @@ class ConfigError(Exception):
 @dataclass(frozen=True)
 class Config:
     """Every setting, parsed and checked (each explained in .env.example)."""
-
     openai_api_key: str
     webhook_key: bytes  # OPENAI_WEBHOOK_SECRET, base64-decoded
     openai_base_url: str = "https://api.openai.com/v1"
@@ -1736,25 +1654,25 @@ class Config:
     openclaw_token: str = ""
     openclaw_agent: str = "main"
     openclaw_timeout: float = 30.0
-    allowed_callers: dict[str, str] = field(default_factory=dict)  # E.164 number or "*" -> agent
+    allowed_callers: dict[str, str] = field(default_factory=dict)
     host: str = "127.0.0.1"
     port: int = 8080
     model: str = "gpt-realtime-2.1"
     voice: str = "marin"
-    instructions: str = ""  # empty: INSTRUCTIONS
-    greeting: str = ""  # empty: GREETING
+    instructions: str = ""
+    greeting: str = ""
     max_call_seconds: float = 900.0
     shutdown_grace: float = 30.0
-    call_pin: str = ""  # empty: none
+    call_pin: str = ""
     pin_timeout: float = 60.0
     max_concurrent_calls: int = 3  # 0: no limit
     idle_seconds: float = 30.0  # 0: off
-    state_dir: str = "state"  # parse(): systemd's $STATE_DIRECTORY, or ./state beside this file
+    state_dir: str = "state"  # parse(): $STATE_DIRECTORY, or ./state beside this file
     history_days: float = 30.0  # 0: no call history
     log_transcripts: bool = False
     log_level: str = "INFO"
     reasoning_effort: str = ""  # empty: the model's own default
-    webhook_url: str = ""  # for --check's signed test event
+    webhook_url: str = ""
 
     @classmethod
     def parse(cls, env: Mapping[str, str], need_openai: bool = True, where: str = "the settings file"
@@ -1772,27 +1690,27 @@ class Config:
             except ValueError:
                 problems.append(f"{name}={raw!r} is not a number")
                 return default
-            if not minimum <= value <= maximum:  # also refuses nan and inf
+            if not minimum <= value <= maximum:  # (also refuses nan and inf)
                 problems.append(f"{name}={raw!r} must be a number between {minimum:g} and {maximum:,.0f}")
                 return default
             return value
 
         def url(name: str, default: str) -> str:
             value = get(name, default).rstrip("/")
-            if not value:  # (only WEBHOOK_URL may be left out)
+            if not value:
                 return value
             try:
                 parts = urlsplit(value)
                 usable = parts.scheme in ("http", "https") and parts.hostname and parts.port != 0
-            except ValueError:  # (a port past 65535)
+            except ValueError:
                 usable = False
-            if not usable:  # (its value is not shown: it may hold a password)
+            if not usable:  # (its value is never shown: it may hold a password)
                 problems.append(f"{name} is not a usable URL: it needs http:// or https://, a host, and any port "
                                 "between 1 and 65535")
             return value if usable else default
 
         key = get("OPENAI_API_KEY")
-        if need_openai and key in ("", "sk-..."):  # (sk-...: the line as .env.example has it)
+        if need_openai and key in ("", "sk-..."):
             problems.append(f"OPENAI_API_KEY {'is still the placeholder from .env.example' if key else 'is not set'}: "
                             f"put your OpenAI API key in {where}")
             key = ""
@@ -1835,64 +1753,51 @@ class Config:
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             problems.append(f"LOG_LEVEL={level!r}: use DEBUG, INFO, WARNING or ERROR")
             level = cls.log_level
+        state_dir = get("STATE_DIR", env.get("STATE_DIRECTORY", "").split(":")[0])  # (the unit's StateDirectory=)
         return cls(
-            openai_api_key=key,
-            webhook_key=webhook_key,
-            openai_base_url=url("OPENAI_BASE_URL", cls.openai_base_url),
-            openclaw_url=url("OPENCLAW_URL", cls.openclaw_url),
-            openclaw_token=get("OPENCLAW_TOKEN"),
-            openclaw_agent=agent,
-            openclaw_timeout=number("OPENCLAW_TIMEOUT", cls.openclaw_timeout, 1),
-            allowed_callers=callers,
-            host=get("HOST", cls.host),
-            port=int(number("PORT", cls.port, 1, 65535)),
-            model=get("REALTIME_MODEL", cls.model),
-            voice=get("VOICE", cls.voice),
-            instructions=get("INSTRUCTIONS"),
-            greeting=get("GREETING"),
+            openai_api_key=key, webhook_key=webhook_key, openai_base_url=url("OPENAI_BASE_URL", cls.openai_base_url),
+            openclaw_url=url("OPENCLAW_URL", cls.openclaw_url), openclaw_token=get("OPENCLAW_TOKEN"),
+            openclaw_agent=agent, openclaw_timeout=number("OPENCLAW_TIMEOUT", cls.openclaw_timeout, 1),
+            allowed_callers=callers, host=get("HOST", cls.host), port=int(number("PORT", cls.port, 1, 65535)),
+            model=get("REALTIME_MODEL", cls.model), voice=get("VOICE", cls.voice), reasoning_effort=effort,
+            instructions=get("INSTRUCTIONS"), greeting=get("GREETING"),
             max_call_seconds=number("MAX_CALL_SECONDS", cls.max_call_seconds, 10),
-            shutdown_grace=number("SHUTDOWN_GRACE", cls.shutdown_grace, 0),
-            call_pin=pin,
-            pin_timeout=number("PIN_TIMEOUT", cls.pin_timeout, 10),
+            shutdown_grace=number("SHUTDOWN_GRACE", cls.shutdown_grace, 0), idle_seconds=idle,
+            call_pin=pin, pin_timeout=number("PIN_TIMEOUT", cls.pin_timeout, 10),
             max_concurrent_calls=int(number("MAX_CONCURRENT_CALLS", cls.max_concurrent_calls, 0)),
-            idle_seconds=idle,
-            state_dir=(get("STATE_DIR", env.get("STATE_DIRECTORY", "").split(":")[0])
-                       or str(Path(__file__).with_name("state"))),
+            state_dir=state_dir or str(Path(__file__).parent / "state"),
             history_days=number("HISTORY_DAYS", cls.history_days, 0, 36500),
-            log_transcripts=transcripts in ("1", "yes", "true", "on"),
-            log_level=level,
-            reasoning_effort=effort,
+            log_transcripts=transcripts in ("1", "yes", "true", "on"), log_level=level,
             webhook_url=url("WEBHOOK_URL", ""),
         ), problems
 
 
 def user() -> str:
-    """The name of the user this runs as."""
     try:
         return pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:  # (a uid with no name, as in some containers)
+    except KeyError:
         return f"uid {os.geteuid()}"
 
 
 def parse_webhook_secret(secret: str) -> tuple[bytes, str]:
     """The HMAC key of a "whsec_<base64>" secret, and what is wrong with it ("": nothing)."""
-    if secret == "whsec_..." or not secret.startswith("whsec_"):  # (whsec_...: as .env.example has it)
+    if secret == "whsec_..." or not secret.startswith("whsec_"):
         problem = ("is still the placeholder from .env.example" if secret == "whsec_..." else
                    "must start with 'whsec_'" if secret else "is not set")
         return b"", f"OPENAI_WEBHOOK_SECRET {problem}: copy the webhook's signing secret from OpenAI's dashboard"
     try:
         key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
-    except ValueError:  # binascii.Error
+    except ValueError:
         key = b""
     return key, "" if key else "OPENAI_WEBHOOK_SECRET is not valid base64 after 'whsec_': was it cut short?"
 
 
 def read_settings(path: Path, required: bool) -> tuple[dict[str, str], list[str]]:
-    """The settings file as python-dotenv reads it ($ stays literal), and its lines' problems (ConfigError: none)."""
+    """The settings file as python-dotenv reads it ($ stays literal), and its lines' problems."""
     try:
-        with path.open(encoding="utf-8") as stream:  # (python-dotenv skips a byte order mark itself)
-            # dotenv_values(interpolate=False) is made of these, but skips a line it cannot parse with
-            # a warning: here it is refused, for CALL_PIN="1234 must never mean "no PIN".
+        with path.open(encoding="utf-8") as stream:
+            # dotenv_values() is made of these, but skips a line it cannot parse with a warning:
+            # here it is refused, for CALL_PIN="1234 must never mean "no PIN".
             bindings = list(parse_stream(stream))
     except FileNotFoundError:
         if required:
@@ -1906,22 +1811,20 @@ def read_settings(path: Path, required: bool) -> tuple[dict[str, str], list[str]
     values: dict[str, str] = {}
     problems = []
     for binding in bindings:
-        if binding.error or binding.key is not None and binding.value is None:  # (None: no "=")
+        if binding.error or binding.key is not None and binding.value is None:
             problems.append(f"{path}, line {binding.original.line}: python-dotenv cannot read this line (a quote not "
                             "closed? no '='?): write KEY=value, with # before a comment")
         elif binding.key is not None:
             values[binding.key] = binding.value or ""
     return values, problems
 
-
 # --- The command line: --check, --ask, --calls, and main ---
 
 VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar")
-PRICING = "https://developers.openai.com/api/docs/pricing"  # what the tokens of --calls cost
+PRICING = "https://developers.openai.com/api/docs/pricing"
 
 
 def config_warnings(config: Config) -> Iterator[tuple[int, str]]:
-    """What the banner and --check warn about: (WARNING or ERROR, text)."""
     warn, fail = logging.WARNING, logging.ERROR
     if not config.allowed_callers:
         yield (fail, "ALLOWED_CALLERS is empty: EVERY CALL WILL BE REJECTED. List your own number(s).")
@@ -1953,7 +1856,6 @@ def shutdown_warning(model: str, shutdown: Any, today: date) -> tuple[int, str] 
 
 
 def log_banner(config: Config) -> None:
-    """One screen saying what this process will do; of secrets, only whether they are set."""
     routes = ", ".join(f"{mask(who)} -> {agent}" for who, agent in config.allowed_callers.items())
     for line in (
         f"voicebridge listening on http://{config.host}:{config.port} (POST /webhook, GET /healthz)",
@@ -1969,11 +1871,11 @@ def log_banner(config: Config) -> None:
     ):
         log.info("%s", line)
     for level, warning in config_warnings(config):
-        log.log(level, "%s", warning)  # and it starts: the owner may be about to fix it
+        log.log(level, "%s", warning)
 
 
 async def probe(http: aiohttp.ClientSession, method: str, url: str, setting: str, **kwargs: Any) -> tuple[int, str]:
-    """One request: (status, the body if 200, else the error message); 0 if nothing answered, saying why."""
+    """One request: (status, the body if 200, else the error); 0 if nothing answered, saying why."""
     try:
         async with http.request(method, url, timeout=REST_TIMEOUT, **kwargs) as resp:
             if resp.status != 200:
@@ -1994,7 +1896,7 @@ async def check(config: Config, today: date | None = None, problems: list[str] |
     """--check: the whole checklist, probing OpenAI and OpenClaw with no call."""
     agents = list(dict.fromkeys([config.openclaw_agent, *config.allowed_callers.values()]))
     test = json.dumps({"object": "event", "id": f"evt_check_{os.urandom(8).hex()}", "type": "voicebridge.check",
-                       "created_at": int(time.time()), "data": {}}).encode()  # (a type the service ignores)
+                       "created_at": int(time.time()), "data": {}}).encode()
     sent, at = f"wh_check_{os.urandom(8).hex()}", str(int(time.time()))
     signed = {"webhook-id": sent, "webhook-timestamp": at, "content-type": "application/json",
               "webhook-signature": f"v1,{signature(config.webhook_key, sent, at, test)}"}
@@ -2002,7 +1904,8 @@ async def check(config: Config, today: date | None = None, problems: list[str] |
         # Retrieving the model proves the key and that its project may use it; messages=[] makes the
         # gateway check the token, the endpoint and the agent, and stop before any agent run.
         (status, reply), *claws = await asyncio.gather(
-            probe(http, "GET", model_url(config), "OPENAI_BASE_URL", headers=bearer(config.openai_api_key))
+            probe(http, "GET", f"{config.openai_base_url}/models/{quote(config.model, safe='')}", "OPENAI_BASE_URL",
+                  headers=bearer(config.openai_api_key))
             if config.openai_api_key
             else asyncio.sleep(0, (-1, "not tried without a usable OPENAI_API_KEY")),
             probe(http, "POST", config.webhook_url, "WEBHOOK_URL", data=test, headers=signed) if config.webhook_url
@@ -2052,7 +1955,7 @@ async def check(config: Config, today: date | None = None, problems: list[str] |
 
 
 def webhook_problem(status: int, reply: str) -> str:
-    """What the signed test event through WEBHOOK_URL met, or "" if the service took it."""
+    """What the signed test event through WEBHOOK_URL met, or ""."""
     if status == 200:
         return ""
     if status == 400 and reply.startswith("invalid webhook signature"):  # (voicebridge's own words)
@@ -2063,7 +1966,7 @@ def webhook_problem(status: int, reply: str) -> str:
 
 
 def state_dir_problem(state_dir: str) -> str:
-    """Why this user could not make or write STATE_DIR (the service would exit 78), or ""."""
+    """Why this user could not make or write STATE_DIR, or ""."""
     if state_dir == "/var/lib/voicebridge" and not os.path.exists(state_dir):
         return ""  # (the unit's StateDirectory= makes it as the service starts)
     folder = next(path for path in (Path(state_dir), *Path(state_dir).parents) if os.path.exists(path))
@@ -2076,7 +1979,7 @@ def state_dir_problem(state_dir: str) -> str:
 async def ask(config: Config, question: str, caller: str | None = None) -> int:
     """--ask: ask OpenClaw as a call (from `caller`) would; print what the caller would hear."""
     agent, user, system = config.openclaw_agent, "voicebridge:cli", OPENCLAW_SYSTEM_PROMPT
-    if caller is not None:  # as this caller's call: their agent, session and caller ID
+    if caller is not None:
         number = normalise_number(caller)
         routed = agent_for(config, number) if number else None
         if routed is None:
@@ -2097,17 +2000,17 @@ async def ask(config: Config, question: str, caller: str | None = None) -> int:
 
 
 def show_history(config: Config, call_id: str, last: int, as_json: bool, numbers: bool) -> int:
-    """--calls: read the history read-only (never holding up the service) and show it."""
+    """--calls: read the history read-only and show it."""
     path = Path(config.state_dir).resolve() / "voicebridge.db"
     query = "SELECT record FROM history " + ("WHERE substr(call_id, 1, ?) = ?" if call_id else "") + \
-        " ORDER BY started DESC LIMIT ?"  # (a CALL_ID may be any unique start of one: the log shows them cut short)
+        " ORDER BY started DESC LIMIT ?"
     rows = []
-    try:  # (exists() too can be refused: the folder is the service user's)
+    try:  # (exists() can be refused too: the folder is the service user's)
         if path.exists():
             with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
                 rows = db.execute(query, (len(call_id), call_id, 10) if call_id else (last,)).fetchall()
     except (OSError, sqlite3.Error) as exc:
-        if "no such table" not in str(exc):  # (a store not opened by the service since its upgrade)
+        if "no such table" not in str(exc):
             print(f"cannot read the call history in {path} ({one_line(exc)}): run this as the user voicebridge runs "
                   "as (sudo -u voicebridge ...), with its STATE_DIR", file=sys.stderr)
             return 1
@@ -2137,7 +2040,6 @@ def show_history(config: Config, call_id: str, last: int, as_json: bool, numbers
 
 
 def percentiles(values: list[float]) -> str:
-    """p50 and p95 (nearest rank), in seconds."""
     ordered = sorted(values)
     if not ordered:
         return "-"
@@ -2150,7 +2052,6 @@ def shown(number: str | None, in_full: bool) -> str:
 
 
 def show_calls(records: list[dict[str, Any]], numbers: bool) -> None:
-    """--calls: a table of calls, newest first, then their summary."""
     rows = [("when", "caller", "agent", "duration", "questions", "first word", "tokens", "how it ended")]
     for call in records:
         tokens = call["tokens"].get("input", 0) + call["tokens"].get("output", 0)
@@ -2178,7 +2079,6 @@ def show_calls(records: list[dict[str, Any]], numbers: bool) -> None:
 
 
 def show_call(call: dict[str, Any], numbers: bool) -> None:
-    """--calls CALL_ID: one call's timeline, then its transcript if one was kept."""
     print(f"call {call['call_id']} from {shown(call['caller'], numbers)}, agent {call['agent'] or '-'}, "
           f"{datetime.fromtimestamp(call['started']):%Y-%m-%d %H:%M:%S} local time ({call['start']})")
     for at, step in call["timeline"]:
@@ -2192,15 +2092,12 @@ def show_call(call: dict[str, Any], numbers: bool) -> None:
 
 
 def main() -> None:
-    """Read the config and serve; or --check, --ask or --calls."""
     parser = argparse.ArgumentParser(description="Phone your OpenClaw assistant through OpenAI Realtime SIP.")
-    parser.add_argument("--env-file", metavar="PATH",
-                        help="read the settings from this file, as the unit does (not from the .env beside this one)")
+    parser.add_argument("--env-file", metavar="PATH", help="read the settings from this file, not the .env here")
     parser.add_argument("--check", action="store_true", help="check the configuration and both services, then exit")
     parser.add_argument("--ask", metavar="QUESTION", help="ask OpenClaw as a call would, print the answer, exit")
     parser.add_argument("--caller", metavar="NUMBER", help="with --ask: ask as this caller's call would")
-    parser.add_argument("--calls", nargs="?", const="", metavar="CALL_ID",
-                        help="show the last calls and how they went, or one call's timeline, then exit")
+    parser.add_argument("--calls", nargs="?", const="", metavar="CALL_ID", help="the last calls, or one's timeline")
     parser.add_argument("--last", type=int, metavar="N", help="with --calls: show the last N calls (default 20)")
     parser.add_argument("--json", action="store_true", help="with --calls: one JSON object per call, every field")
     parser.add_argument("--show-numbers", action="store_true", help="with --calls: show phone numbers in full")
@@ -2213,8 +2110,8 @@ def main() -> None:
         parser.error("--last needs a number of calls, 1 or more")
     journal = stderr_is_journal()
     try:
-        # --env-file: the unit's file wins, so a check sees what the service will; otherwise the .env
-        # beside this file (no search of parent folders) fills in what the environment does not set.
+        # --env-file: the unit's file wins, so a check sees what the service will; or else the .env
+        # beside this file (no parent folders) fills in what the environment does not set.
         path = Path(args.env_file or Path(__file__).with_name(".env"))
         try:
             settings, problems = read_settings(path, required=args.env_file is not None)
@@ -2226,7 +2123,7 @@ def main() -> None:
         env = {**os.environ, **settings} if args.env_file else {**settings, **os.environ}
         where = str(path) if path.exists() else f"{path} (copy .env.example there first)"
         config, more = Config.parse(env, args.check or (args.ask is None and args.calls is None), where)
-        if args.check:  # the whole checklist, whatever is wrong
+        if args.check:
             sys.exit(asyncio.run(check(config, problems=problems + more)))
         if problems + more:
             raise ConfigError(*problems, *more)
