@@ -3035,13 +3035,13 @@ def test_no_sequence_of_keys_accepts_anything_but_the_pin(pin: str, presses: lis
 
 def test_the_silence_clock_asks_once_then_hangs_up_and_waits_for_whoever_is_talking() -> None:
     clock = voicebridge.SilenceClock(idle=30.0, quiet_since=100.0)
-    assert clock.due == 130.0 and clock.look(129.9, busy=False) == ""
-    assert clock.look(130.0, busy=True) == "" and clock.due == 160.0  # a response or a question: the clock waits
-    assert clock.look(160.0, busy=False) == "ask" and clock.asked and clock.due == 190.0
+    assert (clock.quiet_since + clock.idle) == 130.0 and clock.look(129.9, busy=False) == ""
+    assert clock.look(130.0, busy=True) == "" and (clock.quiet_since + clock.idle) == 160.0  # a response or a question: the clock waits
+    assert clock.look(160.0, busy=False) == "ask" and clock.asked and (clock.quiet_since + clock.idle) == 190.0
     clock.heard(170.0)  # the assistant's "anyone there?" ends: the silence counts from then
     assert clock.look(190.0, busy=False) == "" and clock.look(200.0, busy=False) == "hang up"
     clock.caller(201.0, speaking=True)  # a sign of the caller: no longer asked, and the clock waits while they speak
-    assert not clock.asked and clock.look(231.0, busy=False) == "" and clock.due == 261.0
+    assert not clock.asked and clock.look(231.0, busy=False) == "" and (clock.quiet_since + clock.idle) == 261.0
     clock.caller(240.0)  # their next sign ends the speech
     assert clock.look(270.0, busy=False) == "ask"
 

@@ -193,8 +193,8 @@ class Call:
         self.id = call_id
         self.caller = caller
         self.agent = agent
-        self.resumed = accepted_at is not None
-        self.accepted_at = time.time() if accepted_at is None else accepted_at
+        self.resumed = accepted_at is not None  # left live by a crashed run
+        self.accepted_at = time.time() if accepted_at is None else accepted_at  # wall clock, kept in the store
         self.log = CallLog(call_id)
         self.task: asyncio.Task[None] | None = None
         self.sideband = Sideband(self.log)
@@ -208,10 +208,10 @@ class Call:
         self.playing: Any = None  # the response_id of the latest output_audio_buffer.started
         self.prompted = False  # the model has spoken (and so asked for the PIN, if one is needed)
         self.accepted = self.resumed  # (or may be): a /hangup is owed
-        self.reconnects: list[float] = []
-        self.asking = False
+        self.reconnects: list[float] = []  # for the reconnect budget
+        self.asking = False  # a question is with OpenClaw
         self.breaker = ToolBreaker()
-        self.end_reason = ""  # (docs/history.md)
+        self.end_reason = ""  # why it ended (docs/history.md)
 
     async def run(self) -> None:
         """The call's life: accept it (or resume it), attach, follow it to its end."""
@@ -219,7 +219,7 @@ class Call:
         try:
             async with timeout(self.config.max_call_seconds - max(0.0, time.time() - self.accepted_at)):
                 if self.resumed:  # a 404 now: the call ended while no process watched
-                    if not self.end_reason:
+                    if not self.end_reason:  # (past MAX_CALL_SECONDS, or no longer listed: only hung up)
                         await self._attach_and_listen(RECONNECT_DELAYS)
                     return
                 self.app[STORE].save_call(self)
@@ -369,9 +369,8 @@ class Call:
                 self.record.tool_calls += 1
                 loop = self.breaker.count(time.monotonic())
                 if loop:
-                    self.log.warning("%d tool calls within %gs%s", len(self.breaker.calls), LOOP_WINDOW,
-                                     ", after being told to stop: hanging up" if loop == "hang up" else
-                                     ": telling the model to stop calling tools")
+                    then = ": telling the model to stop" if loop == "stop" else ", after being told to stop: hanging up"
+                    self.log.warning("%d tool calls within %gs%s", len(self.breaker.calls), LOOP_WINDOW, then)
                 if loop == "hang up":
                     return await self.hang_up_after_goodbye("tool_loop", goodbye=LOOP_GOODBYE)
                 output = STOP_TOOLS if loop else await self._tool_output(item.get("name"), item.get("arguments"))
@@ -448,6 +447,7 @@ class Call:
         await call_control(self.http, self.config, self.id, "hangup", delays=HANGUP_RETRY_DELAYS)
         await self.sideband.close()
 
+    # The rest of the call: its end, reconnects, the greeting, the PIN, the filler, the silence.
 
     async def _end(self, accepting: bool) -> None:
         """However it ended: count a missing PIN, hang up, record the call, stop its tools."""
@@ -604,7 +604,8 @@ class Call:
             self.log.info("still no sign of the caller: hanging up")
             return self._start(self.hang_up_after_goodbye("idle", goodbye=IDLE_GOODBYE))
         # A timer, not a task: a sleeping task costs ~1.5 KiB more per call.
-        self.silence.timer = asyncio.get_running_loop().call_at(self.silence.due, self._check_silence)
+        due = self.silence.quiet_since + self.silence.idle
+        self.silence.timer = asyncio.get_running_loop().call_at(due, self._check_silence)
 
 # --- What the model is told, and the numbers a call runs by ---
 
@@ -689,7 +690,7 @@ class Sideband:
         self.asked = 0  # our response.creates neither started nor refused
         self.creates: dict[str, str] = {}  # event_id of each conversation.item.create -> its item id
         # Ids unique in the conversation, which outlives a process: a random run, then a count.
-        self._ids = (f"vb{os.urandom(4).hex()}_{n}" for n in itertools.count(1))
+        self._ids = map(f"vb{os.urandom(4).hex()}_{{}}".format, itertools.count(1))  # (lighter than a generator)
 
     @property
     def response_active(self) -> bool:
@@ -882,13 +883,9 @@ class SilenceClock:
         """The assistant's turn ended, or OpenClaw answered."""
         self.quiet_since = now
 
-    @property
-    def due(self) -> float:
-        return self.quiet_since + self.idle
-
     def look(self, now: float, busy: bool) -> str:
         """What to do at `now`: "" (nothing yet), "ask" (is anyone there?) or "hang up"."""
-        if now < self.due:
+        if now < self.quiet_since + self.idle:
             return ""
         speaking = self.speaking_since is not None and now - self.speaking_since < SPEAKING_HOLD
         if busy or speaking:
@@ -1396,9 +1393,8 @@ async def resume_calls(app: web.Application) -> None:
     if app[LEFT_CALLS]:
         log.info("resuming %d call(s) left by the previous run", len(app[LEFT_CALLS]))
     for call_id, caller, agent, accepted_at, pin_typed, in_flight in app[LEFT_CALLS]:
-        age, routed = time.time() - accepted_at, agent_for(app[CONFIG], caller)
-        call = Call(app, call_id, caller, routed or agent, time.monotonic() - max(0.0, age), accepted_at)
-        app[CALLS][call_id] = call
+        age, routed = max(0.0, time.time() - accepted_at), agent_for(app[CONFIG], caller)
+        call = app[CALLS][call_id] = Call(app, call_id, caller, routed or agent, time.monotonic() - age, accepted_at)
         call.keypad.ok, call.in_flight = bool(pin_typed) or call.keypad.ok, tuple(json.loads(in_flight))
         if age >= app[CONFIG].max_call_seconds:
             call.log.info("left by the previous run %.0fs after its accept: past MAX_CALL_SECONDS, hanging up", age)
@@ -1883,8 +1879,9 @@ async def probe(http: aiohttp.ClientSession, method: str, url: str, setting: str
             return 200, (await read_body(resp) or b"").decode(errors="replace")
     except aiohttp.ClientConnectorDNSError as exc:
         return 0, f"cannot resolve host {one_line(exc.host)} ({setting})"
-    except aiohttp.ClientConnectorError as exc:
-        why = os.strerror(exc.os_error.errno).lower() if exc.os_error.errno else one_line(exc.os_error)
+    except aiohttp.ClientConnectorError as exc:  # (a certificate that does not verify too: its errno says nothing)
+        number = 0 if isinstance(exc, aiohttp.ClientSSLError) else exc.os_error.errno
+        why = os.strerror(number).lower() if number else one_line(exc.os_error)
         return 0, f"cannot connect to {one_line(exc.host)}:{exc.port} ({setting}): {why}"
     except asyncio.TimeoutError:
         return 0, f"no answer within {REST_TIMEOUT.total:g} s ({setting})"
@@ -1959,8 +1956,9 @@ def webhook_problem(status: int, reply: str) -> str:
     if status == 200:
         return ""
     if status == 400 and reply.startswith("invalid webhook signature"):  # (voicebridge's own words)
-        return (f"{reply}: the service runs with another OPENAI_WEBHOOK_SECRET (the file was edited since: sudo "
-                "systemctl restart voicebridge), or WEBHOOK_URL reaches another one")
+        return f"{reply}: " + ("set the clocks right (sudo timedatectl set-ntp true)" if "timestamp" in reply else
+                               "the service runs with another OPENAI_WEBHOOK_SECRET (the file was edited since: sudo "
+                               "systemctl restart voicebridge), or WEBHOOK_URL reaches another one")
     got = f"HTTP {status}: {reply}" if status > 0 else reply
     return f"{got}: check WEBHOOK_URL, its DNS, certificate and proxy (README: The phone rings and nothing happens)"
 
@@ -1972,8 +1970,8 @@ def state_dir_problem(state_dir: str) -> str:
     folder = next(path for path in (Path(state_dir), *Path(state_dir).parents) if os.path.exists(path))
     if os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK):
         return ""
-    return (f"{folder} is not a folder user {user()} may write in: make it so (sudo chown {user()} {folder}), or "
-            "set STATE_DIR")
+    return (f"{folder} is not a folder user {user()} may write in: run this as the user voicebridge runs as, and "
+            "set STATE_DIR to a folder it may write (under the unit: /var/lib/voicebridge)")
 
 
 async def ask(config: Config, question: str, caller: str | None = None) -> int:
