@@ -2298,6 +2298,18 @@ async def test_a_lock_that_engages_hangs_up_every_call_still_waiting_for_its_pin
     await eventually(lambda: owner.outputs())
 
 
+async def test_the_wrong_pin_that_locks_the_line_gets_the_goodbye_not_try_again(
+    start_bridge: Bridge, openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(voicebridge, "PIN_LOCK_AFTER", 1)  # this call's first wrong PIN locks the line
+    bridge = await start_bridge(CALL_PIN="246813")
+    call = await connected_call(bridge, openai)
+    await call.press("111111")
+    await eventually(lambda: call.state == "ended", timeout=5)
+    assert voicebridge.PIN_WRONG not in call.notes()  # no "type it again" before "too many wrong PINs, goodbye"
+    assert any(voicebridge.PIN_LOCKED_GOODBYE in str(e.get("response")) for e in call.response_creates())
+
+
 @pytest.mark.parametrize("how", ["PIN timeout", "hangs up after the prompt"])
 async def test_silent_callers_count_toward_the_lock(
     start_bridge: Bridge, openai: FakeOpenAI, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,

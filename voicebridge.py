@@ -1,6 +1,6 @@
 """voicebridge: phone your own OpenClaw assistant through OpenAI's Realtime API over SIP.
 
-The call path, in the order of this file (the audio never touches this process: it only steers the call):
+The call path, which this file follows (the audio never touches this process: it only steers the call):
   1. OpenAI posts a signed realtime.call.incoming webhook to POST /webhook: verify it, screen the caller ID.
   2. POST /v1/realtime/calls/{call_id}/accept with the session config (or /reject with a SIP status).
   3. Only after the accept answered 200, open the call's control WebSocket, the "sideband":
@@ -66,7 +66,7 @@ def bearer(key: str) -> dict[str, str]:
 
 
 def call_control_url(config: Config, call_id: str, action: str) -> str:
-    """Step 2 and the end: POST .../accept (accept_payload), .../reject ({"status_code": 603}), .../hangup."""
+    """Step 2 and the end: POST .../accept (accept_payload), .../reject ({"status_code": 603}, 486), .../hangup."""
     return f"{config.openai_base_url}/realtime/calls/{call_id}/{action}"
 
 
@@ -112,12 +112,12 @@ def accept_payload(config: Config) -> dict[str, Any]:
 
 
 def takes_reasoning(model: str) -> bool:
-    """Whether the model reasons and takes `reasoning` (the gpt-realtime-2 family, but its mini)."""
+    """Whether the model reasons and takes `reasoning` (the gpt-realtime-2 family, bar its mini)."""
     return model.startswith("gpt-realtime-2") and "mini" not in model
 
 
-# On the sideband, the model's function calls come in a completed response.done (step 4). Each
-# client event carries an event_id, so that an `error` event can point back at it.
+# On the sideband, function calls run only from a completed response.done (a barge-in cancels them).
+# Each client event carries an event_id, so that an `error` event can point back at it.
 
 
 def function_call_output(call_id: str, output: str) -> dict[str, Any]:
@@ -374,7 +374,7 @@ class Call:
                 if loop == "hang up":
                     return await self.hang_up_after_goodbye("tool_loop", goodbye=LOOP_GOODBYE)
                 output = STOP_TOOLS if loop else await self._tool_output(item.get("name"), item.get("arguments"))
-                await self.sideband.queue(function_call_output(item["call_id"], output))  # + response.create
+                await self.sideband.queue(function_call_output(item["call_id"], output))  # + response.create: flush()
 
     async def _tool_output(self, name: Any, arguments: Any) -> str:
         """The output for one function call; errors are outputs the model can act on."""
@@ -546,7 +546,7 @@ class Call:
             self._wrong_pin()
             if outcome == "out of tries":
                 self._start(self.hang_up_after_goodbye("pin_failed", goodbye=PIN_GOODBYE))
-            else:
+            elif not self.app[PIN_LOCK].locked:  # (else this strike locked the line: its goodbye is on its way)
                 await self._tell_model(PIN_WRONG)
 
     def _wrong_pin(self) -> None:
@@ -634,9 +634,9 @@ PIN_WRONG = "The caller typed a wrong PIN. Ask them to type it again; star clear
 PIN_GOODBYE = "The PIN was wrong three times. Say politely that you cannot help without it, and goodbye."
 PIN_LOCKED_GOODBYE = "Too many wrong PINs have been typed. Say politely that you cannot help now, and goodbye."
 PIN_TIMEOUT_GOODBYE = "The PIN was not typed in time. Say politely that you cannot help without it, and goodbye."
-# Metadata on our response.create, which comes back in its response.created and response.done.
 STOP_TOOLS = "Not run: too many tool calls in a row. Stop calling tools, and talk with the caller about what they need."
 LOOP_GOODBYE = "Something went wrong on this line. Apologise briefly and say goodbye in one sentence."
+# Metadata on our response.create, which comes back in its response.created and response.done.
 GREETING_TAG = {"voicebridge": "greeting"}
 GOODBYE_TAG = {"voicebridge": "goodbye"}
 IDLE_TAG = {"voicebridge": "anyone there"}
@@ -1471,7 +1471,7 @@ def loop_error(throttled: Throttled, loop: asyncio.AbstractEventLoop, context: d
 
 # --- The app: its state, its life, and its shutdown ---
 
-# (Types as annotations: their classes come later, and these lines run at import.)
+# (Types as annotations: Config comes later, and these lines run at import.)
 CONFIG: web.AppKey[Config] = web.AppKey("config")
 HTTP: web.AppKey[aiohttp.ClientSession] = web.AppKey("http")
 CALLS: web.AppKey[dict[str, Call]] = web.AppKey("calls")
