@@ -3301,6 +3301,15 @@ async def recorded(state_dir: Path, call_id: str, **columns: Any) -> None:
     await eventually(lambda: (found := row()) is not None and all(found[k] == v for k, v in columns.items()))
 
 
+async def left_by_a_crash(bridges: Start, openai: FakeOpenAI, env: dict[str, str], call_id: str) -> FakeCall:
+    """A call live on a voicebridge that is then killed (SIGKILL) once its store holds the call."""
+    running = await bridges(env)
+    call = await call_on(running, openai, call_id)
+    await recorded(Path(env["STATE_DIR"]), call_id)
+    await running.kill()
+    return call
+
+
 def questions_asked(openclaw: FakeOpenClaw) -> list[str]:
     return [m["content"] for body in openclaw.requests for m in body["messages"] if m["role"] == "user"]
 
@@ -3384,10 +3393,7 @@ async def test_a_call_already_past_max_call_seconds_is_hung_up_at_startup_withou
     openai: FakeOpenAI, openclaw: FakeOpenClaw, bridges: Start, tmp_path: Path
 ) -> None:
     env = state_env(openai, openclaw, tmp_path / "state")  # MAX_CALL_SECONDS: the default 900
-    a = await bridges(env)
-    call = await call_on(a, openai, "rtc_too_old")
-    await recorded(tmp_path / "state", "rtc_too_old")
-    await a.kill()
+    call = await left_by_a_crash(bridges, openai, env, "rtc_too_old")
     # The service was down for longer than the call may last: age the record (the schema is the durable format).
     with contextlib.closing(sqlite3.connect(tmp_path / "state" / "voicebridge.db")) as db, db:
         aged = db.execute("UPDATE live_calls SET accepted_at = accepted_at - 1000 WHERE call_id = 'rtc_too_old'")
@@ -3437,10 +3443,7 @@ async def test_a_404_on_the_attach_after_a_restart_means_the_call_is_over(
     openai: FakeOpenAI, openclaw: FakeOpenClaw, bridges: Start, tmp_path: Path
 ) -> None:
     env = state_env(openai, openclaw, tmp_path / "state")
-    a = await bridges(env)
-    call = await call_on(a, openai, "rtc_gone")
-    await recorded(tmp_path / "state", "rtc_gone")
-    await a.kill()
+    call = await left_by_a_crash(bridges, openai, env, "rtc_gone")
     call.state = "ended"  # the caller hung up while no process watched: from now on the sideband and hangup get 404
     attempts = len(call.sideband_attempts)
 
@@ -3539,10 +3542,7 @@ async def test_the_silence_clock_starts_again_at_the_resume(
     # No process heard the line while the service was down, and the model went on talking with the caller: a resumed
     # call is not "silent since its accept", so B must not open with "are you still there?".
     env = state_env(openai, openclaw, tmp_path / "state", IDLE_SECONDS="10")
-    a = await bridges(env)
-    call = await call_on(a, openai, "rtc_talking")
-    await recorded(tmp_path / "state", "rtc_talking")
-    await a.kill()
+    call = await left_by_a_crash(bridges, openai, env, "rtc_talking")
     with contextlib.closing(sqlite3.connect(tmp_path / "state" / "voicebridge.db")) as db, db:
         db.execute("UPDATE live_calls SET accepted_at = accepted_at - 60")  # down for a minute, in a long call
     received = len(call.received)
@@ -4231,10 +4231,7 @@ async def test_a_start_that_cannot_bind_leaves_the_calls_a_crash_left(
     openai: FakeOpenAI, openclaw: FakeOpenClaw, bridges: Start, tmp_path: Path
 ) -> None:
     env = state_env(openai, openclaw, tmp_path / "state")
-    a = await bridges(env)
-    call = await call_on(a, openai, "rtc_left")
-    await recorded(tmp_path / "state", "rtc_left")
-    await a.kill()
+    call = await left_by_a_crash(bridges, openai, env, "rtc_left")
     attempts = len(call.sideband_attempts)
     with socket.socket() as taken:  # another program took the port meanwhile
         taken.bind(("127.0.0.1", 0))
