@@ -4101,13 +4101,19 @@ async def test_a_store_that_is_not_voicebridges_stops_the_service_with_78_and_sa
     assert "history" in output and "PIN lock" in output, output  # what goes with it
 
 
+async def lone_speech_started(start_bridge: Bridge, openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch,
+                              hold: float) -> FakeCall:
+    """A call whose caller's speech_started comes with no later sign (audio cut mid-word), with SPEAKING_HOLD=hold."""
+    monkeypatch.setattr(voicebridge, "SPEAKING_HOLD", hold)
+    call = await connected_call(await start_bridge(idle_seconds=0.5), openai)
+    await call.send({"type": "input_audio_buffer.speech_started", "audio_start_ms": 100, "item_id": "item_cut"})
+    return call
+
+
 async def test_a_lone_speech_started_holds_the_silence_clock_only_so_long(
     start_bridge: Bridge, openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(voicebridge, "SPEAKING_HOLD", 1.0)
-    bridge = await start_bridge(idle_seconds=0.5)
-    call = await connected_call(bridge, openai)
-    await call.send({"type": "input_audio_buffer.speech_started", "audio_start_ms": 100, "item_id": "item_cut"})
+    call = await lone_speech_started(start_bridge, openai, monkeypatch, hold=1.0)
     await asyncio.sleep(0.8)  # the caller is speaking: no "anyone there?" yet
     assert idle_checks(call) == []
     await eventually(lambda: idle_checks(call), timeout=3)  # their audio was cut mid-word: the hold ends
@@ -4117,10 +4123,7 @@ async def test_a_lone_speech_started_holds_the_silence_clock_only_so_long(
 async def test_a_reconnect_forgets_that_the_caller_was_speaking(
     start_bridge: Bridge, openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(voicebridge, "SPEAKING_HOLD", 60.0)
-    bridge = await start_bridge(idle_seconds=0.5)
-    call = await connected_call(bridge, openai)
-    await call.send({"type": "input_audio_buffer.speech_started", "audio_start_ms": 100, "item_id": "item_cut"})
+    call = await lone_speech_started(start_bridge, openai, monkeypatch, hold=60.0)
     await call.drop(1006)  # its speech_stopped went down with the old socket
     await eventually(lambda: call.ws is not None)
     await eventually(lambda: idle_checks(call), timeout=3)

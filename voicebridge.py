@@ -1597,11 +1597,10 @@ async def warn_of_shutdown(app: web.Application) -> None:
     config = app[CONFIG]
     model = f"{config.openai_base_url}/models/{quote(config.model, safe='')}"
     status, reply = await probe(app[HTTP], "GET", model, "OPENAI_BASE_URL", headers=bearer(config.openai_api_key))
-    shutdown = (json_object(reply) or {}).get("shutdown_date") if status == 200 else None
-    warning = shutdown_warning(config.model, shutdown, datetime.now(timezone.utc).date())
+    warning = shutdown_warning(config.model, status, reply, datetime.now(timezone.utc).date())
     if warning:
         log.log(*warning)
-    log.debug("REALTIME_MODEL's shutdown date: %s", one_line(shutdown if status == 200 else reply))
+    log.debug("REALTIME_MODEL's model object: %s", one_line(reply, 300))
 
 
 async def drain(app: web.Application, grace: float) -> None:
@@ -1839,8 +1838,9 @@ def config_warnings(config: Config) -> Iterator[tuple[int, str]]:
                "reasoning")
 
 
-def shutdown_warning(model: str, shutdown: Any, today: date) -> tuple[int, str] | None:
-    """What OpenAI's model object says of its shutdown (the date as given: its format is undocumented)."""
+def shutdown_warning(model: str, status: int, reply: str, today: date) -> tuple[int, str] | None:
+    """What OpenAI's model object (GET /models/{model}) says of its shutdown (the date as given: undocumented)."""
+    shutdown = (json_object(reply) or {}).get("shutdown_date") if status == 200 else None
     better = "gpt-realtime-2.1-mini" if "mini" in model else Config.model
     fix = f"set REALTIME_MODEL={better}" if better != model else "see developers.openai.com/api/docs/deprecations"
     if not shutdown:
@@ -1918,9 +1918,8 @@ async def check(config: Config, today: date | None = None, problems: list[str] |
         else "OpenAI refused OPENAI_API_KEY: check it, and that its project is active" if status in (401, 403)
         else "check OPENAI_BASE_URL"
     )
-    shutdown = (json_object(reply) or {}).get("shutdown_date") if status == 200 else None
     today = today or datetime.now(timezone.utc).date()
-    warnings = [*config_warnings(config), *filter(None, [shutdown_warning(config.model, shutdown, today)])]
+    warnings = [*config_warnings(config), *filter(None, [shutdown_warning(config.model, status, reply, today)])]
     checks = [
         ("configuration complete, OPENAI_WEBHOOK_SECRET well formed", "\n      ".join(problems)),
         ("no setting makes every call fail (ALLOWED_CALLERS, REALTIME_MODEL's shutdown date)",
